@@ -1,0 +1,93 @@
+"""Projected gradient descent (Madry et al. 2018) for l_inf and l_2 threat models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Norm, check_attack_args, make_generator, normalized_step, per_sample, project, random_init
+from .losses import AttackLoss, check_logits, get_loss
+
+__all__ = ["PGD"]
+
+
+class PGD:
+    """``PGD(model, eps, ...)(x, y) -> x_adv`` with x, x_adv in [0, 1].
+
+    - ``eps`` is a float or a (N,) tensor (one radius per sample); ``step_size`` defaults to
+      2.5 * eps / steps and scales with a per-sample eps.
+    - ``loss`` is ``"ce"``, ``"margin"``, ``"dlr"`` or any callable (model, x, y) -> (N,) to maximise.
+    - Across restarts, an example that misclassifies is kept; otherwise the one with the highest loss.
+    - The model's parameters get no gradients and its train/eval mode is left as it was: put the
+      model in eval mode first if it has batch-norm or dropout.
+    - Transfer attacks are explicit: craft with ``PGD(source_model, ...)``, evaluate on another model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor,
+        norm: Norm = "linf",
+        steps: int = 20,
+        step_size: float | torch.Tensor | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str | AttackLoss = "ce",
+        seed: int | None = None,
+    ):
+        check_attack_args(eps, norm, steps)
+        if restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        self.model = model
+        self.eps = eps
+        self.norm = norm
+        self.steps = steps
+        self.step_size = step_size
+        self.random_start = random_start
+        self.restarts = restarts
+        self.loss = get_loss(loss)
+        self.seed = seed
+
+    def _one_run(self, x, y, eps, step, generator):
+        if self.random_start:
+            delta = random_init(x, eps, self.norm, generator)
+        else:
+            delta = torch.zeros_like(x)
+        for _ in range(self.steps):
+            delta.requires_grad_(True)
+            loss = self.loss(self.model, x + delta, y)
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                delta = delta + step * normalized_step(grad, self.norm)
+                delta = project(delta, eps, self.norm)
+                delta = (x + delta).clamp(0, 1) - x
+        with torch.no_grad():
+            x_adv = x + delta
+            logits = self.model(x_adv)
+            final_loss = self.loss(self.model, x_adv, y)
+            fooled = logits.argmax(1) != y
+        return x_adv.detach(), final_loss.detach(), fooled
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        x = x.detach()
+        eps = per_sample(self.eps, x)
+        step_size = self.step_size if self.step_size is not None else 2.5 * torch.as_tensor(self.eps) / self.steps
+        step = per_sample(step_size, x)
+        generator = make_generator(self.seed, x.device)
+        with torch.no_grad():
+            check_logits(self.model(x[:1]))
+        best, best_loss, best_fooled = None, None, None
+        for _ in range(self.restarts):
+            x_adv, loss, fooled = self._one_run(x, y, eps, step, generator)
+            if best is None:
+                best, best_loss, best_fooled = x_adv, loss, fooled
+                continue
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
+            best_loss = torch.where(better, loss, best_loss)
+            best_fooled = best_fooled | fooled
+        return best
