@@ -1,0 +1,53 @@
+"""Shared benchmark set-up: the base models every benchmark reuses, trained once and cached.
+
+Models are cached under ``benchmarks/results/cache`` (git-ignored); delete a file to retrain it.
+Run ``python benchmarks/common.py`` to build them all. The data folder defaults to ``../shared/data``
+beside the repository, or ``$ADASMOOTH_DATA``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from adasmooth.checkpoint import checkpoint_paths, load_checkpoint
+from adasmooth.training import TrainConfig, train_base
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+CACHE = RESULTS / "cache"
+
+
+def data_dir() -> Path:
+    env = os.environ.get("ADASMOOTH_DATA")
+    return Path(env) if env else ROOT.parent.parent / "shared" / "data"
+
+
+# name -> training config of the shared base models (small CNN, width 16)
+BASE_MODELS: dict[str, dict] = {
+    "fmnist-std": dict(dataset="fashion-mnist", method="standard", epochs=10, lr=0.05),
+    "fmnist-pgd": dict(dataset="fashion-mnist", method="pgd", eps=0.1, attack_steps=7, epochs=8, lr=0.05),
+    "mnist-std": dict(dataset="mnist", method="standard", epochs=5, lr=0.05),
+    "mnist-gauss-0.25": dict(dataset="mnist", method="gaussian", sigma=0.25, epochs=10, lr=0.05),
+    "mnist-gauss-0.5": dict(dataset="mnist", method="gaussian", sigma=0.5, epochs=10, lr=0.05),
+}
+
+
+def base_model(name: str, device: str = "cpu"):
+    """Load the cached base model ``name``, training it first if it is missing. Returns (model, sidecar)."""
+    path = CACHE / name
+    weights, _ = checkpoint_paths(path)
+    if not weights.is_file():
+        spec = dict(BASE_MODELS[name])
+        eps = spec.pop("eps", 0.3 if spec["dataset"] == "mnist" else 0.1)
+        cfg = TrainConfig(arch="small-cnn", model_kwargs={"width": 16}, data_dir=str(data_dir()), eps=eps,
+                          batch_size=128, eval_examples=1000, seed=0, output=str(path), device=device, **spec)
+        train_base(cfg)
+    return load_checkpoint(path, device)
+
+
+if __name__ == "__main__":
+    for n in sys.argv[1:] or BASE_MODELS:
+        model, info = base_model(n)
+        print(n, info["metrics"])
