@@ -18,6 +18,7 @@ import os
 import pickle
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _read_idx(path: Path, expected_magic: int, expected_dims: int) -> np.ndarray
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"corrupt IDX file {path}: {err}") from err
     header = 4 + 4 * expected_dims
     if len(raw) < header:
@@ -152,6 +153,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # protocol-5 pickles (re-saved batches) rebuild arrays from a raw buffer
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
     }
 
@@ -196,7 +200,7 @@ def _load_cifar(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np.n
                     if member is None:
                         raise KeyError(fname)
                     raws.append((member.read(), f"{archive}:{folder_name}/{fname}"))
-        except (tarfile.TarError, KeyError, OSError, EOFError) as err:
+        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as err:
             raise DataError(f"{name}: archive {archive} is corrupt or lacks {folder_name}/{files[split]}: {err}") from err
     else:
         raise DataError(
