@@ -1,0 +1,34 @@
+"""Certified robustness: randomized smoothing, the mixed classifier's certified radii (paper Section 3.1,
+Appendix A) and local Lipschitz estimates (Appendix C.3)."""
+
+from .bounds import (
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    cohen_radius,
+    lemma_margin_certifies,
+    lipschitz_radius,
+    lipschitz_radius_from_bounds,
+    required_margin,
+    rs_radius,
+    simultaneous_bounds,
+    smoothing_lipschitz,
+)
+from .smoothing import ABSTAIN, TSV_COLUMNS, Smooth, certified_accuracy, certify_dataset
+
+__all__ = [
+    "ABSTAIN",
+    "TSV_COLUMNS",
+    "Smooth",
+    "certify_dataset",
+    "certified_accuracy",
+    "clopper_pearson_lower",
+    "clopper_pearson_upper",
+    "cohen_radius",
+    "lemma_margin_certifies",
+    "lipschitz_radius",
+    "lipschitz_radius_from_bounds",
+    "required_margin",
+    "rs_radius",
+    "simultaneous_bounds",
+    "smoothing_lipschitz",
+]

@@ -1,0 +1,169 @@
+"""Randomized smoothing: abstention, the radius recomputed from the counts, soundness on a linear model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import beta, norm
+from torch import nn
+
+from adasmooth.certify import ABSTAIN, TSV_COLUMNS, Smooth, certified_accuracy, certify_dataset
+
+
+class RandomClassifier(nn.Module):
+    """Ignores its input and answers a uniformly random class: nothing about it can be certified."""
+
+    def __init__(self, num_classes: int, seed: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x):
+        return torch.rand(x.shape[0], self.num_classes, generator=self.gen)
+
+
+class ConstantClassifier(nn.Module):
+    def __init__(self, num_classes: int, cls: int):
+        super().__init__()
+        self.num_classes, self.cls = num_classes, cls
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.num_classes, dtype=x.dtype)
+        out[:, self.cls] = 1.0
+        return out
+
+
+class HalfSpace(nn.Module):
+    """Class 1 where w.x + b > 0, else class 0: smoothing leaves it unchanged, and its exact
+    smoothed radius at x is the distance |w.x + b| / ||w|| to the hyperplane."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w.flatten().to(x.dtype) + self.b
+        return torch.stack([-s, s], dim=1)
+
+
+def test_random_base_classifier_abstains():
+    smooth = Smooth(RandomClassifier(7), num_classes=7, sigma=0.25, seed=0)
+    x = torch.rand(1, 4, 4)
+    for _ in range(3):
+        assert smooth.certify(x, n0=50, n=500, alpha=0.001, batch_size=128) == (ABSTAIN, 0.0)
+        assert smooth.predict(x, n=500, alpha=0.001, batch_size=128) == ABSTAIN
+
+
+def test_constant_classifier_radius_closed_form():
+    """All n draws agree: pA = alpha^(1/n) exactly, radius sigma * Phi^-1(alpha^(1/n))."""
+    smooth = Smooth(ConstantClassifier(12, 11), num_classes=12, sigma=0.5, seed=1)
+    pred, radius = smooth.certify(torch.zeros(3, 2, 2), n0=10, n=200, alpha=0.001, batch_size=64)
+    assert pred == 11
+    assert math.isclose(radius, 0.5 * norm.ppf(0.001 ** (1 / 200)), rel_tol=1e-9)
+    assert smooth.predict(torch.zeros(3, 2, 2), n=200, alpha=0.001, batch_size=64) == 11
+
+
+def test_certify_radius_recomputed_from_counts():
+    torch.manual_seed(0)
+    w = torch.randn(1, 5, 5)
+    x = torch.rand(1, 5, 5) * 0.3
+    b = float(-(w.flatten() @ x.flatten()) + 0.4 * w.norm())  # class 1, distance 0.4 from the boundary
+    model = HalfSpace(w, b)
+    n0, n, alpha = 64, 1000, 0.001
+    pred, radius = Smooth(model, 2, sigma=0.5, seed=123).certify(x, n0, n, alpha, batch_size=300)
+    # replay the same noise: selection draws first, then estimation draws
+    replay = Smooth(model, 2, sigma=0.5, seed=123)
+    selection = replay.sample_counts(x, n0, 300)
+    estimation = replay.sample_counts(x, n, 300)
+    candidate = int(selection.argmax())
+    p_lower = beta.ppf(alpha, estimation[candidate], n - estimation[candidate] + 1)
+    assert pred == candidate == 1
+    assert p_lower > 0.5
+    assert math.isclose(radius, 0.5 * norm.ppf(p_lower), rel_tol=1e-9)
+    # sound: below the exact smoothed radius, and not far below it with 1000 draws
+    assert radius <= 0.4
+    assert radius > 0.15
+
+
+def test_certify_is_sound_on_halfspaces():
+    """Certified radii never exceed the exact smoothed radius (up to the 1e-3 failure rate)."""
+    gen = torch.Generator().manual_seed(3)
+    violations = 0
+    for _ in range(20):
+        w = torch.randn(2, 3, 3, generator=gen)
+        x = torch.rand(2, 3, 3, generator=gen)
+        b = float(torch.randn(1, generator=gen)) * float(w.norm())
+        model = HalfSpace(w, b)
+        exact = abs(float(w.flatten() @ x.flatten()) + b) / float(w.norm())
+        pred, radius = Smooth(model, 2, sigma=0.3, seed=7).certify(x, 32, 400, 0.001, 400)
+        if pred != ABSTAIN:
+            true_cls = int(float(w.flatten() @ x.flatten()) + b > 0)
+            violations += int(pred != true_cls or radius > exact)
+    assert violations == 0
+
+
+def test_predict_agrees_with_majority():
+    model = HalfSpace(torch.ones(1, 2, 2), -2.0)  # class 1 iff pixel sum > 2
+    smooth = Smooth(model, 2, sigma=0.1, seed=0)
+    assert smooth.predict(torch.full((1, 2, 2), 0.9), 200, 0.001, 100) == 1
+    assert smooth.predict(torch.full((1, 2, 2), 0.1), 200, 0.001, 100) == 0
+    assert smooth.predict(torch.full((1, 2, 2), 0.5), 200, 0.001, 100) == ABSTAIN  # on the boundary
+
+
+def test_seed_reproducible_and_float64():
+    model = HalfSpace(torch.ones(1, 2, 2, dtype=torch.float64), -2.0)
+    x = torch.full((1, 2, 2), 0.55, dtype=torch.float64)
+    a = Smooth(model, 2, 0.25, seed=5).sample_counts(x, 500, 128)
+    b = Smooth(model, 2, 0.25, seed=5).sample_counts(x, 500, 128)
+    assert (a == b).all() and a.sum() == 500
+    # P(class 1) = Phi(0.2 / (0.25 * 2)) = Phi(0.4) ~ 0.655
+    assert abs(a[1] / 500 - norm.cdf(0.4)) < 0.07
+
+
+def test_bad_arguments():
+    smooth = Smooth(ConstantClassifier(3, 0), 3, 0.25)
+    with pytest.raises(ValueError, match="ONE input"):
+        smooth.certify(torch.zeros(2, 1, 4, 4), 10, 10, 0.01, 10)
+    with pytest.raises(ValueError, match="n0"):
+        smooth.certify(torch.zeros(1, 4, 4), 0, 10, 0.01, 10)
+    with pytest.raises(ValueError, match="alpha"):
+        smooth.certify(torch.zeros(1, 4, 4), 10, 10, 1.5, 10)
+    with pytest.raises(ValueError, match="sigma"):
+        Smooth(ConstantClassifier(3, 0), 3, 0.0)
+    with pytest.raises(ValueError, match="expected"):
+        Smooth(ConstantClassifier(3, 0), 5, 0.25).sample_counts(torch.zeros(1, 4, 4), 4, 4)
+
+
+def test_certify_dataset_tsv_and_certified_accuracy(tmp_path):
+    model = HalfSpace(torch.ones(1, 2, 2), -2.0)
+    xs = torch.cat([torch.full((3, 1, 2, 2), 0.95), torch.full((3, 1, 2, 2), 0.5)])
+    ys = torch.tensor([1, 1, 0, 1, 0, 1])
+    smooth = Smooth(model, 2, sigma=0.1, seed=0)
+    path = tmp_path / "out" / "cert.tsv"
+    rows = certify_dataset(smooth, (xs, ys), 20, 200, 0.001, 100, skip=1, tsv_path=path, progress=False)
+    assert [r["idx"] for r in rows] == list(range(6))
+    assert [r["predict"] for r in rows[:3]] == [1, 1, 1]
+    assert [r["correct"] for r in rows[:3]] == [1, 1, 0]
+    # the boundary points must abstain
+    assert all(r["predict"] == ABSTAIN and r["radius"] == 0.0 for r in rows[3:])
+    lines = path.read_text().splitlines()
+    assert lines[0].split("\t") == list(TSV_COLUMNS)
+    assert len(lines) == 7 and lines[1].split("\t")[:3] == ["0", "1", "1"]
+    # distance of the all-0.95 image to the plane sum = 2 is 1.8 / 2 = 0.9 >> radius; with n=200
+    # and sigma=0.1 the radius is 0.1 * Phi^-1(0.001^(1/200))
+    assert math.isclose(rows[0]["radius"], 0.1 * norm.ppf(0.001 ** (1 / 200)), rel_tol=1e-3)
+    skipped = certify_dataset(smooth, (xs, ys), 20, 50, 0.001, 100, skip=2, max_examples=2, progress=False)
+    assert [r["idx"] for r in skipped] == [0, 2]
+
+
+def test_certified_accuracy_hand_computed():
+    rows = [
+        {"radius": 0.0, "correct": 0},
+        {"radius": 0.3, "correct": 1},
+        {"radius": 0.6, "correct": 1},
+        {"radius": 0.9, "correct": 0},
+    ]
+    assert certified_accuracy(rows, [0.0, 0.3, 0.5, 0.7]) == [0.5, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError):
+        certified_accuracy([], [0.0])
