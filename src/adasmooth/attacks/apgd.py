@@ -1,0 +1,469 @@
+"""Auto-PGD (Croce & Hein, ICML 2020) for l_inf and l_2, untargeted and targeted.
+
+APGD is PGD with a step size that adapts per example: it starts at 2 * eps, and at checkpoints
+(after 22 % of the iterations, then at shrinking intervals of at least 6 %) it halves the step and
+restarts from the best point found whenever the loss rose in fewer than ``rho`` of the steps
+since the last checkpoint, or when neither the step nor the best loss changed. Steps use a
+momentum of 0.75. Each restart begins at a random point on the surface of the ball.
+
+Conventions shared with :class:`adasmooth.attacks.PGD`:
+
+- ``attack(x, y) -> x_adv`` with x, x_adv in [0, 1]; ``eps`` is a float or an (N,) tensor.
+- A loss is ``"ce"``, ``"dlr"``, ``"margin"`` or any callable ``(model, x, y) -> (N,)`` to maximise.
+  A callable that carries per-example state (e.g. an (N,) weight) may define ``select(index)``
+  returning the loss for a subset of the batch; APGD then only spends forward passes on
+  examples it is still attacking. Callables without ``select`` are run on the full batch.
+- For each input the result is a misclassified iterate if one was found, otherwise the iterate
+  with the highest loss (or, with ``minimum_margin=True``, the point with the smallest probability
+  margin, the clean input included).
+- By default inputs the model already misclassifies are returned unchanged and cost nothing, as in
+  AutoAttack; ``attack_misclassified=True`` attacks them too (useful for training-time attacks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Norm, check_attack_args, make_generator, per_sample
+from .losses import (
+    AttackLoss,
+    ce_loss,
+    check_logits,
+    dlr_from_logits,
+    dlr_loss,
+    get_loss,
+    margin_from_logits,
+    margin_loss,
+)
+
+__all__ = ["APGD", "APGDTargeted", "probability_margin", "TargetedLoss"]
+
+# A targeted loss maps (model, x, y, target) to an (N,) tensor to maximise.
+TargetedLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_STATELESS_LOSSES = (ce_loss, margin_loss, dlr_loss)
+
+
+def probability_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """p_y - max_{j != y} p_j: the top-1 minus runner-up probability gap while correct, < 0 once wrong."""
+    probs = F.softmax(logits.float(), dim=1)
+    p_y = probs.gather(1, y[:, None]).squeeze(1)
+    others = probs.scatter(1, y[:, None], -1.0)
+    return (p_y - others.max(1).values).to(logits.dtype)
+
+
+class _Recorder:
+    """Stands in for the model inside a loss callable and keeps the logits it computed on ``x``.
+
+    This spares a second forward pass to learn whether an iterate is misclassified. Logits are
+    only reused when the loss evaluated the model on exactly the tensor APGD gave it.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self._model = model
+        self._x = x
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, inp: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self._model(inp, *args, **kwargs)
+        if inp is self._x and not args and not kwargs:
+            self.logits = out
+        return out
+
+    def mix(self, inp: torch.Tensor, detach_alpha: bool = False):
+        out = self._model.mix(inp, detach_alpha=detach_alpha)
+        if inp is self._x:
+            self.logits = out.logits
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _subsettable(loss) -> bool:
+    """Whether a loss may be evaluated on a subset of the batch: it says how (``select``) or is stateless."""
+    return hasattr(loss, "select") or loss in _STATELESS_LOSSES
+
+
+def _select_weight(weight, index: torch.Tensor):
+    if isinstance(weight, torch.Tensor) and weight.dim() > 0:
+        return weight[index.to(weight.device)]
+    return weight
+
+
+class APGD:
+    """Untargeted Auto-PGD. ``APGD(model, eps, ...)(x, y) -> x_adv``.
+
+    Arguments beyond the loss: ``steps`` iterations per restart; ``restarts`` random restarts, each
+    on the inputs not yet misclassified; ``rho`` the checkpoint threshold; ``momentum`` 0.75 as in
+    the paper; ``eot_iter`` gradient samples averaged per step (for randomised models);
+    ``minimum_margin`` keeps the smallest-margin point for every input (paper App. D.2);
+    ``seed`` makes the random starts reproducible (``None``: torch's global generator).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor,
+        norm: Norm = "linf",
+        steps: int = 100,
+        restarts: int = 1,
+        loss: str | AttackLoss = "ce",
+        rho: float = 0.75,
+        seed: int | None = 0,
+        minimum_margin: bool = False,
+        eot_iter: int = 1,
+        momentum: float = 0.75,
+        attack_misclassified: bool = False,
+    ):
+        check_attack_args(eps, norm, steps)
+        if not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+        if not 0.0 < rho <= 1.0:
+            raise ValueError(f"rho must lie in (0, 1], got {rho}")
+        if not isinstance(eot_iter, int) or eot_iter < 1:
+            raise ValueError(f"eot_iter must be a positive integer, got {eot_iter!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        self.model = model
+        self.eps = eps
+        self.norm = norm
+        self.steps = steps
+        self.restarts = restarts
+        self.rho = rho
+        self.seed = seed
+        self.minimum_margin = minimum_margin
+        self.eot_iter = eot_iter
+        self.momentum = momentum
+        self.attack_misclassified = attack_misclassified
+        self.loss = loss if callable(loss) else self._check_loss_name(loss)
+        # checkpoint schedule (fractions of the paper: 0.22 first interval, -0.03 per check, >= 0.06)
+        self._first_interval = max(int(0.22 * steps), 1)
+        self._min_interval = max(int(0.06 * steps), 1)
+        self._interval_decrease = max(int(0.03 * steps), 1)
+
+    # ------------------------------------------------------------------ losses
+
+    @staticmethod
+    def _check_loss_name(loss: str) -> str:
+        get_loss(loss)  # raises a clear error for unknown names
+        return loss
+
+    def _per_example_loss(self, model, x_adv, y, index):
+        """(loss (m,), logits (m, C) or None) for rows ``index`` of the current call's batch."""
+        if isinstance(self.loss, str):
+            logits = model(x_adv)
+            return _logit_loss(self.loss, logits, y), logits
+        loss = self.loss.select(index) if hasattr(self.loss, "select") else self.loss
+        rec = _Recorder(model, x_adv)
+        return loss(rec, x_adv, y), rec.logits
+
+    def _can_subset(self) -> bool:
+        return isinstance(self.loss, str) or _subsettable(self.loss)
+
+    # ------------------------------------------------------------------ geometry
+
+    def _random_start(self, x, eps, generator):
+        """A random point on the surface of the ball (l_inf: scaled uniform noise), clipped to [0, 1]."""
+        if self.norm == "linf":
+            t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+            scale = t.flatten(1).abs().amax(1)
+        else:
+            t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            scale = t.flatten(1).norm(dim=1)
+        t = t / (scale.view(-1, *([1] * (x.dim() - 1))) + 1e-12)
+        return (x + eps * t).clamp(0, 1)
+
+    def _project(self, x_new, x, eps):
+        delta = x_new - x
+        if self.norm == "linf":
+            delta = torch.maximum(torch.minimum(delta, eps), -eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+            delta = delta * torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
+        return (x + delta).clamp(0, 1)
+
+    def _direction(self, grad):
+        if self.norm == "linf":
+            return grad.sign()
+        norms = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+        return grad / (norms + 1e-12)
+
+    # ------------------------------------------------------------------ one run
+
+    def _value_and_grad(self, x_adv, y, index):
+        grad = torch.zeros_like(x_adv)
+        loss_sum = torch.zeros(x_adv.shape[0], device=x_adv.device, dtype=x_adv.dtype)
+        logits = None
+        for _ in range(self.eot_iter):
+            xr = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, logits = self._per_example_loss(self.model, xr, y, index)
+                if loss.shape != (xr.shape[0],):
+                    raise ValueError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
+                (g,) = torch.autograd.grad(loss.sum(), xr)
+            grad += g
+            loss_sum += loss.detach()
+        if logits is None:  # the loss did not evaluate the model on x_adv itself (e.g. a surrogate)
+            with torch.no_grad():
+                logits = self.model(x_adv)
+        return loss_sum / self.eot_iter, logits.detach(), grad / self.eot_iter
+
+    def _run(self, x, y, eps, index, generator, stop_early: bool):
+        """One APGD run from a random start on the rows of x (``index``: their rows in the call's batch).
+
+        Returns (fooled (n,), point (n, ...), best_loss (n,), margin (n,) or None, margin_point or None):
+        ``point`` is a misclassified iterate where fooled, else the highest-loss iterate.
+        """
+        n = x.shape[0]
+        bcast = (-1,) + (1,) * (x.dim() - 1)
+        x_adv = self._random_start(x, eps, generator)
+        loss, logits, grad = self._value_and_grad(x_adv, y, index)
+
+        fooled = logits.argmax(1) != y
+        point = x_adv.clone()
+        best_loss = loss.clone()
+        x_best, grad_best = x_adv.clone(), grad.clone()
+        track_margin = self.minimum_margin
+        if track_margin:
+            min_margin = probability_margin(logits, y)
+            margin_point = x_adv.clone()
+        step = 2.0 * eps.expand(n, *([1] * (x.dim() - 1))).clone()
+        x_prev = x_adv.clone()
+        loss_hist = torch.empty(self.steps + 1, n, device=x.device, dtype=loss.dtype)
+        loss_hist[0] = loss
+        reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
+        best_at_last_check = best_loss.clone()
+        interval, since_check = self._first_interval, 0
+        active = torch.arange(n, device=x.device)
+        if stop_early:
+            active = active[~fooled]
+
+        for i in range(self.steps):
+            if active.numel() == 0:
+                break
+            a = 1.0 if i == 0 else self.momentum
+            xa, xo, xc, ea = x_adv[active], x_prev[active], x[active], eps[active]
+            z = self._project(xa + step[active] * self._direction(grad[active]), xc, ea)
+            x_new = self._project(xa + a * (z - xa) + (1 - a) * (xa - xo), xc, ea)
+            x_prev[active] = xa
+            x_adv[active] = x_new
+            ya = y[active]
+            loss_a, logits_a, grad_a = self._value_and_grad(x_new, ya, index[active])
+            grad[active] = grad_a
+            loss_hist[i + 1, active] = loss_a
+
+            wrong = logits_a.argmax(1) != ya
+            newly = wrong & ~fooled[active]
+            if newly.any():
+                rows = active[newly]
+                point[rows] = x_new[newly]
+                fooled[rows] = True
+            if track_margin:
+                m = probability_margin(logits_a, ya)
+                lower = m < min_margin[active]
+                rows = active[lower]
+                min_margin[rows] = m[lower]
+                margin_point[rows] = x_new[lower]
+            better = loss_a > best_loss[active]
+            rows = active[better]
+            best_loss[rows] = loss_a[better]
+            x_best[rows] = x_new[better]
+            grad_best[rows] = grad_a[better]
+
+            since_check += 1
+            if since_check == interval:
+                hist = loss_hist[i + 1 - interval : i + 2, active]
+                n_increase = (hist[1:] > hist[:-1]).sum(0)
+                oscillating = n_increase <= interval * self.rho
+                stalled = ~reduced_last[active] & (best_at_last_check[active] >= best_loss[active])
+                reduce = oscillating | stalled
+                reduced_last[active] = reduce
+                best_at_last_check[active] = best_loss[active]
+                rows = active[reduce]
+                if rows.numel():
+                    step[rows] /= 2.0
+                    x_adv[rows] = x_best[rows]
+                    grad[rows] = grad_best[rows]
+                since_check = 0
+                interval = max(interval - self._interval_decrease, self._min_interval)
+            if stop_early and newly.any():
+                active = active[~fooled[active]]
+
+        not_fooled = ~fooled
+        point[not_fooled] = x_best[not_fooled]
+        if track_margin:
+            return fooled, point, best_loss, min_margin, margin_point
+        return fooled, point, best_loss, None, None
+
+    # ------------------------------------------------------------------ public
+
+    def _check_inputs(self, x, y):
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise ValueError("inputs must lie in [0, 1]")
+
+    def _attack(self, x, y):
+        """Run every (target, restart) of ``self._runs`` and merge: (x_adv, margins or None)."""
+        x = x.detach()
+        y = y.to(x.device)
+        n = x.shape[0]
+        all_rows = torch.arange(n, device=x.device)
+        eps = per_sample(self.eps, x)
+        generator = make_generator(self.seed, x.device)
+        with torch.no_grad():
+            clean_logits = self.model(x)
+        check_logits(clean_logits)
+
+        result = x.clone()
+        # found: result holds a misclassified point (or the clean input is wrong and is left alone)
+        found = torch.zeros(n, dtype=torch.bool, device=x.device)
+        if not (self.attack_misclassified or self.minimum_margin):
+            found |= clean_logits.argmax(1) != y
+        best_loss = torch.full((n,), -torch.inf, device=x.device, dtype=x.dtype)
+        margin = probability_margin(clean_logits, y) if self.minimum_margin else None
+        subset_ok = self._can_subset()
+
+        for prepare in self._runs(clean_logits, y):
+            todo = all_rows if self.minimum_margin else all_rows[~found]
+            if todo.numel() == 0:
+                break
+            run_rows = todo if subset_ok else all_rows
+            prepare()
+            stop_early = subset_ok and not self.minimum_margin
+            f, pt, bl, mm, mp = self._run(x[run_rows], y[run_rows], eps[run_rows], run_rows, generator, stop_early)
+            if not subset_ok:  # the run covered every row; keep the rows it was meant for
+                f, pt, bl = f[todo], pt[todo], bl[todo]
+                if mm is not None:
+                    mm, mp = mm[todo], mp[todo]
+            if self.minimum_margin:
+                lower = mm < margin[todo]
+                rows = todo[lower]
+                margin[rows] = mm[lower]
+                result[rows] = mp[lower]
+                continue
+            rows = todo[f]
+            result[rows] = pt[f]
+            found[rows] = True
+            higher = ~f & (bl > best_loss[todo])
+            rows = todo[higher]
+            result[rows] = pt[higher]
+            best_loss[rows] = bl[higher]
+        return result.detach(), margin
+
+    def _runs(self, clean_logits, y):
+        """One ``prepare()`` callback per APGD run; untargeted: one per restart."""
+        for _ in range(self.restarts):
+            yield lambda: None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, y)
+        return self._attack(x, y)[0]
+
+    def attack_with_margins(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_adv, p_y - max_{j != y} p_j of the model at x_adv) for every input."""
+        self._check_inputs(x, y)
+        x_adv, _ = self._attack(x, y)
+        with torch.no_grad():
+            margins = probability_margin(self.model(x_adv), y.to(x.device))
+        return x_adv, margins
+
+
+def _logit_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if name == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if name == "dlr":
+        return dlr_from_logits(logits, y)
+    return margin_from_logits(logits, y)
+
+
+class APGDTargeted(APGD):
+    """Targeted Auto-PGD over the top-k classes other than the label (AutoAttack's APGD-T).
+
+    For each of the k = min(n_target_classes, C - 1) classes ranked highest by the clean logits
+    (the label excluded), an APGD run maximises the targeted loss towards that class, on the inputs
+    no earlier run has broken. ``loss`` is ``"dlr-targeted"`` (needs C >= 4), ``"ce-targeted"``
+    (maximises -CE(logits, target)) or a callable ``(model, x, y, target) -> (N,)``.
+    ``extra_loss`` (an untargeted AttackLoss, e.g. the adaptive alpha term) joins as
+    ``(1 - extra_weight) * targeted + extra_weight * extra``; ``extra_weight`` is a float or (N,).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | torch.Tensor,
+        norm: Norm = "linf",
+        steps: int = 100,
+        n_target_classes: int = 9,
+        loss: str | TargetedLoss = "dlr-targeted",
+        rho: float = 0.75,
+        seed: int | None = 0,
+        extra_loss: AttackLoss | None = None,
+        extra_weight: float | torch.Tensor = 0.0,
+        restarts: int = 1,
+        minimum_margin: bool = False,
+        eot_iter: int = 1,
+        momentum: float = 0.75,
+        attack_misclassified: bool = False,
+    ):
+        if not callable(loss) and loss not in ("dlr-targeted", "ce-targeted"):
+            raise ValueError(f"unknown targeted loss {loss!r}; use 'dlr-targeted', 'ce-targeted' or a callable")
+        if not isinstance(n_target_classes, int) or n_target_classes < 1:
+            raise ValueError(f"n_target_classes must be a positive integer, got {n_target_classes!r}")
+        w = torch.as_tensor(extra_weight)
+        if (w < 0).any() or (w > 1).any():
+            raise ValueError(f"extra_weight must lie in [0, 1], got {extra_weight}")
+        super().__init__(model, eps, norm, steps, restarts, "ce", rho, seed, minimum_margin, eot_iter, momentum,
+                         attack_misclassified)
+        self.targeted_loss = loss
+        self.n_target_classes = n_target_classes
+        self.extra_loss = extra_loss
+        self.extra_weight = extra_weight
+        self._targets: torch.Tensor | None = None  # (N,) target class of the current run, whole batch
+
+    def _can_subset(self) -> bool:
+        main_ok = isinstance(self.targeted_loss, str) or _subsettable(self.targeted_loss)
+        return main_ok and (self.extra_loss is None or _subsettable(self.extra_loss))
+
+    def _per_example_loss(self, model, x_adv, y, index):
+        target = self._targets[index]
+        rec = _Recorder(model, x_adv)
+        if isinstance(self.targeted_loss, str):
+            logits = rec(x_adv)
+            if self.targeted_loss == "dlr-targeted":
+                main = dlr_from_logits(logits, y, target)
+            else:
+                main = -F.cross_entropy(logits, target, reduction="none")
+        else:
+            fn = self.targeted_loss.select(index) if hasattr(self.targeted_loss, "select") else self.targeted_loss
+            main = fn(rec, x_adv, y, target)
+        if self.extra_loss is not None:
+            extra = self.extra_loss.select(index) if hasattr(self.extra_loss, "select") else self.extra_loss
+            w = _select_weight(self.extra_weight, index)
+            w = torch.as_tensor(w, device=main.device, dtype=main.dtype)
+            main = (1 - w) * main + w * extra(rec, x_adv, y)
+        return main, rec.logits
+
+    def _runs(self, clean_logits, y):
+        n_classes = clean_logits.shape[1]
+        if self.targeted_loss == "dlr-targeted" and n_classes < 4:
+            raise ValueError(
+                f"the targeted DLR loss needs at least 4 classes, the model has {n_classes}; use loss='ce-targeted'"
+            )
+        k = min(self.n_target_classes, n_classes - 1)
+        ranked = clean_logits.detach().clone()
+        ranked.scatter_(1, y[:, None], -torch.inf)
+        order = ranked.argsort(dim=1, descending=True)[:, :k]
+        for t in range(k):
+            for _ in range(self.restarts):
+                def prepare(t=t):
+                    self._targets = order[:, t]
+                yield prepare
+        self._targets = None
