@@ -9,9 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adasmooth.data import load_dataset
+from adasmooth.data import DATASET_STATS, load_dataset
 from adasmooth.models import create_model
-from adasmooth.data import DATASET_STATS
+
+
+def pytest_configure(config):
+    # The tests use tiny models: intra-op threads only add overhead, and on a shared 2-core machine
+    # oversubscribed threads made single small forward passes hundreds of times slower.
+    torch.set_num_threads(1)
 
 
 def shared_data_dir() -> Path | None:
