@@ -65,6 +65,11 @@ def mix_log_probs(log_p_std: torch.Tensor, log_p_rob: torch.Tensor, alpha: torch
     if log_p_std.shape != log_p_rob.shape:
         raise ValueError(f"base outputs differ in shape: {tuple(log_p_std.shape)} vs {tuple(log_p_rob.shape)}")
     alpha_t = torch.as_tensor(alpha)
+    if alpha_t.dim() > 1 or (alpha_t.dim() == 1 and alpha_t.shape[0] != log_p_std.shape[0]):
+        raise ValueError(f"alpha must be a scalar or shape ({log_p_std.shape[0]},), got {tuple(alpha_t.shape)}")
+    # Outside [0, 1] the log-weights are NaN and the output silently NaN.
+    if bool(((alpha_t < 0) | (alpha_t > 1) | torch.isnan(alpha_t)).any()):
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha_t.detach().flatten()[:8].tolist()}")
     log_w_std, log_w_rob = _log_weights(alpha_t, log_p_std)
     stacked = torch.stack([log_w_std + log_p_std, log_w_rob + log_p_rob], dim=0)
     return torch.logsumexp(stacked, dim=0)
