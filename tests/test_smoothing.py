@@ -167,3 +167,137 @@ def test_certified_accuracy_hand_computed():
     assert certified_accuracy(rows, [0.0, 0.3, 0.5, 0.7]) == [0.5, 0.5, 0.25, 0.0]
     with pytest.raises(ValueError):
         certified_accuracy([], [0.0])
+
+
+# ---------------------------------------------------------------- the mixed classifier over a smoothed h
+
+from adasmooth.attacks import PGD  # noqa: E402
+from adasmooth.certify import rs_radius, simultaneous_bounds, smoothing_lipschitz  # noqa: E402
+from adasmooth.certify.mixed import (  # noqa: E402
+    SmoothingCounts,
+    choose_alpha,
+    cohen_certificates,
+    collect_counts,
+    curve,
+    mixed_certificates,
+    pareto_frontier,
+)
+from adasmooth.mixing import MixedClassifier  # noqa: E402
+
+
+def _hand_counts():
+    counts = SmoothingCounts(sigma=0.5, n0=10, n=100)
+    # input 0: h sure of class 0 (label 0); input 1: h leans to 1 (label 1); input 2: h wrong (label 2)
+    for i, (sel, est, g, label) in enumerate([
+        ([10, 0, 0], [95, 3, 2], [0.0, 5.0, 0.0], 0),
+        ([2, 8, 0], [30, 60, 10], [0.0, 5.0, 0.0], 1),
+        ([9, 1, 0], [70, 10, 20], [0.0, 0.0, 5.0], 2),
+    ]):
+        counts.idx.append(i)
+        counts.labels.append(label)
+        counts.selection.append(np.array(sel))
+        counts.estimation.append(np.array(est))
+        counts.std_logits.append(np.array(g))
+        counts.seconds.append(0.1)
+    return counts
+
+
+def test_mixed_certificates_hand_computed():
+    counts = _hand_counts()
+    certs = mixed_certificates(counts, 0.8, 0.01)
+    lower, upper = simultaneous_bounds(95, np.array([3, 2]), 100, 0.01)
+    assert math.isclose(certs["p_lower"][0], float(lower)) and math.isclose(certs["p_other_upper"][0], float(upper))
+    expected = 0.25 * (norm.ppf(0.8 * lower) - norm.ppf(0.8 * upper + 0.2))
+    assert math.isclose(certs["radius_rs"][0], expected, rel_tol=1e-9)
+    lip = smoothing_lipschitz(0.5)
+    assert math.isclose(certs["radius_lip"][0], (0.8 * (lower - upper) - 0.2) / (2 * 0.8 * lip), rel_tol=1e-9)
+    assert certs["h_class"].tolist() == [0, 1, 0]
+    assert certs["certified_correct"].tolist() == [True, True, False]
+    # clean prediction mixes g's softmax with h's frequencies: input 0 -> 0.2*softmax([0,5,0]) + 0.8*[.95,.03,.02]
+    assert certs["predict"].tolist() == [0, 1, 0]
+    # g rescues input 2 at alpha 0.3 (the certificate is then empty)
+    low_alpha = mixed_certificates(counts, 0.3, 0.01)
+    assert low_alpha["predict"][2] == 2 and (low_alpha["radius_rs"] == 0).all()
+    # hardmax g (Appendix A.2) changes the clean prediction, never the radii
+    hard = mixed_certificates(counts, 0.55, 0.01, std_hardmax=True)
+    soft = mixed_certificates(counts, 0.55, 0.01)
+    assert np.allclose(hard["radius_rs"], soft["radius_rs"]) and np.allclose(hard["radius_lip"], soft["radius_lip"])
+    # curve: in % of inputs, positive radius and h's class right
+    radii = [0.0, float(certs["radius_rs"][0]) + 1e-9]
+    assert certs["radius_rs"][1] == 0.0  # 60/100 with alpha 0.8 is not enough margin
+    assert curve(certs, radii, "rs") == pytest.approx([100 / 3, 0.0])
+
+
+def test_mixed_alpha_one_is_h_alone_and_cohen_rows():
+    counts = _hand_counts()
+    certs = mixed_certificates(counts, 1.0, 0.01)
+    assert certs["predict"].tolist() == [0, 1, 0]
+    lower, upper = certs["p_lower"], certs["p_other_upper"]
+    assert np.allclose(certs["radius_rs"], rs_radius(torch.tensor(lower), torch.tensor(upper), 0.5, 1.0).numpy())
+    rows = cohen_certificates(counts, 0.001)
+    pa = beta.ppf(0.001, 95, 6)
+    assert rows[0]["predict"] == 0 and math.isclose(rows[0]["radius"], 0.5 * norm.ppf(pa), rel_tol=1e-9)
+    assert rows[1]["predict"] == ABSTAIN  # 60/100 is not certainly above 1/2
+    with pytest.raises(ValueError, match="g's outputs"):
+        counts.std_logits.clear()
+        mixed_certificates(counts, 0.9, 0.01)
+
+
+def test_choose_alpha_and_frontier():
+    counts = _hand_counts()
+    # the mixture's clean accuracy: alpha 0.3 -> 3/3 (g fixes input 2), alpha >= 0.5 here -> 2/3
+    assert choose_alpha(counts, 100.0, [0.5, 0.7, 0.9, 1.0]) is None
+    assert choose_alpha(counts, 60.0, [0.5, 0.7, 0.9, 1.0]) == 1.0
+    other = _hand_counts()
+    other.sigma = 1.0
+    front = pareto_frontier({0.5: counts, 1.0: other}, 0.5, [0.0, 0.5, 1.0], 0.01, [0.6, 0.8, 1.0])
+    curves = [c["certified_accuracy"] for c in front["candidates"]]
+    assert front["frontier"] == np.max(curves, axis=0).tolist()
+    assert front["frontier"][1] >= front["baseline"]["certified_accuracy"][1]
+
+
+def test_mixed_rs_certificate_holds_against_attacks_on_the_exact_mixture():
+    """h = a smoothed half-space, whose smoothed probability is known in closed form:
+    p_1(x) = Phi((w.x + b) / (sigma ||w||)). Radii certified from Monte Carlo counts (Theorem A.2,
+    simultaneous bounds) are attacked with PGD on the exact mixture with an adversarial g."""
+    gen = torch.Generator().manual_seed(11)
+    sigma = 0.25
+    w = torch.randn(1, 3, 3, generator=gen, dtype=torch.float64)
+    xs = torch.rand(12, 1, 3, 3, generator=gen, dtype=torch.float64)
+    s = xs.flatten(1) @ w.flatten()
+    b = float(-s.median())  # half the points on each side
+    base = HalfSpace(w, b)
+
+    class ExactSmoothed(nn.Module):
+        def forward(self, x):
+            z = (x.flatten(1) @ w.flatten().to(x.dtype) + b) / (sigma * w.norm())
+            p1 = torch.special.ndtr(z).clamp(1e-12, 1 - 1e-12)
+            return torch.stack([torch.log1p(-p1), torch.log(p1)], 1)
+
+    class Adversarial(nn.Module):  # votes for the class h currently does not prefer
+        def forward(self, x):
+            return -30 * ExactSmoothed()(x)
+
+    labels = (s + b > 0).long()
+    counts = collect_counts(Smooth(base, 2, sigma, seed=0), (xs, labels), 50, 2000, 1000,
+                            std_model=Adversarial(), progress=False)
+    checked = 0
+    for alpha in (0.6, 0.8, 1.0):
+        certs = mixed_certificates(counts, alpha, 0.001)
+        radius = torch.as_tensor(certs["radius_rs"])
+        ok = radius > 0
+        checked += int(ok.sum())
+        mixture = MixedClassifier(Adversarial(), ExactSmoothed(), alpha)
+        with torch.no_grad():
+            before = mixture(xs).argmax(1)
+        h_class = torch.as_tensor(certs["h_class"])
+        assert (before[ok] == h_class[ok]).all()
+        x_adv = PGD(mixture, radius * 0.999, "l2", steps=40, restarts=2, loss="margin", seed=0)(xs, before)
+        with torch.no_grad():
+            after = mixture(x_adv).argmax(1)
+        assert (after[ok] == before[ok]).all()
+        # sanity: far outside the radius the attack does flip
+        x_far = PGD(mixture, radius * 4 + 0.05, "l2", steps=40, loss="margin", seed=0)(xs, before)
+        with torch.no_grad():
+            assert (mixture(x_far).argmax(1)[ok] != before[ok]).any()
+    assert checked >= 6
