@@ -46,12 +46,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(f"{where}: {value!r} matches none of {args}")
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):  # bare `list` too
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:  # bare `dict` (e.g. model_kwargs) too
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
@@ -105,7 +105,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        # One clear message (the CLI prints ConfigError, not a traceback); safe_load also lands here
+        # for tags that would build Python objects.
+        raise ConfigError(f"config file {path} could not be parsed: {err}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
