@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -43,10 +44,13 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays: their floats need the checks below
+        return to_jsonable(obj.tolist())
     if isinstance(obj, float) and obj != obj:
         return None
+    if isinstance(obj, float) and obj in (math.inf, -math.inf):
+        # strict JSON has no infinity; float("inf") reads this back
+        return "inf" if obj > 0 else "-inf"
     return obj
 
 
