@@ -49,6 +49,17 @@ class TrainConfig:
     trades_beta: float = 6.0
     # randomized-smoothing methods (gaussian, cat-rs)
     sigma: float = 0.25
+    # CAT-RS (see adasmooth.catrs): noise draws per input, KL weight (None: 2*sigma, the authors'
+    # 0.5/1/2 for sigma 0.25/0.5/1), worst-case-noise l_2 radius and PGD steps, epoch from which the
+    # radius doubles (None: never), where w(x) and the KL target come from, the cached-target artifact
+    catrs_m: int = 4
+    catrs_lambda: float | None = None
+    catrs_eps: float = 1.0
+    catrs_steps: int = 4
+    catrs_warmup_epochs: int | None = None
+    catrs_confidence: Literal["accuracy", "cached"] = "accuracy"
+    catrs_target: Literal["mean", "cached"] = "mean"
+    catrs_target_path: str | None = None
     # optimisation
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.05
@@ -82,6 +93,31 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.trades_beta < 0:
             raise ValueError("trades_beta must be >= 0")
+        self._validate_catrs()
+
+    def _validate_catrs(self) -> None:
+        if self.catrs_m < 1:
+            raise ValueError(f"catrs_m (noise draws per input) must be >= 1, got {self.catrs_m}")
+        if self.catrs_lambda is not None and self.catrs_lambda < 0:
+            raise ValueError(f"catrs_lambda must be >= 0, got {self.catrs_lambda}")
+        if self.catrs_eps < 0:
+            raise ValueError(f"catrs_eps must be >= 0, got {self.catrs_eps}")
+        if self.catrs_steps < 1:
+            raise ValueError(f"catrs_steps must be >= 1, got {self.catrs_steps}")
+        if self.catrs_warmup_epochs is not None and self.catrs_warmup_epochs < 0:
+            raise ValueError(f"catrs_warmup_epochs must be >= 0 or None, got {self.catrs_warmup_epochs}")
+        if self.catrs_confidence not in ("accuracy", "cached"):
+            raise ValueError(f"catrs_confidence must be 'accuracy' or 'cached', got {self.catrs_confidence!r}")
+        if self.catrs_target not in ("mean", "cached"):
+            raise ValueError(f"catrs_target must be 'mean' or 'cached', got {self.catrs_target!r}")
+        if self.method == "cat-rs" and "cached" in (self.catrs_confidence, self.catrs_target):
+            if not self.catrs_target_path:
+                raise ValueError("catrs_target_path is required when catrs_confidence or catrs_target is 'cached'")
+            from .catrs import target_paths
+
+            if not target_paths(self.catrs_target_path)[0].is_file():
+                raise FileNotFoundError(f"cached CAT-RS targets {target_paths(self.catrs_target_path)[0]} not found; "
+                                        "build them with `python -m adasmooth.catrs`")
 
 
 @dataclass
@@ -322,3 +358,6 @@ def _comparable(cfg: TrainConfig) -> dict:
     for k in ("progress", "resume", "device", "eval_examples", "eval_pgd_steps"):
         d.pop(k)
     return d
+
+
+from . import catrs  # noqa: E402,F401  (registers the cat-rs method)
