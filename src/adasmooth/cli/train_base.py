@@ -26,6 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-steps", type=int, default=None, help="PGD steps during adversarial training")
     p.add_argument("--trades-beta", type=float, default=None)
     p.add_argument("--sigma", type=float, default=None, help="noise level for gaussian / cat-rs")
+    g = p.add_argument_group("CAT-RS (--method cat-rs)")
+    g.add_argument("--catrs-m", type=int, default=None, help="noise draws per input (default 4)")
+    g.add_argument("--catrs-lambda", type=float, default=None,
+                   help="weight of the worst-case KL term (default 2*sigma: 0.5/1/2 for sigma 0.25/0.5/1)")
+    g.add_argument("--catrs-eps", type=float, default=None, help="l_2 radius of the worst-case noise search (default 1.0)")
+    g.add_argument("--catrs-steps", type=int, default=None, help="PGD steps of the noise search (default 4)")
+    g.add_argument("--catrs-warmup-epochs", type=int, default=None,
+                   help="from this (0-based) epoch on the radius is doubled (default: never)")
+    g.add_argument("--catrs-confidence", choices=["accuracy", "cached"], default=None,
+                   help="w(x): fraction of noisy copies classified correctly, or the cached smoothed p(y|x)")
+    g.add_argument("--catrs-target", choices=["mean", "cached"], default=None,
+                   help="KL target: detached mean softmax over the copies, or the cached smoothed soft label")
+    g.add_argument("--catrs-target-path", default=None,
+                   help="cached smoothed targets (built by `python -m adasmooth.catrs`)")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--eval-examples", type=int, default=None, help="held-out examples measured at the end")
     p.add_argument("--no-resume", dest="resume", action="store_const", const=False, default=None)
