@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import PGD
+from .attacks.base import per_sample, project
 from .checkpoint import checkpoint_paths, save_checkpoint
 from .data import DATASET_STATS, Dataset, load_dataset
 from .models import create_model
@@ -187,8 +188,8 @@ def _trades_loss(model, batch, cfg, ctx):
         x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
         x_adv = PGD(model, cfg.eps, cfg.norm, cfg.attack_steps, _attack_step_size(cfg),
                     random_start=False, loss=kl_to_clean)(x0, y)
-        if cfg.norm == "linf":
-            x_adv = torch.min(torch.max(x_adv, x - cfg.eps), x + cfg.eps).clamp(0, 1)
+        # PGD kept x' within eps of the noisy start x0; the threat model is the ball around x.
+        x_adv = (x + project(x_adv - x, per_sample(cfg.eps, x), cfg.norm)).clamp(0, 1)
     finally:
         model.train(was_training)
     logits = model(x)
@@ -301,7 +302,14 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            gen.set_state(state["generator"])
+            # RNG states must be CPU byte tensors, whatever map_location did to them.
+            gen.set_state(state["generator"].cpu())
+            # Methods draw attack starts and noise from the global generators: restore them too, or a
+            # resumed run differs from an uninterrupted one.
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"].cpu())
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
             start_epoch, history = int(state["epoch"]), list(state["history"])
             print(f"resuming {cfg.output} from epoch {start_epoch}")
         else:
@@ -332,7 +340,9 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         resume_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = resume_file.with_name(resume_file.name + ".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "epoch": epoch + 1, "history": history,
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    "epoch": epoch + 1, "history": history,
                     "config": _comparable(cfg)}, tmp)
         tmp.replace(resume_file)
         if cfg.progress:
