@@ -86,6 +86,7 @@ def run_autoattack(
     device: str | torch.device | None = None,
     n_target_classes: int | None = None,
     apgd_restarts: int | None = None,
+    square_queries: int | None = None,
     verbose: bool = False,
 ) -> AutoAttackResult:
     """Run the reference AutoAttack on (x, y) and return x_adv, per-input outcomes, flags and log.
@@ -93,7 +94,8 @@ def run_autoattack(
     ``version`` is standard (APGD-CE, APGD-T, FAB-T, Square), plus, rand or custom (then give
     ``attacks``, names from ``AUTOATTACK_ATTACKS``). Attacks cascade: each runs only on the inputs
     still robust. ``apgd_restarts`` overrides the restarts of the untargeted APGD (the package's
-    custom version defaults to 5, its standard version to 1).
+    custom version defaults to 5, its standard version to 1); ``square_queries`` the query budget of
+    Square (5000 in every version).
     """
     if norm not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; use one of {tuple(_NORMS)}")
@@ -132,6 +134,8 @@ def run_autoattack(
     adversary.fab.n_target_classes = k
     if apgd_restarts is not None:
         adversary.apgd.n_restarts = int(apgd_restarts)
+    if square_queries is not None:
+        adversary.square.n_queries = int(square_queries)
 
     logger = logging.getLogger("auto-attack")
     handler = _ListHandler()
