@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def test_standard_run_learns_and_writes_a_truthful_checkpoint(runs, digits_test)
     with torch.no_grad():
         clean = 100.0 * float((model(digits_test.x).argmax(1) == digits_test.y).float().mean())
     assert clean == pytest.approx(metrics["clean_acc"])
-    assert not list((cfg.output and __import__("pathlib").Path(cfg.output).parent).glob("*.resume.pt"))
+    assert not list(Path(cfg.output).parent.glob("*.resume.pt"))  # removed once the run finished
 
 
 def test_pgd_training_buys_robustness(runs, digits_test):
@@ -134,8 +136,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caps
     over = dict(method=method, epochs=3, attack_steps=2, eval_examples=40, eval_pgd_steps=2, seed=5)
     straight_cfg = _cfg(tmp_path, "straight", **over)
     train_base(straight_cfg, train_data=data)
-    cfg = _cfg(tmp_path / "other", "straight", **over)  # same name in another folder: same config but output
-    cfg.output = straight_cfg.output.replace("straight", "resumed")
+    cfg = _cfg(tmp_path, "resumed", **over)  # the same run under another name
     original = TRAINING_METHODS[method]
     monkeypatch.setitem(TRAINING_METHODS, method, _Interrupt(original, at_epoch=1))
     with pytest.raises(KeyboardInterrupt):
