@@ -13,6 +13,16 @@ from .bounds import (
     simultaneous_bounds,
     smoothing_lipschitz,
 )
+from .lipschitz import LocalLipschitz, estimate_local_lipschitz, estimated_radius
+from .mixed import (
+    STATISTICS_NOTE,
+    SmoothingCounts,
+    choose_alpha,
+    cohen_certificates,
+    collect_counts,
+    mixed_certificates,
+    pareto_frontier,
+)
 from .smoothing import ABSTAIN, TSV_COLUMNS, Smooth, certified_accuracy, certify_dataset
 
 __all__ = [
@@ -21,6 +31,16 @@ __all__ = [
     "Smooth",
     "certify_dataset",
     "certified_accuracy",
+    "STATISTICS_NOTE",
+    "SmoothingCounts",
+    "collect_counts",
+    "cohen_certificates",
+    "mixed_certificates",
+    "choose_alpha",
+    "pareto_frontier",
+    "LocalLipschitz",
+    "estimate_local_lipschitz",
+    "estimated_radius",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "cohen_radius",

@@ -17,7 +17,6 @@ All certificates for any alpha come from the same per-input counts (``SmoothingC
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bounds import clopper_pearson_lower, cohen_radius, lipschitz_radius_from_bounds, rs_radius, simultaneous_bounds, smoothing_lipschitz
-from .smoothing import ABSTAIN, Smooth, iter_examples
+from .smoothing import ABSTAIN, Smooth, expected_count, iter_examples
 
 __all__ = [
     "STATISTICS_NOTE",
@@ -110,12 +109,7 @@ def collect_counts(
     if not isinstance(skip, int) or skip < 1:
         raise ValueError(f"skip must be a positive integer, got {skip!r}")
     out = SmoothingCounts(sigma=smooth.sigma, n0=n0, n=n)
-    total = None
-    if hasattr(data, "__len__"):
-        size = data[0].shape[0] if isinstance(data, (tuple, list)) else len(data)
-        total = math.ceil(size / skip)
-    if max_examples is not None:
-        total = max_examples if total is None else min(total, max_examples)
+    total = expected_count(data, skip, max_examples)
     bar = tqdm(total=total, desc=f"smoothing counts sigma={smooth.sigma}", disable=not progress, leave=False)
     try:
         for idx, (x, label) in enumerate(iter_examples(data)):

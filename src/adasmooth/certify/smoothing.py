@@ -147,6 +147,22 @@ def iter_examples(data: Any) -> Iterable[tuple[torch.Tensor, int]]:
         yield x, int(y)
 
 
+def expected_count(data: Any, skip: int = 1, max_examples: int | None = None) -> int | None:
+    """How many inputs ``iter_examples`` will yield after ``skip`` and ``max_examples`` (None if unknown)."""
+    if hasattr(data, "x") and hasattr(data, "y"):
+        size = len(data.y)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) and data[0].dim() == 4:
+        size = data[0].shape[0]
+    elif hasattr(data, "__len__"):
+        size = len(data)
+    else:
+        size = None
+    total = None if size is None else math.ceil(size / skip)
+    if max_examples is not None:
+        total = max_examples if total is None else min(total, max_examples)
+    return total
+
+
 def _open_tsv(path: str | Path | None):
     if path is None:
         return None
@@ -183,13 +199,7 @@ def certify_dataset(
         raise ValueError(f"skip must be a positive integer, got {skip!r}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    total = None
-    if hasattr(data, "__len__") and not isinstance(data, (tuple, list)):
-        total = math.ceil(len(data) / skip)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        total = math.ceil(data[0].shape[0] / skip)
-    if max_examples is not None:
-        total = max_examples if total is None else min(total, max_examples)
+    total = expected_count(data, skip, max_examples)
     rows: list[dict[str, Any]] = []
     tsv = _open_tsv(tsv_path)
     bar = tqdm(total=total, desc=f"certify sigma={smooth.sigma}", disable=not progress, leave=False)
