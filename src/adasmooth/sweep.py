@@ -1,0 +1,236 @@
+"""The fixed-alpha sweep (paper Section 5.1.1, Figures 1, 4 and 5).
+
+For each alpha, the mixed classifier h_alpha of a standard model g and a robust model h is measured
+clean and under three PGD attacks:
+
+- STD attack: crafted on g alone, then fed to h_alpha (a transfer attack);
+- ROB attack: crafted on h alone, then fed to h_alpha (a transfer attack);
+- MIX attack: crafted end to end on h_alpha itself (white box).
+
+STD and ROB examples do not depend on alpha, so they are crafted once and reused for every alpha
+and every mixing variant; only the MIX attack is crafted per (alpha, variant). g and h alone are
+measured too (clean, and under the attack crafted on themselves) as the reference lines of Figure 4.
+
+Each PGD call on batch ``b`` is seeded with ``seed + b``, for every model, so the MIX attack at
+alpha = 0 (alpha = 1) replays the STD (ROB) attack exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attacks import PGD
+from .data import DATASETS, Dataset
+from .mixing import MixedClassifier
+
+__all__ = ["VARIANTS", "SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier"]
+
+# name -> (space, r_option, legend label). "prob" is the paper's Eq. 3.4; the rest are the
+# ablations of Figure 1 (Eqs. 3.1-3.3 with R_i(x) options, mixing logits: "No SoftMax").
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "prob": ("probability", "one", "R=1, probabilities (Eq. 3.4)"),
+    "logit": ("logit", "one", "R=1, logits"),
+    "grad_g": ("logit", "grad_g", "R=||grad g_i||*, logits"),
+    "grad_max_g": ("logit", "grad_max_g", "R=||grad max_j g_j||*, logits"),
+    "grad_ratio": ("logit", "grad_ratio", "R=||grad g_i||* / ||grad h_i||*, logits"),
+}
+
+ROW_KEYS = ("variant", "alpha", "clean_acc", "std_attack_acc", "rob_attack_acc", "mix_attack_acc", "worst_attack_acc")
+
+
+def _default_alphas() -> list[float]:
+    return [round(0.1 * i, 10) for i in range(11)]
+
+
+@dataclass
+class SweepConfig:
+    """Everything ``adasmooth sweep`` needs; keys of a ``--config`` YAML file are these fields."""
+
+    std: str | None = None  # checkpoint of the standard model g
+    rob: str | None = None  # checkpoint of the robust model h
+    dataset: str | None = None  # default: the data set recorded in the checkpoints
+    data_dir: str | None = None
+    alphas: list[float] = field(default_factory=_default_alphas)
+    eps: float | None = None  # default: the robust model's training eps
+    norm: Literal["linf", "l2"] | None = None  # default: the robust model's training norm
+    steps: int = 20
+    step_size: float | None = None  # default 2.5 * eps / steps
+    variants: list[str] = field(default_factory=lambda: ["prob"])
+    n_examples: int | None = 1000  # first N test examples (None: all)
+    batch_size: int = 256
+    std_scale: float = 1.0
+    rob_scale: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    output: str = "runs/sweep"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise ValueError(f"unknown data set {self.dataset!r}; known: {', '.join(DATASETS)}")
+        check_alphas(self.alphas)
+        check_variants(self.variants)
+        if self.eps is not None and self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.n_examples is not None and self.n_examples < 1:
+            raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
+        if self.std_scale <= 0 or self.rob_scale <= 0:
+            raise ValueError("std_scale and rob_scale must be > 0")
+
+
+def check_alphas(alphas: Sequence[float]) -> list[float]:
+    alphas = [float(a) for a in alphas]
+    if not alphas:
+        raise ValueError("no alphas given")
+    bad = [a for a in alphas if math.isnan(a) or not 0.0 <= a <= 1.0]
+    if bad:
+        raise ValueError(f"every alpha must lie in [0, 1]; got {bad}")
+    return alphas
+
+
+def check_variants(variants: Sequence[str]) -> list[str]:
+    variants = list(variants)
+    if not variants:
+        raise ValueError("no mixing variants given")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown mixing variant(s) {unknown}; known: {list(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"mixing variants repeat: {variants}")
+    return variants
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]  # one per (alpha, variant), keys ROW_KEYS, accuracies in %
+    reference: dict[str, float]  # g and h alone, accuracies in %
+    n_examples: int
+
+
+def variant_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: float, variant: str, norm: str = "linf",
+                       std_scale: float = 1.0, rob_scale: float = 1.0) -> MixedClassifier:
+    """The fixed-alpha mixed classifier of one named variant (see ``VARIANTS``)."""
+    check_variants([variant])
+    space, r_option, _ = VARIANTS[variant]
+    return MixedClassifier(std_model, rob_model, alpha, std_scale=std_scale, rob_scale=rob_scale,
+                           space=space, r_option=r_option, norm=norm).eval()
+
+
+def _batches(data: Dataset, batch_size: int, device: torch.device):
+    for b, (x, y) in enumerate(data.batches(batch_size)):
+        yield b, x.to(device), y.to(device)
+
+
+def craft_adversarial(model: nn.Module, data: Dataset, eps: float, norm: str, steps: int, step_size: float | None,
+                      batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """PGD examples crafted on ``model`` for the whole of ``data``, batch b seeded with seed + b."""
+    out = []
+    for b, x, y in _batches(data, batch_size, device):
+        out.append(PGD(model, eps, norm, steps, step_size, seed=seed + b)(x, y).detach())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-example correctness (bool, (N,)) of ``model`` on x (already on the model's device)."""
+    hits = []
+    for i in range(0, len(x), batch_size):
+        hits.append(model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size])
+    return torch.cat(hits)
+
+
+def _pct(mask: torch.Tensor) -> float:
+    return 100.0 * mask.float().mean().item()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def alpha_sweep(
+    std_model: nn.Module,
+    rob_model: nn.Module,
+    data: Dataset,
+    alphas: Sequence[float],
+    eps: float,
+    norm: Literal["linf", "l2"] = "linf",
+    steps: int = 20,
+    step_size: float | None = None,
+    variants: Sequence[str] = ("prob",),
+    batch_size: int = 256,
+    seed: int = 0,
+    std_scale: float = 1.0,
+    rob_scale: float = 1.0,
+    progress: bool = True,
+    on_alpha: Callable[[SweepResult], None] | None = None,
+) -> SweepResult:
+    """Accuracy (%) of fixed-alpha mixtures of g = ``std_model`` and h = ``rob_model`` on ``data``.
+
+    Rows come in the order of ``alphas``, each alpha once per variant. ``on_alpha`` is called with
+    the result so far after each alpha (write partial results from it). Both models are put in
+    eval mode; the data is moved to the device of ``std_model``.
+    """
+    alphas = check_alphas(alphas)
+    variants = check_variants(variants)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if len(data) == 0:
+        raise ValueError("the data set is empty")
+    std_model.eval()
+    rob_model.eval()
+    device = _model_device(std_model)
+    x = data.x.to(device)
+    y = data.y.to(device)
+
+    def craft(model: nn.Module) -> torch.Tensor:
+        return craft_adversarial(model, data, eps, norm, steps, step_size, batch_size, seed, device)
+
+    # The transfer attacks do not depend on alpha: craft them once.
+    x_std = craft(std_model)
+    x_rob = craft(rob_model)
+    g_clean, h_clean = _correct(std_model, x, y, batch_size), _correct(rob_model, x, y, batch_size)
+    reference = {
+        "g_clean_acc": _pct(g_clean),
+        "g_std_attack_acc": _pct(_correct(std_model, x_std, y, batch_size)),
+        "g_rob_attack_acc": _pct(_correct(std_model, x_rob, y, batch_size)),
+        "h_clean_acc": _pct(h_clean),
+        "h_rob_attack_acc": _pct(_correct(rob_model, x_rob, y, batch_size)),
+        "h_std_attack_acc": _pct(_correct(rob_model, x_std, y, batch_size)),
+    }
+    result = SweepResult(rows=[], reference=reference, n_examples=len(data))
+    bar = tqdm(total=len(alphas) * len(variants), desc="alpha sweep", disable=not progress, leave=False)
+    for alpha in alphas:
+        for variant in variants:
+            mixed = variant_classifier(std_model, rob_model, alpha, variant, norm, std_scale, rob_scale)
+            clean = _correct(mixed, x, y, batch_size)
+            on_std = _correct(mixed, x_std, y, batch_size)
+            on_rob = _correct(mixed, x_rob, y, batch_size)
+            x_mix = craft(mixed)
+            on_mix = _correct(mixed, x_mix, y, batch_size)
+            result.rows.append({
+                "variant": variant,
+                "alpha": alpha,
+                "clean_acc": _pct(clean),
+                "std_attack_acc": _pct(on_std),
+                "rob_attack_acc": _pct(on_rob),
+                "mix_attack_acc": _pct(on_mix),
+                # an example counts only if it survives all three attacks
+                "worst_attack_acc": _pct(on_std & on_rob & on_mix),
+            })
+            bar.update(1)
+            bar.set_postfix(alpha=alpha, variant=variant)
+        if on_alpha is not None:
+            on_alpha(result)
+    bar.close()
+    return result
