@@ -38,6 +38,7 @@ __all__ = [
     "resolve_module",
     "as_feature_map",
     "match_spatial",
+    "ranged_alpha",
     "MixingNetConfig",
     "MixingNetwork",
     "AdaptiveMixedClassifier",
@@ -265,14 +266,14 @@ class MixingNetwork(nn.Module):
         if self.training:
             logit = z * self.config.train_scale + self.config.train_shift
             return torch.sigmoid(logit), logit
-        return _ranged_alpha(z * self.eval_scale.to(z.dtype) + self.eval_shift.to(z.dtype),
+        return ranged_alpha(z * self.eval_scale.to(z.dtype) + self.eval_shift.to(z.dtype),
                              float(self.alpha_min), float(self.alpha_max))
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.normalized_gamma(self.gamma(first, second)))
 
 
-def _ranged_alpha(u: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ranged_alpha(u: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha = sigmoid(u) * (hi - lo) + lo and its logit, computed in log space for stability."""
     if lo == 0.0 and hi == 1.0:
         return torch.sigmoid(u), u
