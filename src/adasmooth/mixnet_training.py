@@ -48,6 +48,8 @@ __all__ = [
     "calibrate_adaptive",
     "calibrate_fixed_alpha",
     "report_table",
+    "CalibrateConfig",
+    "run_calibration",
     "fixed_alpha_classifier",
     "build_from_config",
     "SETTINGS",
@@ -628,3 +630,116 @@ def fixed_alpha_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: fl
                            rob_scale: float = 1.0) -> MixedClassifier:
     """The fixed-alpha counterpart (Eq. 3.4) with the same base models and logit scales."""
     return MixedClassifier(std_model, rob_model, alpha, std_scale=std_scale, rob_scale=rob_scale).eval()
+
+
+# ---------------------------------------------------------------------------- calibration run (CLI)
+
+
+@dataclass
+class CalibrateConfig:
+    checkpoints: list[str] = field(default_factory=list)  # adaptive classifiers (e.g. one per setting A/B/C)
+    target_acc: float | None = None  # clean accuracy (%) to reach on the calibration data
+    target_between: float | None = None  # or: h's accuracy + this fraction of the gap to g's
+    param: Literal["shift", "alpha_min"] = "shift"
+    scale: float | None = None  # eval-time sigmoid scale (default: keep the stored one)
+    alpha_range: list[float] | None = None  # eval-time (alpha_min, alpha_max)
+    range_width: float | None = None  # with param=alpha_min: alpha_max - alpha_min
+    dataset: str | None = None  # default: the one recorded in the checkpoint
+    data_dir: str | None = None
+    split: Literal["val", "test"] = "val"
+    val_fraction: float = 0.1
+    calib_offset: int = 0
+    calib_examples: int | None = None
+    output: str | None = None  # calibrated checkpoint (one input); default <checkpoint>-calibrated
+    report: bool = False
+    report_settings: list[str] = field(default_factory=lambda: ["A", "B", "C", "D"])
+    eval_examples: int = 500
+    eval_offset: int = 0
+    eps: float | None = None  # default: the training eps
+    norm: Literal["linf", "l2"] | None = None
+    batch_size: int = 250
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.checkpoints:
+            raise ValueError("give at least one adaptive classifier checkpoint")
+        if (self.target_acc is None) == (self.target_between is None):
+            raise ValueError("give exactly one of target_acc and target_between")
+        if self.target_acc is not None and not 0 < self.target_acc <= 100:
+            raise ValueError(f"target_acc is a percentage in (0, 100], got {self.target_acc}")
+        if self.target_between is not None and not 0 <= self.target_between <= 1:
+            raise ValueError(f"target_between must be in [0, 1], got {self.target_between}")
+        if self.output and len(self.checkpoints) > 1:
+            raise ValueError("output names one calibrated checkpoint; with several inputs leave it unset")
+        if self.alpha_range is not None and len(self.alpha_range) != 2:
+            raise ValueError("alpha_range must be two numbers: min, max")
+        bad = [s for s in self.report_settings if s not in ("A", "B", "C", "D")]
+        if bad:
+            raise ValueError(f"unknown report settings {bad}; use A, B, C, D")
+
+
+def _calibration_data(cfg: CalibrateConfig, dataset: str) -> Dataset:
+    data = load_dataset(dataset, cfg.split, cfg.data_dir, cfg.val_fraction if cfg.split == "val" else 0.0, cfg.seed)
+    end = len(data) if cfg.calib_examples is None else cfg.calib_offset + cfg.calib_examples
+    if cfg.calib_offset >= len(data):
+        raise ValueError(f"calib_offset {cfg.calib_offset} is past the {len(data)} {cfg.split} examples")
+    return Dataset(data.x[cfg.calib_offset:end], data.y[cfg.calib_offset:end], data.num_classes, data.name, data.split)
+
+
+def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
+    """Calibrate each adaptive classifier and the fixed-alpha counterpart; optionally the report table."""
+    from .mixnet import load_adaptive_classifier
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    loaded = [load_adaptive_classifier(p, device=device) for p in cfg.checkpoints]
+    first_model, first_info = loaded[0]
+    dataset = cfg.dataset or first_info.get("dataset")
+    if not dataset:
+        raise ValueError("the checkpoint records no dataset; pass dataset")
+    calib = _calibration_data(cfg, dataset)
+    g, h = first_model.std_model, first_model.rob_model
+    acc_g, acc_h = clean_accuracy(g, calib, cfg.batch_size, device), clean_accuracy(h, calib, cfg.batch_size, device)
+    target = cfg.target_acc if cfg.target_acc is not None else acc_h + cfg.target_between * (acc_g - acc_h)
+    results: dict[str, Any] = {"target_acc": target, "calibration": {"split": cfg.split, "examples": len(calib),
+                                                                      "std_clean_acc": acc_g, "rob_clean_acc": acc_h},
+                               "adaptive": []}
+    out_paths = []
+    for path, (model, info) in zip(cfg.checkpoints, loaded):
+        summary = calibrate_adaptive(model, calib, target, cfg.param, cfg.scale,
+                                     tuple(cfg.alpha_range) if cfg.alpha_range else None, cfg.range_width,
+                                     batch_size=cfg.batch_size)
+        out = cfg.output or str(checkpoint_paths(path)[0].with_suffix("")) + "-calibrated"
+        meta = {k: v for k, v in info.items() if k not in ("provenance", "eval_head", "mixing_net", "taps",
+                                                           "std_scale", "rob_scale", "detach_features",
+                                                           "format_version", "kind", "num_classes")}
+        meta["calibration"] = {**summary, "source": str(path), "split": cfg.split, "dataset": dataset}
+        save_adaptive_classifier(model, out, meta)
+        out_paths.append(out)
+        results["adaptive"].append({"checkpoint": str(path), "calibrated": out, "setting": info.get("setting"),
+                                    **summary})
+    fixed = calibrate_fixed_alpha(g, h, calib, target, first_model.std_scale, first_model.rob_scale, cfg.batch_size)
+    results["fixed"] = fixed
+    if cfg.report:
+        train_cfg = first_info.get("training", {}).get("config", {})
+        eps = cfg.eps if cfg.eps is not None else train_cfg.get("eps")
+        norm = cfg.norm or train_cfg.get("norm", "linf")
+        if eps is None:
+            raise ValueError("no eps given and none recorded in the checkpoint")
+        test = load_dataset(dataset, "test", cfg.data_dir)
+        test = Dataset(test.x[cfg.eval_offset:cfg.eval_offset + cfg.eval_examples],
+                       test.y[cfg.eval_offset:cfg.eval_offset + cfg.eval_examples], test.num_classes, test.name, "test")
+        models: dict[str, nn.Module] = {"g (standard)": g, "h (robust)": h}
+        for (model, info), entry in zip(loaded, results["adaptive"]):
+            label = f"adaptive ({info.get('setting') or '?'})"
+            while label in models:
+                label += "'"
+            models[label] = model
+        models[f"fixed alpha={fixed['alpha']:.4f}"] = fixed_alpha_classifier(
+            g, h, fixed["alpha"], first_model.std_scale, first_model.rob_scale)
+        results["report"] = {"eps": eps, "norm": norm, "examples": len(test),
+                             "rows": report_table(models, test, eps, norm, cfg.report_settings, cfg.batch_size,
+                                                  cfg.seed, cfg.progress)}
+    return results
