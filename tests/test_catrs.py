@@ -393,3 +393,18 @@ def test_bad_options_give_clear_errors(tmp_path):
         catrs_loss(_FirstTwo(), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2), -1.0, 0.1, 1)
     with pytest.raises(ValueError, match="noise must be"):
         catrs_loss(_FirstTwo(), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, 2), 1.0, 0.1, 1)
+
+
+def test_build_targets_command_reads_sigma_from_checkpoint(tmp_path):
+    from adasmooth.catrs import main
+
+    cfg = TrainConfig(dataset="digits", method="gaussian", sigma=0.5, epochs=1, batch_size=32, n_train=64,
+                      eval_examples=8, eval_pgd_steps=1, model_kwargs={"width": 4, "hidden": 16},
+                      output=str(tmp_path / "gauss"), progress=False, resume=False)
+    train_base(cfg)
+    assert main(["--checkpoint", str(tmp_path / "gauss"), "--dataset", "digits", "--output", str(tmp_path / "t"),
+                 "--samples", "3", "--n-train", "64", "--device", "cpu", "--no-progress"]) == 0
+    loaded = load_smoothed_targets(tmp_path / "t")
+    assert loaded.probs.shape == (64, 10) and torch.equal(loaded.labels, _digits(64).y)
+    assert torch.allclose(loaded.probs * 3, (loaded.probs * 3).round(), atol=1e-5)
+    assert loaded.info["sigma"] == 0.5 and loaded.info["num_samples"] == 3 and loaded.info["mode"] == "votes"
