@@ -123,6 +123,9 @@ def alpha_bce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     return _alpha_term(model.mix(x).alpha_logit)
 
 
+alpha_bce_loss.stateless = True  # no per-example data: APGD may evaluate it on any subset
+
+
 class _MixedView(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -85,8 +85,11 @@ class _Recorder:
 
 
 def _subsettable(loss) -> bool:
-    """Whether a loss may be evaluated on a subset of the batch: it says how (``select``) or is stateless."""
-    return hasattr(loss, "select") or loss in _STATELESS_LOSSES
+    """Whether a loss may be evaluated on a subset of the batch: it says how (``select``) or is stateless.
+
+    A plain function can declare itself stateless (no per-example data) with ``fn.stateless = True``.
+    """
+    return hasattr(loss, "select") or getattr(loss, "stateless", False) is True or loss in _STATELESS_LOSSES
 
 
 def _select_weight(weight, index: torch.Tensor):
