@@ -198,110 +198,147 @@ class APGD:
 
     # ------------------------------------------------------------------ one run
 
-    def _value_and_grad(self, x_adv, y, index):
-        grad = torch.zeros_like(x_adv)
-        loss_sum = torch.zeros(x_adv.shape[0], device=x_adv.device, dtype=x_adv.dtype)
+    def _value_and_grad(self, x_adv, y, index, need_grad: bool = True):
+        """Per-example loss, logits and (unless ``need_grad`` is False) the input gradient, EOT-averaged."""
+        grad = torch.zeros_like(x_adv) if need_grad else None
+        loss_sum = None
         logits = None
         for _ in range(self.eot_iter):
-            xr = x_adv.detach().requires_grad_(True)
-            with torch.enable_grad():
+            xr = x_adv.detach().requires_grad_(need_grad)
+            with torch.set_grad_enabled(need_grad):
                 loss, logits = self._per_example_loss(self.model, xr, y, index)
                 if loss.shape != (xr.shape[0],):
                     raise ValueError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
-                (g,) = torch.autograd.grad(loss.sum(), xr)
-            grad += g
-            loss_sum += loss.detach()
+                if need_grad:
+                    (g,) = torch.autograd.grad(loss.sum(), xr)
+                    grad += g
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if logits is None:  # the loss did not evaluate the model on x_adv itself (e.g. a surrogate)
             with torch.no_grad():
                 logits = self.model(x_adv)
-        return loss_sum / self.eot_iter, logits.detach(), grad / self.eot_iter
+        if self.eot_iter > 1:
+            loss_sum = loss_sum / self.eot_iter
+            grad = grad / self.eot_iter if need_grad else None
+        return loss_sum, logits.detach(), grad
 
     def _run(self, x, y, eps, index, generator, stop_early: bool):
         """One APGD run from a random start on the rows of x (``index``: their rows in the call's batch).
 
         Returns (fooled (n,), point (n, ...), best_loss (n,), margin (n,) or None, margin_point or None):
         ``point`` is a misclassified iterate where fooled, else the highest-loss iterate.
+
+        The per-example state is kept compact: with ``stop_early`` the rows of broken inputs are
+        removed from every state tensor as soon as they break, so later steps cost nothing for them
+        and no step needs to gather or scatter rows.
         """
         n = x.shape[0]
-        bcast = (-1,) + (1,) * (x.dim() - 1)
+        track_margin = self.minimum_margin
         x_adv = self._random_start(x, eps, generator)
         loss, logits, grad = self._value_and_grad(x_adv, y, index)
 
-        fooled = logits.argmax(1) != y
+        # outputs, one row per input of this run
+        fooled_out = torch.zeros(n, dtype=torch.bool, device=x.device)
         point = x_adv.clone()
-        best_loss = loss.clone()
-        x_best, grad_best = x_adv.clone(), grad.clone()
-        track_margin = self.minimum_margin
-        if track_margin:
-            min_margin = probability_margin(logits, y)
-            margin_point = x_adv.clone()
-        step = 2.0 * eps.expand(n, *([1] * (x.dim() - 1))).clone()
-        x_prev = x_adv.clone()
-        loss_hist = torch.empty(self.steps + 1, n, device=x.device, dtype=loss.dtype)
-        loss_hist[0] = loss
-        reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
-        best_at_last_check = best_loss.clone()
-        interval, since_check = self._first_interval, 0
-        active = torch.arange(n, device=x.device)
-        if stop_early:
-            active = active[~fooled]
+        best_loss_out = loss.clone()
+        margin_out = probability_margin(logits, y) if track_margin else None
+        margin_point = x_adv.clone() if track_margin else None
 
+        # compact per-example state
+        rows = torch.arange(n, device=x.device)
+        st = {
+            "x": x, "y": y, "eps": eps, "index": index, "rows": rows,
+            "x_adv": x_adv, "x_prev": x_adv.clone(), "grad": grad,
+            "step": 2.0 * eps.expand(n, *([1] * (x.dim() - 1))).clone(),
+            "best_loss": loss.clone(), "x_best": x_adv.clone(), "grad_best": grad.clone(),
+            "reduced_last": torch.ones(n, dtype=torch.bool, device=x.device),
+            "best_at_last_check": loss.clone(),
+            "fooled": logits.argmax(1) != y,
+        }
+        if track_margin:
+            st["min_margin"] = margin_out.clone()
+        hist = torch.empty(self.steps + 1, n, device=x.device, dtype=loss.dtype)
+        hist[0] = loss
+        hist_keep = None  # columns of hist still in use (hist is compacted lazily, at checkpoints)
+
+        def drop(keep: torch.Tensor) -> None:
+            nonlocal hist_keep
+            for key, val in st.items():
+                st[key] = val[keep]
+            hist_keep = keep.nonzero().squeeze(1) if hist_keep is None else hist_keep[keep]
+
+        if st["fooled"].any():
+            fooled_out[st["fooled"]] = True
+            if stop_early:
+                drop(~st["fooled"])
+        interval, since_check = self._first_interval, 0
         for i in range(self.steps):
-            if active.numel() == 0:
+            if st["rows"].numel() == 0:
                 break
             a = 1.0 if i == 0 else self.momentum
-            xa, xo, xc, ea = x_adv[active], x_prev[active], x[active], eps[active]
-            z = self._project(xa + step[active] * self._direction(grad[active]), xc, ea)
-            x_new = self._project(xa + a * (z - xa) + (1 - a) * (xa - xo), xc, ea)
-            x_prev[active] = xa
-            x_adv[active] = x_new
-            ya = y[active]
-            loss_a, logits_a, grad_a = self._value_and_grad(x_new, ya, index[active])
-            grad[active] = grad_a
-            loss_hist[i + 1, active] = loss_a
+            xa, xc, ea = st["x_adv"], st["x"], st["eps"]
+            z = self._project(xa + st["step"] * self._direction(st["grad"]), xc, ea)
+            x_new = self._project(xa + a * (z - xa) + (1 - a) * (xa - st["x_prev"]), xc, ea)
+            st["x_prev"] = xa
+            st["x_adv"] = x_new
+            last = i == self.steps - 1  # the gradient at the final iterate would never be used
+            loss, logits, grad = self._value_and_grad(x_new, st["y"], st["index"], need_grad=not last)
+            if last:
+                grad = st["grad"]
+            st["grad"] = grad
+            if hist_keep is not None:  # columns were dropped since the last compaction of hist
+                hist = hist[:, hist_keep]
+                hist_keep = None
+            hist[i + 1] = loss
 
-            wrong = logits_a.argmax(1) != ya
-            newly = wrong & ~fooled[active]
-            if newly.any():
-                rows = active[newly]
-                point[rows] = x_new[newly]
-                fooled[rows] = True
+            wrong = logits.argmax(1) != st["y"]
+            newly = wrong & ~st["fooled"]
             if track_margin:
-                m = probability_margin(logits_a, ya)
-                lower = m < min_margin[active]
-                rows = active[lower]
-                min_margin[rows] = m[lower]
-                margin_point[rows] = x_new[lower]
-            better = loss_a > best_loss[active]
-            rows = active[better]
-            best_loss[rows] = loss_a[better]
-            x_best[rows] = x_new[better]
-            grad_best[rows] = grad_a[better]
+                m = probability_margin(logits, st["y"])
+                lower = m < st["min_margin"]
+                if lower.any():
+                    st["min_margin"] = torch.where(lower, m, st["min_margin"])
+                    r = st["rows"][lower]
+                    margin_out[r] = m[lower]
+                    margin_point[r] = x_new[lower]
+            better = loss > st["best_loss"]
+            if better.any():
+                st["best_loss"] = torch.where(better, loss, st["best_loss"])
+                b = better.view(-1, *([1] * (x.dim() - 1)))
+                st["x_best"] = torch.where(b, x_new, st["x_best"])
+                st["grad_best"] = torch.where(b, grad, st["grad_best"])
 
             since_check += 1
             if since_check == interval:
-                hist = loss_hist[i + 1 - interval : i + 2, active]
-                n_increase = (hist[1:] > hist[:-1]).sum(0)
+                window = hist[i + 1 - interval : i + 2]
+                n_increase = (window[1:] > window[:-1]).sum(0)
                 oscillating = n_increase <= interval * self.rho
-                stalled = ~reduced_last[active] & (best_at_last_check[active] >= best_loss[active])
+                stalled = ~st["reduced_last"] & (st["best_at_last_check"] >= st["best_loss"])
                 reduce = oscillating | stalled
-                reduced_last[active] = reduce
-                best_at_last_check[active] = best_loss[active]
-                rows = active[reduce]
-                if rows.numel():
-                    step[rows] /= 2.0
-                    x_adv[rows] = x_best[rows]
-                    grad[rows] = grad_best[rows]
+                st["reduced_last"] = reduce
+                st["best_at_last_check"] = st["best_loss"].clone()
+                if reduce.any():
+                    r = reduce.view(-1, *([1] * (x.dim() - 1)))
+                    st["step"] = torch.where(r, st["step"] / 2.0, st["step"])
+                    st["x_adv"] = torch.where(r, st["x_best"], st["x_adv"])
+                    st["grad"] = torch.where(r, st["grad_best"], st["grad"])
                 since_check = 0
                 interval = max(interval - self._interval_decrease, self._min_interval)
-            if stop_early and newly.any():
-                active = active[~fooled[active]]
 
-        not_fooled = ~fooled
-        point[not_fooled] = x_best[not_fooled]
-        if track_margin:
-            return fooled, point, best_loss, min_margin, margin_point
-        return fooled, point, best_loss, None, None
+            if newly.any():
+                r = st["rows"][newly]
+                point[r] = x_new[newly]
+                fooled_out[r] = True
+                best_loss_out[st["rows"]] = st["best_loss"]
+                if stop_early:
+                    drop(~newly)
+                else:
+                    st["fooled"] = st["fooled"] | newly
+
+        r = st["rows"]
+        best_loss_out[r] = st["best_loss"]
+        still = ~fooled_out[r]
+        point[r[still]] = st["x_best"][still]
+        return fooled_out, point, best_loss_out, margin_out, margin_point
 
     # ------------------------------------------------------------------ public
 
