@@ -197,8 +197,9 @@ class MixingNetConfig:
 class MixingNetwork(nn.Module):
     """alpha_theta: (first-tap features, second-tap features) -> (alpha (N,), alpha_logit (N,)).
 
-    Training mode: BN on the batch, gamma clamped to the batch mean +- ``train_clamp_std`` standard
-    deviations (those samples get no gradient: a margin, so alpha is not pushed to 0 or 1 for ever),
+    Training mode: BN on the batch, the normalised gamma clamped to the batch mean +- ``train_clamp_std``
+    standard deviations (no direct gradient
+    beyond the bounds: a margin, so alpha is not pushed to 0 or 1),
     ``train_scale``/``train_shift``, full (0, 1) range. Evaluation mode: BN running statistics, the
     ``eval_scale``/``eval_shift`` buffers (set by calibration), and alpha confined to
     (``alpha_min``, ``alpha_max``).
@@ -252,14 +253,17 @@ class MixingNetwork(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)).squeeze(1)
 
     def normalized_gamma(self, gamma: torch.Tensor) -> torch.Tensor:
-        """BN of gamma (batch statistics in training, with the margin clamp; running ones in eval)."""
-        if self.training and self.config.train_clamp_std is not None and gamma.shape[0] > 1:
-            mean, std = gamma.detach().mean(), gamma.detach().std()
-            k = self.config.train_clamp_std
-            gamma = torch.clamp(gamma, mean - k * std, mean + k * std)
+        """BN of gamma: batch statistics in training, then clamped to the batch mean +- k std; running
+        statistics in evaluation. Clamping after the BN keeps its statistics those of the unclamped
+        gamma, so evaluation normalises exactly as training did."""
         if self.training and gamma.shape[0] == 1:
             raise ValueError("the mixing network needs batches of more than one example in training mode")
-        return self.alpha_bn(gamma[:, None]).squeeze(1)
+        z = self.alpha_bn(gamma[:, None]).squeeze(1)
+        if self.training and self.config.train_clamp_std is not None:
+            mean, std = z.detach().mean(), z.detach().std()
+            k = self.config.train_clamp_std
+            z = torch.clamp(z, mean - k * std, mean + k * std)
+        return z
 
     def head(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, logit(alpha)) from the normalised gamma ``z``."""
