@@ -40,8 +40,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--n-train", type=int, default=8000)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--target-samples", type=int, default=32, help="noise draws per training image for the cached targets")
     p.add_argument("--n-test", type=int, default=250)
@@ -62,7 +63,8 @@ def train(method: str, sigma: float, args, out: Path, **extra) -> dict:
     if checkpoint_paths(path)[0].is_file():
         return load_checkpoint(path)[1]
     cfg = TrainConfig(dataset="mnist", data_dir=str(data_dir()), arch="small-cnn", model_kwargs={"width": 16},
-                      method=method, sigma=sigma, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      method=method, sigma=sigma, epochs=args.epochs, batch_size=args.batch_size,
+                      optimizer=args.optimizer, lr=args.lr,
                       n_train=args.n_train, eval_examples=1000, eval_pgd_steps=1, seed=args.seed,
                       device="cpu", output=str(path), progress=args.progress, **extra)
     return train_base(cfg)
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
         for radius, acc in zip(RADII, r["certified_accuracy"]):
             line[f"r={radius}"] = 100 * acc
         table.append(line)
-    print(f"\nMNIST, small-cnn width 16, {args.n_train} training images x {args.epochs} epochs; certified on the first "
+    print(f"\nMNIST, small-cnn width 16, {args.n_train} training images x {args.epochs} epochs, {args.optimizer} lr {args.lr}; "
+          f"certified on the first "
           f"{args.n_test} test images, n0={args.n0}, n={args.n}, alpha={args.alpha} "
           f"(largest certifiable radius: " + ", ".join(f"sigma {s}: {r:.2f}" for s, r in max_radius.items()) + ")")
     print(format_table(table, precision=1))
