@@ -82,7 +82,7 @@ def main() -> None:
 
     def with_clean(adv_correct):
         out = x.clone()
-        out[correct] = adv_correct
+        out[correct] = adv_correct.detach()
         return out
 
     def ref_ce():
