@@ -62,6 +62,7 @@ def test_certify_cli_outputs_are_consistent(checkpoints, tmp_path):
     assert len(rows) == 12
     counts = json.loads((tmp_path / "cert" / "run_sigma0.25_counts.json").read_text())
     assert counts["n"] == 300 and len(counts["estimation"]) == 12
+    assert all(sum(c) == 20 for c in counts["selection"]) and all(sum(c) == 300 for c in counts["estimation"])
     # every Cohen radius is sigma * Phi^-1(one-sided CP lower bound) of the saved counts
     for row, sel, est in zip(rows, counts["selection"], counts["estimation"]):
         cand = int(np.argmax(sel))

@@ -72,10 +72,10 @@ def test_certify_radius_recomputed_from_counts():
     model = HalfSpace(w, b)
     n0, n, alpha = 64, 1000, 0.001
     pred, radius = Smooth(model, 2, sigma=0.5, seed=123).certify(x, n0, n, alpha, batch_size=300)
-    # replay the same noise: selection draws first, then estimation draws
-    replay = Smooth(model, 2, sigma=0.5, seed=123)
-    selection = replay.sample_counts(x, n0, 300)
-    estimation = replay.sample_counts(x, n, 300)
+    # replay the same noise: the first n0 draws select, the next n estimate
+    predictions = Smooth(model, 2, sigma=0.5, seed=123).sample_predictions(x, n0 + n, 300).numpy()
+    selection = np.bincount(predictions[:n0], minlength=2)
+    estimation = np.bincount(predictions[n0:], minlength=2)
     candidate = int(selection.argmax())
     p_lower = beta.ppf(alpha, estimation[candidate], n - estimation[candidate] + 1)
     assert pred == candidate == 1

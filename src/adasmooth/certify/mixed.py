@@ -120,8 +120,7 @@ def collect_counts(
             if device is not None:
                 x = x.to(device)
             start = time.perf_counter()
-            selection = smooth.sample_counts(x, n0, batch_size)
-            estimation = smooth.sample_counts(x, n, batch_size)
+            selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size)
             if std_model is not None:
                 with torch.no_grad():
                     logits = std_model(x.unsqueeze(0))[0]

@@ -79,12 +79,12 @@ class Smooth:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
-    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
-        """How often the base classifier outputs each class on ``num`` noisy copies of x: (num_classes,) int64."""
+    def sample_predictions(self, x: torch.Tensor, num: int, batch_size: int) -> torch.Tensor:
+        """The base classifier's class on ``num`` noisy copies of x, in draw order: (num,) int64 on x's device."""
         self._check_single(x)
         self._check_draws(num, batch_size, "num")
         gen = self._generator(x.device)
-        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        predictions = []
         remaining = num
         with torch.no_grad():
             while remaining > 0:
@@ -97,20 +97,34 @@ class Smooth:
                     raise ValueError(
                         f"base classifier returned shape {tuple(scores.shape)}; expected (N, {self.num_classes})"
                     )
-                counts += torch.bincount(scores.argmax(1), minlength=self.num_classes)
-        return counts.cpu().numpy()
+                predictions.append(scores.argmax(1))
+        return torch.cat(predictions)
+
+    def _bincount(self, predictions: torch.Tensor) -> np.ndarray:
+        return torch.bincount(predictions, minlength=self.num_classes).cpu().numpy()
+
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
+        """How often the base classifier outputs each class on ``num`` noisy copies of x: (num_classes,) int64."""
+        return self._bincount(self.sample_predictions(x, num, batch_size))
+
+    def selection_and_estimation_counts(
+        self, x: torch.Tensor, n0: int, n: int, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Counts over n0 selection draws and n independent estimation draws, sampled in one stream
+        (the first n0 draws select) so that small n0 batches cost no extra forward passes."""
+        self._check_draws(n0, batch_size, "n0")
+        self._check_draws(n, batch_size, "n")
+        predictions = self.sample_predictions(x, n0 + n, batch_size)
+        return self._bincount(predictions[:n0]), self._bincount(predictions[n0:])
 
     # ------------------------------------------------------------------ Cohen et al.'s algorithms
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
         """(prediction, l_2 radius); (-1, 0.0) on abstention. Sound with probability >= 1 - alpha."""
-        self._check_draws(n0, batch_size, "n0")
-        self._check_draws(n, batch_size, "n")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha (failure probability) must lie in (0, 1), got {alpha}")
-        selection = self.sample_counts(x, n0, batch_size)
+        selection, estimation = self.selection_and_estimation_counts(x, n0, n, batch_size)
         candidate = int(selection.argmax())
-        estimation = self.sample_counts(x, n, batch_size)
         p_lower = float(clopper_pearson_lower(int(estimation[candidate]), n, alpha))
         if p_lower < 0.5:
             return ABSTAIN, 0.0
