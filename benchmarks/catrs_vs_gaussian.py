@@ -59,9 +59,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def model_dir(args, out: Path) -> Path:
+    """Models and targets are reused only by runs with the same training setting."""
+    return out / "models" / f"{args.optimizer}-lr{args.lr:g}-n{args.n_train}-e{args.epochs}-b{args.batch_size}-t{args.target_samples}-seed{args.seed}"
+
+
 def train(method: str, sigma: float, args, out: Path, **extra) -> dict:
     """Train (or reuse) one model; returns its sidecar."""
-    path = out / "models" / f"{method}-{sigma}"
+    path = model_dir(args, out) / f"{method}-{sigma}"
     if checkpoint_paths(path)[0].is_file():
         return load_checkpoint(path)[1]
     cfg = TrainConfig(dataset="mnist", data_dir=str(data_dir()), arch="small-cnn", model_kwargs={"width": 16},
@@ -73,7 +78,7 @@ def train(method: str, sigma: float, args, out: Path, **extra) -> dict:
 
 
 def certify(method: str, sigma: float, args, out: Path, test) -> dict:
-    model, info = load_checkpoint(out / "models" / f"{method}-{sigma}")
+    model, info = load_checkpoint(model_dir(args, out) / f"{method}-{sigma}")
     smooth = Smooth(model, 10, float(info["sigma"]), seed=args.seed)
     start = time.time()
     rows = certify_dataset(smooth, test, args.n0, args.n, args.alpha, args.certify_batch,
@@ -122,15 +127,16 @@ def main(argv=None) -> int:
 
     for sigma in args.sigmas:
         gauss = train("gaussian", sigma, args, out)
-        targets = out / "models" / f"targets-{sigma}"
+        models = model_dir(args, out)
+        targets = models / f"targets-{sigma}"
         if not target_paths(targets)[0].is_file():
             start = time.time()
-            build_targets_for_dataset(out / "models" / f"gaussian-{sigma}", "mnist", targets, data_dir=str(data_dir()),
+            build_targets_for_dataset(models / f"gaussian-{sigma}", "mnist", targets, data_dir=str(data_dir()),
                                       samples=args.target_samples, n_train=args.n_train, seed=args.seed,
                                       batch_size=1000, device="cpu", progress=args.progress)
             target_seconds = time.time() - start
-            json.dump({"seconds": target_seconds}, open(out / "models" / f"targets-{sigma}.time.json", "w"))
-        target_seconds = json.load(open(out / "models" / f"targets-{sigma}.time.json"))["seconds"]
+            (models / f"targets-{sigma}.time.json").write_text(json.dumps({"seconds": target_seconds}))
+        target_seconds = json.loads((models / f"targets-{sigma}.time.json").read_text())["seconds"]
         catrs = train("cat-rs", sigma, args, out, catrs_confidence="cached", catrs_target="cached",
                       catrs_target_path=str(targets))
         for method, meta in (("gaussian", gauss), ("cat-rs", catrs)):
