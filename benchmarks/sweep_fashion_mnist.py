@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
 from common import CACHE, RESULTS, base_model, data_dir
 
 from adasmooth.checkpoint import checkpoint_paths
@@ -46,7 +47,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--wait-timeout", type=float, default=4 * 3600, help="seconds to wait for the base models")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: for this small CNN more threads mostly spin on a shared machine)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     for name in ("fmnist-std", "fmnist-pgd"):
         wait_for(name, args.wait_timeout)
@@ -60,6 +64,7 @@ def main() -> None:
     cfg.validate()
     print(f"Fashion-MNIST sweep: {len(data)} test examples, PGD-20 l_inf eps=0.1, {len(ALPHAS)} alphas, "
           f"variants {cfg.variants}")
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"g: {g_info['metrics']}\nh: {h_info['metrics']}")
 
     alpha_times: list[float] = []
