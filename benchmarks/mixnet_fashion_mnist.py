@@ -16,6 +16,7 @@ Writes benchmarks/results/mixnet_fashion_mnist/{results.json, mixnet*.safetensor
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def main() -> None:
     ap.add_argument("--wait-s", type=float, default=0, help="wait this long for the cached fmnist-pgd model")
     ap.add_argument("--allow-snapshot", action="store_true",
                     help="if fmnist-pgd is not cached yet, use its last finished epoch")
+    ap.add_argument("--range-width", type=float, default=None,
+                    help="also an adaptive row with alpha confined to (alpha_min, alpha_min + this), alpha_min "
+                         "calibrated to the same clean accuracy (paper App. D.1)")
+    ap.add_argument("--reuse", action="store_true", help="reuse a finished mixing network of an earlier run")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
@@ -126,7 +131,12 @@ def main() -> None:
         output=str(OUT / f"mixnet-{args.setting}"), progress=not args.no_progress,
     )
     t0 = time.time()
-    meta = train_mixnet(cfg, train_data=train, eval_data=test)
+    sidecar = Path(cfg.output + ".json")
+    if args.reuse and sidecar.is_file() and "metrics" in json.loads(sidecar.read_text()):
+        meta = json.loads(sidecar.read_text())
+        notes.append(f"mixing network reused from {cfg.output} (trained in an earlier run)")
+    else:
+        meta = train_mixnet(cfg, train_data=train, eval_data=test)
     train_s = time.time() - t0
     print(f"mixing network trained in {train_s:.0f} s: {meta['metrics']}")
 
@@ -143,8 +153,16 @@ def main() -> None:
 
     save_adaptive_classifier(model, cfg.output + "-calibrated", {"dataset": "fashion-mnist", "setting": args.setting,
                                                                  "calibration": cal})
-    models = {"g (standard)": g, "h (robust)": h, f"adaptive ({args.setting})": model,
-              f"fixed alpha={fixed['alpha']:.3f}": fixed_alpha_classifier(g, h, fixed["alpha"])}
+    models = {"g (standard)": g, "h (robust)": h, f"adaptive ({args.setting})": model}
+    ranged = None
+    if args.range_width is not None:
+        ranged_model, _ = load_adaptive_classifier(cfg.output)
+        ranged = calibrate_adaptive(ranged_model, calib, target, param="alpha_min", range_width=args.range_width)
+        lo = ranged["eval_head"]["alpha_min"]
+        print(f"adaptive with alpha in ({lo:.4f}, {lo + args.range_width:.4f}) -> {ranged['clean_acc']:.2f}%")
+        models[f"adaptive ({args.setting}) a in [{lo:.3f},{lo + args.range_width:.3f}]"] = ranged_model
+    fixed_name = f"fixed alpha={fixed['alpha']:.3f}"
+    models[fixed_name] = fixed_alpha_classifier(g, h, fixed["alpha"])
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     t0 = time.time()
     rows = report_table(models, evald, eps, "linf", settings, batch_size=250, seed=seed,
@@ -155,16 +173,20 @@ def main() -> None:
           f"(A gray-box PGD-20, B white-box PGD-20, C AutoAttack, D adaptive AutoAttack, "
           f"APGD {args.apgd_steps} steps, {args.n_target_classes} targets):")
     print(format_table(rows))
-    ad, fx = rows[2], rows[3]
-    for s in settings:
-        print(f"setting {s}: adaptive {ad[s]:.2f}% vs fixed {fx[s]:.2f}% "
-              f"(difference {ad[s] - fx[s]:+.2f} points; clean {ad['clean']:.2f}% vs {fx['clean']:.2f}%)")
-    results = {"rows": rows, "calibration": {"adaptive": cal, "fixed": fixed, "std_acc": acc_g, "rob_acc": acc_h,
+    fx = rows[-1]
+    for ad in rows[2:-1]:
+        for s in settings:
+            print(f"setting {s}: {ad['model']} {ad[s]:.2f}% vs fixed {fx[s]:.2f}% "
+                  f"(difference {ad[s] - fx[s]:+.2f} points; clean {ad['clean']:.2f}% vs {fx['clean']:.2f}%)")
+    results = {"rows": rows, "calibration": {"adaptive": cal, "adaptive_ranged": ranged, "fixed": fixed, "std_acc": acc_g, "rob_acc": acc_h,
                                              "target": target, "examples": len(calib)},
                "training": {"metrics": meta["metrics"], "history": meta["training"]["history"], "seconds": train_s},
                "eval_seconds": eval_s, "total_seconds": time.time() - t_start, "notes": notes,
                "std_checkpoint": std_path, "rob_checkpoint": rob_path, "std_metrics": std_info.get("metrics")}
-    path = write_result(OUT / ("results-quick.json" if args.quick else "results.json"), results, vars(args), seed)
+    name = "results-quick" if args.quick else "results"
+    if args.range_width is not None:
+        name += f"-range{args.range_width:g}"
+    path = write_result(OUT / f"{name}.json", results, vars(args), seed)
     print(f"wrote {path} ({time.time() - t_start:.0f} s in all)")
 
 
