@@ -71,3 +71,17 @@ def train_small_cnn(data, epochs: int = 8, seed: int = 0, width: int = 16) -> to
 def std_digits_model(digits_train):
     """Trained once per session; tests must not modify it (PGD leaves parameters untouched)."""
     return train_small_cnn(digits_train, seed=0)
+
+
+@pytest.fixture(scope="session")
+def robust_model():
+    """A PGD-trained digits CNN, trained once per session; attack tests must not modify it."""
+    from digits_models import train_digits_model
+
+    return train_digits_model(adversarial=True)
+
+
+@pytest.fixture(scope="session")
+def test_data():
+    data = load_dataset("digits", "test")
+    return data.x, data.y

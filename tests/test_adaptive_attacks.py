@@ -22,7 +22,7 @@ from adasmooth.data import load_dataset
 from adasmooth.evaluation import ATTACK_NAMES, evaluate_robustness, make_attack, report_rows
 from adasmooth.mixing import MixedClassifier, MixOutput, mix_logits
 
-from test_apgd import train_digits_model
+from digits_models import train_digits_model
 
 EPS = 0.1
 

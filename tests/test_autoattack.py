@@ -9,27 +9,11 @@ from torch import nn
 from adasmooth.attacks import APGD, APGDTargeted, run_autoattack
 from adasmooth.data import load_dataset
 
-from test_apgd import train_digits_model
+from digits_models import robust_count
 
 pyautoattack = pytest.importorskip("pyautoattack")
 
 EPS = 0.1
-
-
-@pytest.fixture(scope="module")
-def robust_model():
-    return train_digits_model(adversarial=True)
-
-
-@pytest.fixture(scope="module")
-def test_data():
-    data = load_dataset("digits", "test")
-    return data.x, data.y
-
-
-def robust_count(model, x_adv, y) -> int:
-    with torch.no_grad():
-        return int((model(x_adv).argmax(1) == y).sum())
 
 
 def reference(model, x, y, attack: str, seed: int, n_targets: int = 9):

@@ -9,7 +9,7 @@ import pytest
 from adasmooth.checkpoint import save_checkpoint
 from adasmooth.cli import main
 
-from test_apgd import train_digits_model
+from digits_models import train_digits_model
 
 
 @pytest.fixture(scope="module")
