@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Norm, check_attack_args, make_generator, per_sample
+from .base import Norm, check_attack_args, make_generator, normalized_step, per_sample, project
 from .losses import (
     AttackLoss,
     ce_loss,
@@ -182,19 +182,10 @@ class APGD:
         return (x + eps * t).clamp(0, 1)
 
     def _project(self, x_new, x, eps):
-        delta = x_new - x
-        if self.norm == "linf":
-            delta = torch.maximum(torch.minimum(delta, eps), -eps)
-        else:
-            norms = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
-            delta = delta * torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
-        return (x + delta).clamp(0, 1)
+        return (x + project(x_new - x, eps, self.norm)).clamp(0, 1)
 
     def _direction(self, grad):
-        if self.norm == "linf":
-            return grad.sign()
-        norms = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
-        return grad / (norms + 1e-12)
+        return normalized_step(grad, self.norm)
 
     # ------------------------------------------------------------------ one run
 
