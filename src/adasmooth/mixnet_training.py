@@ -36,7 +36,7 @@ from .mixnet import (
     build_adaptive_classifier,
     save_adaptive_classifier,
 )
-from .training import resolve_device, seed_everything
+from .training import clean_accuracy, resolve_device, seed_everything
 
 __all__ = [
     "MixnetTrainConfig",
@@ -501,17 +501,6 @@ def _quick_eval(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrainC
 
 
 # ---------------------------------------------------------------------------- calibration
-
-
-@torch.no_grad()
-def clean_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, device=None) -> float:
-    """Clean accuracy (%) of a model in eval mode."""
-    model.eval()
-    device = device or next(model.parameters()).device
-    correct = 0
-    for x, y in data.batches(batch_size):
-        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
-    return 100.0 * correct / len(data)
 
 
 @torch.no_grad()

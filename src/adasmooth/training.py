@@ -30,6 +30,7 @@ __all__ = [
     "register_method",
     "train_base",
     "evaluate_accuracy",
+    "clean_accuracy",
     "resolve_device",
     "seed_everything",
 ]
@@ -227,7 +228,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, data: Dataset, batch_size: int, device) -> float:
+def clean_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, device=None) -> float:
+    """Clean accuracy (%) of a model, put in eval mode; ``device`` defaults to the model's."""
+    model.eval()
+    device = device or next(model.parameters()).device
     correct = 0
     for x, y in data.batches(batch_size):
         correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
@@ -246,7 +250,7 @@ def evaluate_accuracy(
 ) -> dict[str, float]:
     """Clean and PGD-``pgd_steps`` accuracy (%) of a model in eval mode."""
     model.eval()
-    clean = _accuracy(model, data, batch_size, device)
+    clean = clean_accuracy(model, data, batch_size, device)
     attack = PGD(model, eps, norm, pgd_steps, 2.5 * eps / pgd_steps, seed=seed)
     correct = 0
     for x, y in data.batches(batch_size):
