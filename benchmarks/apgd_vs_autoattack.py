@@ -22,8 +22,8 @@ import torch
 from common import CACHE, RESULTS, base_model, data_dir
 
 from adasmooth.attacks import APGD, APGDTargeted
-from adasmooth.data import load_dataset
-from adasmooth.reporting import format_table, write_result
+from adasmooth.data.base import load_dataset
+from adasmooth.core.io import format_table, write_result
 
 OUT = RESULTS / "apgd_vs_autoattack"
 

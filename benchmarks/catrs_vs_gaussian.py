@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from scipy.stats import norm
 
-from adasmooth.catrs import build_targets_for_dataset, target_paths
+from adasmooth.train.catrs import build_targets_for_dataset, target_paths
 from adasmooth.certify import Smooth, certified_accuracy, certify_dataset
-from adasmooth.checkpoint import checkpoint_paths, load_checkpoint
-from adasmooth.data import load_dataset
-from adasmooth.reporting import format_table, write_result
-from adasmooth.training import TrainConfig, train_base
+from adasmooth.models.checkpoint import checkpoint_paths, load_checkpoint
+from adasmooth.data.base import load_dataset
+from adasmooth.core.io import format_table, write_result
+from adasmooth.train.loop import TrainConfig, train_base
 from common import RESULTS, data_dir
 
 OUT = RESULTS / "catrs_vs_gaussian"

@@ -22,9 +22,9 @@ import torch
 
 from common import CACHE, RESULTS, base_model, data_dir
 from adasmooth.certify.report import certify_smoothed_models, summary_rows
-from adasmooth.checkpoint import checkpoint_paths
-from adasmooth.data import load_dataset
-from adasmooth.reporting import format_table, write_result
+from adasmooth.models.checkpoint import checkpoint_paths
+from adasmooth.data.base import load_dataset
+from adasmooth.core.io import format_table, write_result
 
 OUT = RESULTS / "certify_mnist"
 MODELS = {0.25: "mnist-gauss-0.25", 0.5: "mnist-gauss-0.5"}

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from adasmooth.checkpoint import checkpoint_paths, load_checkpoint
-from adasmooth.training import TrainConfig, train_base
+from adasmooth.models.checkpoint import checkpoint_paths, load_checkpoint
+from adasmooth.train.loop import TrainConfig, train_base
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from adasmooth.checkpoint import checkpoint_paths, save_checkpoint
-from adasmooth.data import DATASET_STATS, Dataset, load_dataset
-from adasmooth.mixnet import load_adaptive_classifier
-from adasmooth.mixnet_training import (
+from adasmooth.models.checkpoint import checkpoint_paths, save_checkpoint
+from adasmooth.data.base import DATASET_STATS, Dataset, load_dataset
+from adasmooth.mixing.adaptive import load_adaptive_classifier
+from adasmooth.train.mixnet import (
     MixnetTrainConfig,
     calibrate_adaptive,
     calibrate_fixed_alpha,
@@ -39,8 +39,8 @@ from adasmooth.mixnet_training import (
     report_table,
     train_mixnet,
 )
-from adasmooth.models import create_model
-from adasmooth.reporting import format_table, write_result
+from adasmooth.models.base import create_model
+from adasmooth.core.io import format_table, write_result
 
 import common
 
@@ -154,7 +154,7 @@ def main() -> None:
     print(f"calibration on {len(calib)} test examples 5000..: g {acc_g:.2f}%, h {acc_h:.2f}%, target {target:.2f}%; "
           f"adaptive shift {cal['value']:.3f} -> {cal['clean_acc']:.2f}%, fixed alpha {fixed['alpha']:.4f} -> "
           f"{fixed['clean_acc']:.2f}%")
-    from adasmooth.mixnet import save_adaptive_classifier
+    from adasmooth.mixing.adaptive import save_adaptive_classifier
 
     save_adaptive_classifier(model, cfg.output + "-calibrated", {"dataset": "fashion-mnist", "setting": args.setting,
                                                                  "calibration": cal})

@@ -18,11 +18,11 @@ import time
 import torch
 from common import CACHE, RESULTS, base_model, data_dir
 
-from adasmooth.checkpoint import checkpoint_paths
+from adasmooth.models.checkpoint import checkpoint_paths
 from adasmooth.cli.sweep import write_outputs
-from adasmooth.data import load_dataset
-from adasmooth.reporting import format_table
-from adasmooth.sweep import SweepConfig, alpha_sweep
+from adasmooth.data.base import load_dataset
+from adasmooth.core.io import format_table
+from adasmooth.evaluate.sweep import SweepConfig, alpha_sweep
 
 OUT = RESULTS / "sweep_fashion_mnist"
 ALPHAS = sorted({round(0.1 * i, 10) for i in range(11)} | {0.45, 0.55})

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adasmooth.data import DATASET_STATS, load_dataset
-from adasmooth.models import create_model
+from adasmooth.data.base import DATASET_STATS, load_dataset
+from adasmooth.models.base import create_model
 
 
 def pytest_configure(config):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adasmooth.attacks import PGD
-from adasmooth.data import DATASET_STATS, load_dataset
-from adasmooth.models import create_model
+from adasmooth.data.base import DATASET_STATS, load_dataset
+from adasmooth.models.base import create_model
 
 EPS = 0.1
 

@@ -18,9 +18,9 @@ from adasmooth.attacks import (
     alpha_bce_loss,
     differentiable_surrogate,
 )
-from adasmooth.data import load_dataset
-from adasmooth.evaluation import ATTACK_NAMES, evaluate_robustness, make_attack, report_rows
-from adasmooth.mixing import MixedClassifier, MixOutput, mix_logits
+from adasmooth.data.base import load_dataset
+from adasmooth.evaluate.robustness import ATTACK_NAMES, evaluate_robustness, make_attack, report_rows
+from adasmooth.mixing.fixed import MixedClassifier, MixOutput, mix_logits
 
 from digits_models import train_digits_model
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from adasmooth.attacks import APGD, APGDTargeted, run_autoattack
-from adasmooth.data import load_dataset
+from adasmooth.data.base import load_dataset
 
 from digits_models import robust_count
 

@@ -1,4 +1,4 @@
-"""CAT-RS (adasmooth.catrs) and the gaussian training method: maths against hand-derived values."""
+"""CAT-RS (adasmooth.train.catrs) and the gaussian training method: maths against hand-derived values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adasmooth.catrs import (
+from adasmooth.train.catrs import (
     bottom_k_mask,
     catrs_loss,
     default_lambda,
@@ -29,11 +29,11 @@ from adasmooth.catrs import (
     save_smoothed_targets,
     smoothed_targets,
 )
-from adasmooth.checkpoint import load_checkpoint
-from adasmooth.config import ConfigError, from_mapping
-from adasmooth.data import load_dataset
-from adasmooth.models import create_model
-from adasmooth.training import TRAINING_METHODS, TrainConfig, TrainContext, train_base
+from adasmooth.models.checkpoint import load_checkpoint
+from adasmooth.core.config import ConfigError, from_mapping
+from adasmooth.data.base import load_dataset
+from adasmooth.models.base import create_model
+from adasmooth.train.loop import TRAINING_METHODS, TrainConfig, TrainContext, train_base
 
 
 @pytest.fixture(autouse=True)
@@ -396,7 +396,7 @@ def test_bad_options_give_clear_errors(tmp_path):
 
 
 def test_build_targets_command_reads_sigma_from_checkpoint(tmp_path):
-    from adasmooth.catrs import main
+    from adasmooth.train.catrs import main
 
     cfg = TrainConfig(dataset="digits", method="gaussian", sigma=0.5, epochs=1, batch_size=32, n_train=64,
                       eval_examples=8, eval_pgd_steps=1, model_kwargs={"width": 4, "hidden": 16},

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from scipy.stats import beta, norm
 
 from adasmooth.certify import certified_accuracy, rs_radius
-from adasmooth.checkpoint import save_checkpoint
+from adasmooth.models.checkpoint import save_checkpoint
 from adasmooth.cli import main
-from adasmooth.data import DATASET_STATS, load_dataset
-from adasmooth.models import create_model
+from adasmooth.data.base import DATASET_STATS, load_dataset
+from adasmooth.models.base import create_model
 
 
 def _train(sigma: float, seed: int, steps: int = 150):

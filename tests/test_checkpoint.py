@@ -9,14 +9,14 @@ import pickle
 import pytest
 import torch
 
-from adasmooth.checkpoint import (
+from adasmooth.models.checkpoint import (
     checkpoint_paths,
     load_checkpoint,
     load_foreign_state_dict,
     read_sidecar,
     save_checkpoint,
 )
-from adasmooth.models import create_model
+from adasmooth.models.base import create_model
 
 META = {
     "dataset": "cifar10",

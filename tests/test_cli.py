@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from adasmooth.checkpoint import read_sidecar, save_checkpoint
+from adasmooth.models.checkpoint import read_sidecar, save_checkpoint
 from adasmooth.cli import main
-from adasmooth.models import create_model
+from adasmooth.models.base import create_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPS = 0.2

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from adasmooth.config import ConfigError, from_mapping, load_config_file, merge_cli
-from adasmooth.reporting import format_table, to_jsonable, write_csv, write_result
-from adasmooth.training import TrainConfig
+from adasmooth.core.config import ConfigError, from_mapping, load_config_file, merge_cli
+from adasmooth.core.io import format_table, to_jsonable, write_csv, write_result
+from adasmooth.train.loop import TrainConfig
 
 
 @dataclass
@@ -129,7 +129,7 @@ def test_train_config_validation():
             from_mapping(TrainConfig, bad)
 
 
-# ------------------------------------------------------------------ result files (adasmooth.reporting)
+# ------------------------------------------------------------------ result files (adasmooth.core.io)
 
 
 def test_write_result_is_strict_json_with_provenance(tmp_path):

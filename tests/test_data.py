@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from adasmooth.data import DATASET_STATS, DataError, load_dataset
+from adasmooth.data.base import DATASET_STATS, DataError, load_dataset
 
 # ------------------------------------------------------------------ digits
 

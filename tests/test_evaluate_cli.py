@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adasmooth.checkpoint import save_checkpoint
+from adasmooth.models.checkpoint import save_checkpoint
 from adasmooth.cli import main
 
 from digits_models import train_digits_model

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from adasmooth.analysis import (
+from adasmooth.evaluate.analysis import (
     attack_for_gap,
     autoattack_mode,
     confidence_gap,
@@ -25,7 +25,7 @@ from adasmooth.analysis import (
 from adasmooth.attacks import PGD
 from adasmooth.certify import lipschitz_radius
 from adasmooth.certify.lipschitz import estimate_local_lipschitz, estimated_radius
-from adasmooth.mixing import MixedClassifier
+from adasmooth.mixing.fixed import MixedClassifier
 
 
 class Linear(nn.Module):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adasmooth.mixing import MixedClassifier, MixedModel, MixOutput, dual_norm, mix_log_probs, mix_logits
-from adasmooth.models import create_model
+from adasmooth.mixing.fixed import MixedClassifier, MixedModel, MixOutput, dual_norm, mix_log_probs, mix_logits
+from adasmooth.models.base import create_model
 
 
 def np_softmax(z):

@@ -1,4 +1,4 @@
-"""The mixing network, feature taps and the adaptive mixed classifier (adasmooth.mixnet)."""
+"""The mixing network, feature taps and the adaptive mixed classifier (adasmooth.mixing.adaptive)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adasmooth.checkpoint import save_checkpoint
-from adasmooth.mixnet import (
+from adasmooth.models.checkpoint import save_checkpoint
+from adasmooth.mixing.adaptive import (
     SMALL_WIDTHS,
     AdaptiveMixedClassifier,
     FeatureTaps,
@@ -20,7 +20,7 @@ from adasmooth.mixnet import (
     ranged_alpha,
     save_adaptive_classifier,
 )
-from adasmooth.models import create_model, default_taps
+from adasmooth.models.base import create_model, default_taps
 
 # (registry name, kwargs, input shape, expected (first tap, second tap) shapes without the batch)
 ARCHS = [

@@ -1,4 +1,4 @@
-"""Training the mixing network, its loss, calibration (adasmooth.mixnet_training)."""
+"""Training the mixing network, its loss, calibration (adasmooth.train.mixnet)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from adasmooth.attacks import PGD
-from adasmooth.checkpoint import load_checkpoint, save_checkpoint
-from adasmooth.config import ConfigError, from_mapping
-from adasmooth.data import DATASET_STATS, Dataset, load_dataset
-from adasmooth.mixnet import build_adaptive_classifier, load_adaptive_classifier
-from adasmooth.mixnet_training import (
+from adasmooth.models.checkpoint import load_checkpoint, save_checkpoint
+from adasmooth.core.config import ConfigError, from_mapping
+from adasmooth.data.base import DATASET_STATS, Dataset, load_dataset
+from adasmooth.mixing.adaptive import build_adaptive_classifier, load_adaptive_classifier
+from adasmooth.train.mixnet import (
     MixnetTrainConfig,
     _bisect_decreasing,
     attack_loss,
@@ -26,8 +26,8 @@ from adasmooth.mixnet_training import (
     random_attack_budget,
     train_mixnet,
 )
-from adasmooth.models import create_model
-from adasmooth.training import TrainConfig, train_base
+from adasmooth.models.base import create_model
+from adasmooth.train.loop import TrainConfig, train_base
 
 
 def _ce(logits, y):
@@ -137,7 +137,7 @@ def test_short_training_lowers_the_loss_and_leaves_bases_untouched(digits_bases,
     h, _ = load_checkpoint(digits_bases / "h")
     x, x_adv, y = _fixed_eval_set(h)
     torch.manual_seed(0)
-    from adasmooth.mixnet_training import build_from_config
+    from adasmooth.train.mixnet import build_from_config
 
     fresh = build_from_config(cfg, (1, 8, 8), torch.device("cpu"))
     loss_before = _eval_composite(fresh, x, x_adv, y)
@@ -156,7 +156,7 @@ def test_short_training_lowers_the_loss_and_leaves_bases_untouched(digits_bases,
 
 
 def test_training_resumes_from_the_epoch_checkpoint(digits_bases, tmp_path, monkeypatch):
-    import adasmooth.mixnet_training as mt
+    import adasmooth.train.mixnet as mt
 
     base = dict(std_checkpoint=str(digits_bases / "g"), rob_checkpoint=str(digits_bases / "h"), dataset="digits",
                 widths=[4, 4, 4], blocks=[1, 1, 1], setting="B", eps=0.2, attack_steps=2, batch_size=32,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adasmooth.models import Normalize, create_model, default_taps, list_models
+from adasmooth.models.base import Normalize, create_model, default_taps, list_models
 
 # (registry name, kwargs that keep it small, input shape (C, H, W))
 ARCHS = [

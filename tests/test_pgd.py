@@ -10,7 +10,7 @@ from torch import nn
 
 from adasmooth.attacks import PGD, check_logits, dlr_from_logits, margin_from_logits, project
 from adasmooth.attacks.base import normalized_step, per_sample, random_init
-from adasmooth.mixing import MixedClassifier
+from adasmooth.mixing.fixed import MixedClassifier
 
 from conftest import train_small_cnn
 

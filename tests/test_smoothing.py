@@ -182,7 +182,7 @@ from adasmooth.certify.mixed import (  # noqa: E402
     mixed_certificates,
     pareto_frontier,
 )
-from adasmooth.mixing import MixedClassifier  # noqa: E402
+from adasmooth.mixing.fixed import MixedClassifier  # noqa: E402
 
 
 def _hand_counts():

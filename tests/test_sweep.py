@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adasmooth.sweep as sweep_mod
-from adasmooth.config import ConfigError, from_mapping
-from adasmooth.data import load_dataset
-from adasmooth.mixing import MixedClassifier
-from adasmooth.sweep import VARIANTS, SweepConfig, alpha_sweep, craft_adversarial, variant_classifier
-from adasmooth.training import TrainConfig, train_base
+import adasmooth.evaluate.sweep as sweep_mod
+from adasmooth.core.config import ConfigError, from_mapping
+from adasmooth.data.base import load_dataset
+from adasmooth.mixing.fixed import MixedClassifier
+from adasmooth.evaluate.sweep import VARIANTS, SweepConfig, alpha_sweep, craft_adversarial, variant_classifier
+from adasmooth.train.loop import TrainConfig, train_base
 
 EPS = 0.2
 STEPS = 5
@@ -24,7 +24,7 @@ def models(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep-models")
     common = dict(dataset="digits", model_kwargs={"width": 8}, eps=EPS, attack_steps=3, epochs=3, batch_size=64,
                   lr=0.05, eval_examples=20, eval_pgd_steps=2, progress=False, resume=False)
-    from adasmooth.checkpoint import load_checkpoint
+    from adasmooth.models.checkpoint import load_checkpoint
 
     train_base(TrainConfig(method="standard", output=str(out / "std"), **common))
     train_base(TrainConfig(method="pgd", output=str(out / "rob"), **common))
@@ -160,7 +160,7 @@ def test_bad_input_is_refused(models, data):
 
 
 def test_plots_write_valid_pngs(full_sweep, tmp_path):
-    from adasmooth.plots import plot_accuracy_vs_alpha, plot_tradeoff
+    from adasmooth.evaluate.plots import plot_accuracy_vs_alpha, plot_tradeoff
 
     a = plot_accuracy_vs_alpha(full_sweep.rows, full_sweep.reference, tmp_path / "a.png")
     b = plot_tradeoff(full_sweep.rows, tmp_path / "b.png", full_sweep.reference)

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from adasmooth.attacks import PGD
-from adasmooth.checkpoint import load_checkpoint
-from adasmooth.training import (
+from adasmooth.models.checkpoint import load_checkpoint
+from adasmooth.train.loop import (
     TRAINING_METHODS,
     TrainConfig,
     evaluate_accuracy,
-    resolve_device,
-    seed_everything,
     train_base,
 )
+from adasmooth.core.runtime import resolve_device, seed_everything
 
 FAST = dict(dataset="digits", arch="small-cnn", model_kwargs={"width": 8, "hidden": 32}, optimizer="adam",
             lr=3e-3, weight_decay=0.0, batch_size=64, eps=0.1, eval_examples=None, eval_pgd_steps=10,
@@ -82,7 +81,7 @@ def test_trades_runs_and_is_robust(tmp_path, runs):
 @pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 0.1)])
 def test_trades_adversarial_input_stays_in_the_ball(digits_train, norm, eps):
     """The point TRADES trains on lies within eps of the clean input, for l_2 as well as l_inf."""
-    from adasmooth.models import create_model
+    from adasmooth.models.base import create_model
 
     torch.manual_seed(0)
     inner = create_model("small-cnn", 10, 1, width=4, hidden=16)

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import merge_cli
+from ..core.config import merge_cli
 from .common import add_common, add_data, add_threat, cli_values, parse_floats
 
 
@@ -85,11 +85,11 @@ def _fmt_gap_rows(rows):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
-    from ..checkpoint import load_checkpoint
+    from ..evaluate.analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
+    from ..models.checkpoint import load_checkpoint
     from ..data import load_dataset
-    from ..reporting import format_table, write_result
-    from ..training import resolve_device, seed_everything
+    from ..core.io import format_table, write_result
+    from ..core.runtime import resolve_device, seed_everything
 
     keys = [f.name for f in dataclasses.fields(AnalyzeConfig)]
     cfg = merge_cli(AnalyzeConfig, args.config, cli_values(args, keys))

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import merge_cli
+from ..core.config import merge_cli
 from .common import add_common, add_data, add_threat, cli_values, parse_floats
 
 
@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mixnet_training import CalibrateConfig, run_calibration
-    from ..reporting import format_table, write_result
+    from ..train.mixnet import CalibrateConfig, run_calibration
+    from ..core.io import format_table, write_result
 
     keys = [f.name for f in dataclasses.fields(CalibrateConfig)]
     values = cli_values(args, keys)

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import merge_cli
+from ..core.config import merge_cli
 from .common import add_common, add_data, cli_values, parse_floats
 
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
@@ -94,10 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..certify.report import certify_smoothed_models, summary_rows
-    from ..checkpoint import load_checkpoint, read_sidecar
+    from ..models.checkpoint import load_checkpoint, read_sidecar
     from ..data import load_dataset
-    from ..reporting import format_table, write_result
-    from ..training import resolve_device, seed_everything
+    from ..core.io import format_table, write_result
+    from ..core.runtime import resolve_device, seed_everything
 
     keys = [f.name for f in dataclasses.fields(CertifyConfig)]
     cfg = merge_cli(CertifyConfig, args.config, cli_values(args, keys))

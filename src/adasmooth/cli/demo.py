@@ -75,7 +75,7 @@ class DemoConfig:
         )
 
     def sweep_config(self):
-        from ..sweep import SweepConfig
+        from ..evaluate.sweep import SweepConfig
 
         out = Path(self.output)
         return SweepConfig(std=str(out / "std"), rob=str(out / "rob"), dataset=self.dataset, data_dir=self.data_dir,
@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import merge_cli
+    from ..core.config import merge_cli
 
     keys = [f.name for f in dataclasses.fields(DemoConfig)]
     cfg = merge_cli(DemoConfig, args.config, cli_values(args, keys)).resolved()
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_demo(cfg: DemoConfig) -> None:
     from ..data import load_dataset
-    from ..training import TrainConfig, train_base
+    from ..train.loop import TrainConfig, train_base
     from .sweep import load_pair, run_sweep
 
     t0 = time.time()

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import merge_cli
+from ..core.config import merge_cli
 from .common import add_common, add_data, add_threat, cli_values
 
 
@@ -43,7 +43,7 @@ class EvaluateConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from ..evaluation import ATTACK_NAMES
+        from ..evaluate.robustness import ATTACK_NAMES
 
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
@@ -78,7 +78,7 @@ def _attack_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluation import ATTACK_DESCRIPTIONS
+    from ..evaluate.robustness import ATTACK_DESCRIPTIONS
 
     add_common(p, output_default="runs/evaluate.json")
     add_data(p)
@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(cfg: EvaluateConfig, device):
-    from ..checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
     from ..mixing import MixedClassifier
 
     if cfg.model is not None:
@@ -113,7 +113,7 @@ def _load_model(cfg: EvaluateConfig, device):
     rob = load_checkpoint(cfg.rob, device)[0] if cfg.rob else None
     if cfg.mixnet is not None:
         try:
-            from ..mixnet import load_adaptive_classifier
+            from ..mixing.adaptive import load_adaptive_classifier
         except ImportError as err:
             raise ValueError(f"--mixnet needs adasmooth.mixnet.load_adaptive_classifier, which is unavailable: {err}")
         loaded = load_adaptive_classifier(cfg.mixnet, std, rob, device=device)
@@ -125,8 +125,8 @@ def _load_model(cfg: EvaluateConfig, device):
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
-    from ..evaluation import evaluate_robustness, format_report, write_report
-    from ..training import resolve_device, seed_everything
+    from ..evaluate.robustness import evaluate_robustness, format_report, write_report
+    from ..core.runtime import resolve_device, seed_everything
 
     keys = [f.name for f in dataclasses.fields(EvaluateConfig)]
     cfg = merge_cli(EvaluateConfig, args.config, cli_values(args, keys))

@@ -43,7 +43,7 @@ def _training_value(info: dict[str, Any], key: str) -> Any:
 
 def load_pair(std_path: str, rob_path: str, device) -> tuple[Any, dict, Any, dict]:
     """Both checkpoints, after checking that they can be mixed."""
-    from ..checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
 
     g, g_info = load_checkpoint(std_path, device)
     h, h_info = load_checkpoint(rob_path, device)
@@ -60,9 +60,9 @@ def load_pair(std_path: str, rob_path: str, device) -> tuple[Any, dict, Any, dic
 def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str | None = None,
                   plots: bool = True) -> dict[str, Path]:
     """JSON (with config, seed, provenance), CSV and (with ``plots``) the two plots of a sweep."""
-    from ..plots import plot_accuracy_vs_alpha, plot_tradeoff
-    from ..reporting import write_csv, write_result
-    from ..sweep import VARIANTS
+    from ..evaluate.plots import plot_accuracy_vs_alpha, plot_tradeoff
+    from ..core.io import write_csv, write_result
+    from ..evaluate.sweep import VARIANTS
 
     payload = {"rows": result.rows, "reference": result.reference, "n_examples": result.n_examples}
     if progress_note:
@@ -84,9 +84,9 @@ def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str |
 def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[str, Path]]:
     """Load what ``cfg`` names (unless given), sweep, write outputs after every alpha; print the table."""
     from ..data import load_dataset
-    from ..reporting import format_table
-    from ..sweep import alpha_sweep
-    from ..training import resolve_device, seed_everything
+    from ..core.io import format_table
+    from ..evaluate.sweep import alpha_sweep
+    from ..core.runtime import resolve_device, seed_everything
 
     device = resolve_device(cfg.device)
     if g is None or h is None:
@@ -129,8 +129,8 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import merge_cli
-    from ..sweep import SweepConfig
+    from ..core.config import merge_cli
+    from ..evaluate.sweep import SweepConfig
 
     keys = [f.name for f in dataclasses.fields(SweepConfig)]
     cfg = merge_cli(SweepConfig, args.config, cli_values(args, keys))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..config import merge_cli
+from ..core.config import merge_cli
 from .common import add_common, add_data, add_threat, cli_values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..training import TRAINING_METHODS, TrainConfig  # noqa: F401  (registers methods)
+    from ..train.loop import TRAINING_METHODS, TrainConfig  # noqa: F401  (registers methods)
 
     add_common(p, output_default="runs/model")
     add_data(p)
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TrainConfig, train_base
+    from ..train.loop import TrainConfig, train_base
 
     keys = [f.name for f in dataclasses.fields(TrainConfig)]
     cfg = merge_cli(TrainConfig, args.config, cli_values(args, keys))

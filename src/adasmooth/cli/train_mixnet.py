@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..config import merge_cli
+from ..core.config import merge_cli
 from .common import add_common, add_data, add_threat, cli_values
 
 
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mixnet_training import MixnetTrainConfig, train_mixnet
+    from ..train.mixnet import MixnetTrainConfig, train_mixnet
 
     keys = [f.name for f in dataclasses.fields(MixnetTrainConfig)]
     cfg = merge_cli(MixnetTrainConfig, args.config, cli_values(args, keys))

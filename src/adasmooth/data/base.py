@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import DataError
+
 __all__ = ["Dataset", "DataError", "DATASETS", "DATASET_STATS", "load_dataset", "default_data_dir"]
 
 
-class DataError(FileNotFoundError):
-    """A data file is missing or corrupt; the message names the file and where it was looked for."""
 
 
 @dataclass

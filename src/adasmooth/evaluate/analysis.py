@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import PGD
-from .certify.lipschitz import estimate_local_lipschitz, estimated_radius
+from ..attacks import PGD
+from ..certify.lipschitz import estimate_local_lipschitz, estimated_radius
 
 __all__ = [
     "SETTINGS",
@@ -82,7 +82,7 @@ def _label_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _minimum_margin_apgd():
     """(APGD, APGDTargeted or None) when the attacks module offers a minimum-margin mode, else None."""
     try:
-        from .attacks import apgd as apgd_module
+        from ..attacks import apgd as apgd_module
     except ImportError:
         return None
     apgd = getattr(apgd_module, "APGD", None)
@@ -208,7 +208,7 @@ def lipschitz_analysis(
         lips.append(est.lipschitz)
         probs.append(est.probs)
         preds.append(est.predicted)
-    from .certify.lipschitz import LocalLipschitz
+    from ..certify.lipschitz import LocalLipschitz
 
     est = LocalLipschitz(torch.cat(lips), torch.cat(probs), torch.cat(preds), float(eps), norm)
     correct = (est.predicted == y.to(est.predicted.device))

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import checkpoint_paths, load_checkpoint
-from .mixing import MixOutput, mix_logits
-from .models import default_taps
-from .reporting import provenance
+from ..models.checkpoint import checkpoint_paths, load_checkpoint
+from . import MixOutput, mix_logits
+from ..models import default_taps
+from ..core.io import provenance
 
 __all__ = [
     "FeatureTaps",

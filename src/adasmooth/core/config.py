@@ -15,13 +15,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "from_mapping", "load_config_file", "merge_cli"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    pass
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models import ModelSpec, create_model
-from .reporting import provenance
+from . import ModelSpec, create_model
+from ..core.io import provenance
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_sidecar", "load_foreign_state_dict", "checkpoint_paths"]
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import PGD
-from .data import DATASETS, Dataset
-from .mixing import MixedClassifier
+from ..attacks import PGD
+from ..data import DATASETS, Dataset
+from ..mixing import MixedClassifier
 
 __all__ = ["VARIANTS", "SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier"]
 

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import PGD
-from .attacks.base import per_sample, project
-from .checkpoint import checkpoint_paths, save_checkpoint
-from .data import DATASET_STATS, Dataset, load_dataset
-from .models import create_model
+from ..attacks import PGD
+from ..attacks.base import per_sample, project
+from ..core.runtime import resolve_device, seed_everything
+from ..models.checkpoint import checkpoint_paths, save_checkpoint
+from ..data import DATASET_STATS, Dataset, load_dataset
+from ..models import create_model
 
 __all__ = [
     "TrainConfig",
@@ -31,8 +32,6 @@ __all__ = [
     "train_base",
     "evaluate_accuracy",
     "clean_accuracy",
-    "resolve_device",
-    "seed_everything",
 ]
 
 
@@ -203,28 +202,6 @@ def _gaussian_loss(model, batch, cfg, ctx):
     """Cohen et al. 2019: cross-entropy on x + N(0, sigma^2), noise in [0, 1] pixel space."""
     x, y, _ = batch
     return F.cross_entropy(model(x + cfg.sigma * torch.randn_like(x)), y)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return dev
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks.adaptive import (
+from ..attacks.adaptive import (
     DetachedAlpha,
     LogitsOnly,
     adaptive_alpha_loss,
@@ -33,12 +33,12 @@ from .attacks.adaptive import (
     differentiable_surrogate,
     is_mixed_model,
 )
-from .attacks.apgd import APGD, APGDTargeted
-from .attacks.autoattack import AutoAttackAttack
-from .attacks.base import check_attack_args
-from .attacks.losses import check_logits
-from .attacks.pgd import PGD
-from .reporting import format_table, write_result
+from ..attacks.apgd import APGD, APGDTargeted
+from ..attacks.autoattack import AutoAttackAttack
+from ..attacks.base import check_attack_args
+from ..attacks.losses import check_logits
+from ..attacks.pgd import PGD
+from ..core.io import format_table, write_result
 
 __all__ = [
     "ATTACK_NAMES",

@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .reporting import provenance
-from .training import TrainConfig, TrainContext, register_method
+from ..core.io import provenance
+from .loop import TrainConfig, TrainContext, register_method
 
 __all__ = [
     "CONFIDENCE_MODES",
@@ -500,9 +500,9 @@ def build_targets_for_dataset(
     train_data=None,
 ) -> Path:
     """Load a checkpoint and a training set (as train-base would), cache its smoothed targets."""
-    from .checkpoint import load_checkpoint
-    from .data import load_dataset
-    from .training import resolve_device
+    from ..models.checkpoint import load_checkpoint
+    from ..data import load_dataset
+    from ..core.runtime import resolve_device
 
     dev = resolve_device(device)
     model, info = load_checkpoint(checkpoint, dev)

@@ -26,17 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import PGD
-from .checkpoint import checkpoint_paths, load_checkpoint
-from .data import Dataset, load_dataset
-from .mixing import MixedClassifier, mix_logits
-from .mixnet import (
+from ..attacks import PGD
+from ..models.checkpoint import checkpoint_paths, load_checkpoint
+from ..data import Dataset, load_dataset
+from ..mixing import MixedClassifier, mix_logits
+from ..mixing.adaptive import (
     AdaptiveMixedClassifier,
     ranged_alpha,
     build_adaptive_classifier,
     save_adaptive_classifier,
 )
-from .training import clean_accuracy, resolve_device, seed_everything
+from ..core.runtime import resolve_device, seed_everything
+from .loop import clean_accuracy
 
 __all__ = [
     "MixnetTrainConfig",
@@ -173,8 +174,8 @@ class MixnetTrainConfig:
 
 def _apgd_available() -> bool:
     try:
-        from .attacks import APGD, APGDTargeted  # noqa: F401
-        from .attacks.adaptive import adaptive_alpha_loss  # noqa: F401
+        from ..attacks import APGD, APGDTargeted  # noqa: F401
+        from ..attacks.adaptive import adaptive_alpha_loss  # noqa: F401
     except ImportError:
         return False
     return True
@@ -236,8 +237,8 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
         if not _apgd_available():
             raise ValueError("setting C needs adasmooth.attacks.APGD / APGDTargeted and "
                              "adasmooth.attacks.adaptive.adaptive_alpha_loss, which are not available")
-        from .attacks import APGD, APGDTargeted
-        from .attacks.adaptive import adaptive_alpha_loss, alpha_bce_loss
+        from ..attacks import APGD, APGDTargeted
+        from ..attacks.adaptive import adaptive_alpha_loss, alpha_bce_loss
 
         # Half the batch untargeted APGD-CE, half targeted APGD-DLR (top other class), both with the
         # randomly weighted alpha term; misclassified inputs are attacked too (they still teach alpha).
@@ -629,7 +630,7 @@ def report_table(models: dict[str, nn.Module], data: Dataset, eps: float, norm: 
     A gray-box PGD-20, B white-box PGD-20, C AutoAttack, D adaptive AutoAttack (the alpha term), as
     defined by ``adasmooth.evaluation.make_attack``; mixed models also report their mean alpha.
     """
-    from .evaluation import evaluate_robustness
+    from ..evaluate.robustness import evaluate_robustness
 
     bad = [s for s in settings if s not in _BASE_ATTACKS]
     if bad:
@@ -720,7 +721,7 @@ def _calibration_data(cfg: CalibrateConfig, dataset: str) -> Dataset:
 
 def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
     """Calibrate each adaptive classifier and the fixed-alpha counterpart; optionally the report table."""
-    from .mixnet import load_adaptive_classifier
+    from ..mixing.adaptive import load_adaptive_classifier
 
     cfg.validate()
     device = resolve_device(cfg.device)

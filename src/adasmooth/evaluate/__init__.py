@@ -1,0 +1,1 @@
+"""Evaluation: robustness under attack, alpha sweeps, calibration, analysis and reports."""
