@@ -5,26 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..core.plotting import pyplot as _pyplot
+from ..core.plotting import save_figure as _save
+
 __all__ = ["plot_certified_curves", "plot_frontier"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    tmp.replace(path)
-    _pyplot().close(fig)
-    return path
 
 
 def plot_certified_curves(

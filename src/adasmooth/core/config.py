@@ -17,7 +17,27 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "from_mapping", "load_config_file", "merge_cli"]
+__all__ = ["ConfigError", "option", "from_mapping", "load_config_file", "merge_cli"]
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    default_factory: Any = dataclasses.MISSING,
+    short: str | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field with its help text: the one declaration the command line is generated from.
+
+    ``short`` adds a one-letter alias (``-o``); ``cli=False`` keeps a field out of the command line
+    (library-only values such as ``model_kwargs`` still come from ``--config`` files).
+    """
+    metadata = {"help": help, "short": short, "metavar": metavar, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 T = TypeVar("T")
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD
+from ..core.plotting import pyplot, save_figure
 from ..certify.lipschitz import estimate_local_lipschitz, estimated_radius
 
 __all__ = [
@@ -241,23 +242,13 @@ def lipschitz_analysis(
     }
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_gap_histograms(result: Mapping[str, Any], path) -> None:
     """One panel per (model, setting): histograms of the gap over correct and incorrect predictions."""
-    from pathlib import Path
 
     raw = result["raw"]
     names = list(raw)
     settings = list(next(iter(raw.values())))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(names), len(settings), figsize=(3.6 * len(settings), 2.8 * len(names)), squeeze=False)
     bins = np.linspace(0, 1, 21)
     for r, name in enumerate(names):
@@ -271,23 +262,15 @@ def plot_gap_histograms(result: Mapping[str, Any], path) -> None:
             ax.set_xlabel("top-2 probability gap", fontsize=8)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_lipschitz_histogram(result: Mapping[str, Any], path) -> None:
-    from pathlib import Path
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.hist(result["per_input_mean_lipschitz"], bins=30)
     ax.set_xlabel(f"local Lipschitz constant (Eq. C.1), {result['norm']} eps={result['eps']}")
     ax.set_ylabel("inputs")
     ax.set_title(f"mean {result['mean_lipschitz_eq_c1']:.3f}")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -9,28 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..core.plotting import pyplot, save_figure
+
 __all__ = ["pyplot", "save_figure", "plot_curves", "plot_accuracy_vs_alpha", "plot_tradeoff"]
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Save and close ``fig`` (atomically, so an interrupted run never leaves half a PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    tmp.replace(path)
-    pyplot().close(fig)
-    return path
 
 
 def plot_curves(
