@@ -44,6 +44,11 @@ class Registry(Generic[T]):
         self._entries[name] = obj
         self._info[name] = dict(info)
 
+    def remove(self, name: str) -> None:
+        """Take an entry out again (tests that register a toy entry clean up with this)."""
+        self._entries.pop(name, None)
+        self._info.pop(name, None)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
