@@ -22,7 +22,8 @@ from ..data import Dataset, load_dataset
 from ..mixing import MixedClassifier, mix_logits
 from ..mixing.adaptive import AdaptiveMixedClassifier, load_adaptive_classifier, ranged_alpha, save_adaptive_classifier
 from ..models.checkpoint import checkpoint_paths
-from ..train.loop import check_finite, clean_accuracy
+from ..train.checks import check_counts, check_finite
+from ..train.loop import clean_accuracy
 from .tables import REPORT_SETTINGS, report_table
 
 __all__ = [
@@ -205,14 +206,8 @@ class CalibrateConfig:
         check_finite("scale", self.scale, 0, strict=True)
         check_finite("eps", self.eps, 0)
         check_finite("val_fraction", self.val_fraction, 0, below=1)
-        for name in ("calib_offset", "eval_offset"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("eval_examples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.calib_examples is not None and self.calib_examples < 1:
-            raise ConfigError(f"calib_examples must be >= 1 or unset, got {self.calib_examples}")
+        check_counts(self, "calib_offset", "eval_offset", low=0)
+        check_counts(self, "eval_examples", "batch_size", "calib_examples")
         bad = [s for s in self.report_settings if s not in REPORT_SETTINGS]
         if bad:
             raise ConfigError(f"unknown report settings {bad}; use A, B, C, D")

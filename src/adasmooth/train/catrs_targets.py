@@ -14,7 +14,6 @@ prediction of every training input, computed once and read back by the ``cat-rs`
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,10 @@ from tqdm.auto import tqdm
 from ..core.config import option
 from ..core.errors import CheckpointError, ConfigError, DataError, InputError
 from ..core.io import atomic_write, provenance, write_json
+from ..core.runtime import resolve_device
+from ..data import load_dataset
+from ..models.checkpoint import checkpoint_paths, load_checkpoint
+from .checks import check_counts, check_finite
 
 __all__ = [
     "TARGETS_KIND",
@@ -132,11 +135,8 @@ class SmoothedTargets:
 
 
 def target_paths(path: str | Path) -> tuple[Path, Path]:
-    """(tensors, sidecar) for a target artifact path given with or without an extension."""
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+    """(tensors, sidecar) for a target artifact path given with or without an extension (named like checkpoints)."""
+    return checkpoint_paths(path)
 
 
 def save_smoothed_targets(path: str | Path, probs: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]) -> Path:
@@ -200,15 +200,9 @@ class CatrsTargetsConfig:
             raise ConfigError("checkpoint is required (a base model, e.g. gaussian-trained)")
         if not self.output:
             raise ConfigError("output is required (the artifact path)")
-        if self.sigma is not None and not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ConfigError(f"sigma must be a finite number > 0, got {self.sigma}")
-        for name in ("samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_train is not None and self.n_train < 1:
-            raise ConfigError(f"n_train must be >= 1, got {self.n_train}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_finite("sigma", self.sigma, 0, strict=True)
+        check_counts(self, "samples", "batch_size", "n_train")
+        check_finite("val_fraction", self.val_fraction, 0, below=1)
 
 
 def build_targets(cfg: CatrsTargetsConfig, train_data=None) -> Path:
@@ -216,10 +210,6 @@ def build_targets(cfg: CatrsTargetsConfig, train_data=None) -> Path:
 
     Returns the ``.safetensors`` path; ``train_data`` replaces loading the data set (tests).
     """
-    from ..core.runtime import resolve_device
-    from ..data import load_dataset
-    from ..models.checkpoint import load_checkpoint
-
     cfg.validate()
     dev = resolve_device(cfg.device)
     model, info = load_checkpoint(cfg.checkpoint, dev)

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from ..attacks import PGD
 from ..core.config import option
-from ..core.errors import ConfigError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
 from ..data import DATASET_STATS, Dataset, load_dataset
 from ..models import create_model
 from ..models.checkpoint import checkpoint_paths, save_checkpoint
+from .checks import check_counts, check_finite
 from .methods import TRAINING_METHODS, CatrsOptions, TrainContext
 
 __all__ = [
@@ -38,27 +38,7 @@ __all__ = [
     "clean_accuracy",
     "resume_path",
     "result_config",
-    "check_finite",
 ]
-
-
-def check_finite(name: str, value: float | None, low: float | None = None, *, strict: bool = False,
-                 below: float | None = None) -> None:
-    """ConfigError unless ``value`` is finite, >= ``low`` (> with ``strict``) and < ``below``.
-
-    Written as ``not (ok)`` checks so that NaN, which fails every comparison, is rejected too.
-    """
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if strict else value >= low
-    if ok and below is not None:
-        ok = value < below
-    if not ok:
-        bound = [] if low is None else [f"{'>' if strict else '>='} {low}"]
-        bound += [] if below is None else [f"< {below}"]
-        raise ConfigError(f"{name} must be a finite number{' ' + ' and '.join(bound) if bound else ''}, got {value}")
 
 
 @dataclass
@@ -100,12 +80,7 @@ class TrainConfig:
         TRAINING_METHODS.get(self.method)  # an unknown name lists the known ones
         check_finite("eps", self.eps, 0)
         check_finite("sigma", self.sigma, 0, strict=True)
-        for name in ("epochs", "batch_size", "attack_steps", "eval_pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_train", "eval_examples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        check_counts(self, "epochs", "batch_size", "attack_steps", "eval_pgd_steps", "n_train", "eval_examples")
         check_finite("attack_step_size", self.attack_step_size, 0, strict=True)
         check_finite("lr", self.lr, 0, strict=True)
         check_finite("momentum", self.momentum, 0)

@@ -38,7 +38,8 @@ from ..core.runtime import resolve_device, seed_everything
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
 from ..models.checkpoint import load_checkpoint
-from .loop import check_finite, clean_accuracy, result_config, resume_path
+from .checks import check_counts, check_finite
+from .loop import clean_accuracy, result_config, resume_path
 
 __all__ = [
     "MixnetTrainConfig",
@@ -150,14 +151,8 @@ class MixnetTrainConfig:
         check_finite("eps_high", self.eps_high, self.eps_low)
         if self.taps is not None and len(self.taps) != 2:
             raise ConfigError(f"taps must be two module names, got {self.taps}")
-        for name in ("epochs", "batch_size", "attack_steps", "eval_pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ConfigError("batch_size must be >= 2 (batch-norm statistics)")
-        for name in ("max_attack_steps", "n_train", "eval_examples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        check_counts(self, "epochs", "attack_steps", "eval_pgd_steps", "max_attack_steps", "n_train", "eval_examples")
+        check_counts(self, "batch_size", low=2)  # batch-norm statistics need two inputs
         for name in ("std_scale", "rob_scale", "train_scale", "step_factor", "lr"):
             check_finite(name, getattr(self, name), 0, strict=True)
         check_finite("train_shift", self.train_shift)
@@ -173,8 +168,7 @@ class MixnetTrainConfig:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         check_finite("warmup_fraction", self.warmup_fraction, 0, below=1)
         check_finite("val_fraction", self.val_fraction, 0, below=1)
-        if self.bn_recalibration_batches < 0:
-            raise ConfigError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
+        check_counts(self, "bn_recalibration_batches", low=0)
 
 
 # ---------------------------------------------------------------------------- training-time attacks

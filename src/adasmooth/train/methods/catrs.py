@@ -19,7 +19,6 @@ are built and read by :mod:`adasmooth.train.catrs_targets`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from ...core.config import option
 from ...core.errors import ConfigError, InputError
+from ..checks import check_counts, check_finite
 from ..catrs_targets import SmoothedTargets, draw_noise, load_smoothed_targets, sampling_dtype, target_paths
 from .base import TRAINING_METHODS, TrainContext
 
@@ -73,16 +73,10 @@ class CatrsOptions:
     target_path: str | None = option(None, help="cached smoothed targets (built by `adasmooth catrs-targets`)")
 
     def validate(self) -> None:
-        if self.m < 1:
-            raise ConfigError(f"catrs.m (noise draws per input) must be >= 1, got {self.m}")
-        if self.lambda_ is not None and not (self.lambda_ >= 0 and math.isfinite(self.lambda_)):
-            raise ConfigError(f"catrs.lambda must be a finite number >= 0, got {self.lambda_}")
-        if not (self.eps >= 0 and math.isfinite(self.eps)):
-            raise ConfigError(f"catrs.eps must be a finite number >= 0, got {self.eps}")
-        if self.steps < 1:
-            raise ConfigError(f"catrs.steps must be >= 1, got {self.steps}")
-        if self.warmup_epochs is not None and self.warmup_epochs < 0:
-            raise ConfigError(f"catrs.warmup_epochs must be >= 0 or unset, got {self.warmup_epochs}")
+        check_counts(self, "m", "steps", prefix="catrs.")
+        check_counts(self, "warmup_epochs", low=0, prefix="catrs.")
+        check_finite("catrs.lambda", self.lambda_, 0)
+        check_finite("catrs.eps", self.eps, 0)
         if self.confidence not in ("accuracy", "cached"):
             raise ConfigError(f"catrs.confidence must be 'accuracy' or 'cached', got {self.confidence!r}")
         if self.target not in ("mean", "cached"):
