@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from scipy.stats import norm
 
-from adasmooth.train.catrs import build_targets_for_dataset, target_paths
+from adasmooth.train.catrs_targets import build_targets_for_dataset, target_paths
 from adasmooth.certify import Smooth, certified_accuracy, certify_dataset
 from adasmooth.models.checkpoint import checkpoint_paths, load_checkpoint
 from adasmooth.data.base import load_dataset
 from adasmooth.core.io import format_table, write_result
 from adasmooth.train.loop import TrainConfig, train_base
+from adasmooth.train.methods.catrs import CatrsOptions
 from common import RESULTS, data_dir
 
 OUT = RESULTS / "catrs_vs_gaussian"
@@ -137,8 +138,8 @@ def main(argv=None) -> int:
             target_seconds = time.time() - start
             (models / f"targets-{sigma}.time.json").write_text(json.dumps({"seconds": target_seconds}))
         target_seconds = json.loads((models / f"targets-{sigma}.time.json").read_text())["seconds"]
-        catrs = train("cat-rs", sigma, args, out, catrs_confidence="cached", catrs_target="cached",
-                      catrs_target_path=str(targets))
+        catrs = train("cat-rs", sigma, args, out,
+                      catrs=CatrsOptions(confidence="cached", target="cached", target_path=str(targets)))
         for method, meta in (("gaussian", gauss), ("cat-rs", catrs)):
             row = {"sigma": sigma, "method": method, "train_seconds": meta["training"]["seconds"],
                    "clean_acc_base": meta["metrics"]["clean_acc"],

@@ -30,15 +30,9 @@ import torch
 from adasmooth.models.checkpoint import checkpoint_paths, save_checkpoint
 from adasmooth.data.base import DATASET_STATS, Dataset, load_dataset
 from adasmooth.mixing.adaptive import load_adaptive_classifier
-from adasmooth.train.mixnet import (
-    MixnetTrainConfig,
-    calibrate_adaptive,
-    calibrate_fixed_alpha,
-    clean_accuracy,
-    fixed_alpha_classifier,
-    report_table,
-    train_mixnet,
-)
+from adasmooth.evaluate.calibrate import calibrate_adaptive, calibrate_fixed_alpha, fixed_alpha_classifier
+from adasmooth.evaluate.tables import report_table
+from adasmooth.train.mixnet import MixnetTrainConfig, clean_accuracy, train_mixnet
 from adasmooth.models.base import create_model
 from adasmooth.core.io import format_table, write_result
 
@@ -129,7 +123,7 @@ def main() -> None:
     evald = test.subset(args.eval_examples)
 
     cfg = MixnetTrainConfig(
-        std_checkpoint=std_path, rob_checkpoint=rob_path, dataset="fashion-mnist", data_dir=data_dir,
+        std=std_path, rob=rob_path, dataset="fashion-mnist", data_dir=data_dir,
         widths=[int(w) for w in args.widths.split(",")], blocks=[1, 1, 1], setting=args.setting, eps=eps,
         attack_steps=args.attack_steps, epochs=args.epochs, batch_size=args.batch_size, n_train=args.n_train,
         lr=args.lr, eval_examples=min(200, args.eval_examples), eval_pgd_steps=10, seed=seed, device="cpu",

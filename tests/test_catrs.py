@@ -1,4 +1,4 @@
-"""CAT-RS (adasmooth.train.catrs) and the gaussian training method: maths against hand-derived values."""
+"""CAT-RS (adasmooth.train.methods.catrs, adasmooth.train.catrs_targets) and the gaussian training method: maths against hand-derived values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adasmooth.train.catrs import (
+from adasmooth.train.catrs_targets import (
+    CatrsTargetsConfig,
+    build_targets,
+    build_targets_for_dataset,
+    load_smoothed_targets,
+    save_smoothed_targets,
+    smoothed_targets,
+)
+from adasmooth.train.methods.catrs import (
+    CatrsOptions,
     bottom_k_mask,
     catrs_loss,
     default_lambda,
@@ -18,7 +27,6 @@ from adasmooth.train.catrs import (
     effective_eps,
     kl_noise_pgd,
     kl_to_target,
-    load_smoothed_targets,
     low_confidence_loss,
     noise_accuracy,
     noise_moments,
@@ -26,8 +34,6 @@ from adasmooth.train.catrs import (
     pull_within_eps,
     restore_moments,
     sample_k,
-    save_smoothed_targets,
-    smoothed_targets,
 )
 from adasmooth.models.checkpoint import load_checkpoint
 from adasmooth.core.config import ConfigError, from_mapping
@@ -278,7 +284,7 @@ def test_short_catrs_run_lowers_the_fixed_noise_loss():
     data = _digits(256)
     torch.manual_seed(3)
     model = create_model("mlp", 10, in_channels=1, input_size=8, hidden=32)
-    cfg = TrainConfig(dataset="digits", method="cat-rs", sigma=0.25, catrs_steps=2, catrs_eps=0.5)
+    cfg = TrainConfig(dataset="digits", method="cat-rs", sigma=0.25, catrs=CatrsOptions(steps=2, eps=0.5))
     cfg.validate()
     ctx = TrainContext(generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -295,7 +301,7 @@ def test_short_catrs_run_lowers_the_fixed_noise_loss():
         perm = torch.randperm(256, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, 256, 32):
             idx = perm[i : i + 32]
-            loss = TRAINING_METHODS["cat-rs"](model, (data.x[idx], data.y[idx], idx), cfg, ctx)
+            loss = TRAINING_METHODS.get("cat-rs")(model, (data.x[idx], data.y[idx], idx), cfg, ctx)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -308,13 +314,13 @@ def test_short_catrs_run_lowers_the_fixed_noise_loss():
 @pytest.mark.parametrize("method", ["gaussian", "cat-rs"])
 def test_train_base_records_sigma(tmp_path, method):
     cfg = TrainConfig(dataset="digits", method=method, sigma=0.5, epochs=1, batch_size=32, n_train=64,
-                      eval_examples=16, eval_pgd_steps=1, catrs_steps=1, model_kwargs={"width": 4, "hidden": 16},
+                      eval_examples=16, eval_pgd_steps=1, catrs=CatrsOptions(steps=1), model_kwargs={"width": 4, "hidden": 16},
                       output=str(tmp_path / method), progress=False, resume=False)
     meta = train_base(cfg)
     _, sidecar = load_checkpoint(tmp_path / method)
     assert meta["sigma"] == 0.5 and sidecar["sigma"] == 0.5
     assert sidecar["training"]["method"] == method
-    assert sidecar["training"]["config"]["catrs_m"] == 4
+    assert sidecar["training"]["config"]["catrs"]["m"] == 4
 
 
 def test_gaussian_loss_is_ce_on_sigma_scaled_noise():
@@ -322,7 +328,7 @@ def test_gaussian_loss_is_ce_on_sigma_scaled_noise():
     model = _tiny_cnn(4)
     cfg = TrainConfig(method="gaussian", sigma=0.3)
     torch.manual_seed(123)
-    loss = TRAINING_METHODS["gaussian"](model, (data.x, data.y, torch.arange(20)), cfg, TrainContext())
+    loss = TRAINING_METHODS.get("gaussian")(model, (data.x, data.y, torch.arange(20)), cfg, TrainContext())
     torch.manual_seed(123)
     expected = F.cross_entropy(model(data.x + 0.3 * torch.randn_like(data.x)), data.y)
     assert torch.allclose(loss, expected)
@@ -365,8 +371,9 @@ def test_cached_targets_roundtrip_and_training(tmp_path):
         loaded.lookup(torch.tensor([64]), data.y[:1])
 
     cfg = TrainConfig(dataset="digits", method="cat-rs", sigma=0.25, epochs=1, batch_size=32, n_train=64,
-                      eval_examples=8, eval_pgd_steps=1, catrs_steps=1, catrs_confidence="cached",
-                      catrs_target="cached", catrs_target_path=str(path), model_kwargs={"width": 4, "hidden": 16},
+                      eval_examples=8, eval_pgd_steps=1,
+                      catrs=CatrsOptions(steps=1, confidence="cached", target="cached", target_path=str(path)),
+                      model_kwargs={"width": 4, "hidden": 16},
                       output=str(tmp_path / "m"), progress=False, resume=False)
     meta = train_base(cfg, train_data=data)
     assert meta["sigma"] == 0.25 and math.isfinite(meta["training"]["history"][0]["train_loss"])
@@ -375,18 +382,20 @@ def test_cached_targets_roundtrip_and_training(tmp_path):
 def test_bad_options_give_clear_errors(tmp_path):
     def check(exc, match, **kw):
         with pytest.raises(exc, match=match):
-            TrainConfig(method="cat-rs", **kw).validate()
+            TrainConfig(method="cat-rs", catrs=CatrsOptions(**kw)).validate()
 
-    check(ValueError, "catrs_m", catrs_m=0)
-    check(ValueError, "catrs_lambda", catrs_lambda=-0.1)
-    check(ValueError, "catrs_eps", catrs_eps=-1.0)
-    check(ValueError, "catrs_steps", catrs_steps=0)
-    check(ValueError, "catrs_confidence", catrs_confidence="entropy")
-    check(ValueError, "catrs_target", catrs_target="hard")
-    check(ValueError, "catrs_target_path is required", catrs_target="cached")
-    check(FileNotFoundError, "not found", catrs_confidence="cached", catrs_target_path=str(tmp_path / "none"))
+    check(ValueError, "catrs.m", m=0)
+    check(ValueError, "catrs.lambda", lambda_=-0.1)
+    check(ValueError, "catrs.lambda", lambda_=float("nan"))
+    check(ValueError, "catrs.eps", eps=-1.0)
+    check(ValueError, "catrs.eps", eps=float("inf"))
+    check(ValueError, "catrs.steps", steps=0)
+    check(ValueError, "catrs.confidence", confidence="entropy")
+    check(ValueError, "catrs.target", target="hard")
+    check(ValueError, "catrs.target_path is required", target="cached")
+    check(FileNotFoundError, "not found", confidence="cached", target_path=str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="entropy"):
-        from_mapping(TrainConfig, {"method": "cat-rs", "catrs_confidence": "entropy"})
+        from_mapping(TrainConfig, {"method": "cat-rs", "catrs": {"confidence": "entropy"}})
     with pytest.raises(FileNotFoundError, match="not found"):
         load_smoothed_targets(tmp_path / "none")
     with pytest.raises(ValueError, match="lambda"):
@@ -395,16 +404,19 @@ def test_bad_options_give_clear_errors(tmp_path):
         catrs_loss(_FirstTwo(), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, 2), 1.0, 0.1, 1)
 
 
-def test_build_targets_command_reads_sigma_from_checkpoint(tmp_path):
-    from adasmooth.train.catrs import main
-
+def test_build_targets_reads_sigma_from_checkpoint(tmp_path):
     cfg = TrainConfig(dataset="digits", method="gaussian", sigma=0.5, epochs=1, batch_size=32, n_train=64,
                       eval_examples=8, eval_pgd_steps=1, model_kwargs={"width": 4, "hidden": 16},
                       output=str(tmp_path / "gauss"), progress=False, resume=False)
     train_base(cfg)
-    assert main(["--checkpoint", str(tmp_path / "gauss"), "--dataset", "digits", "--output", str(tmp_path / "t"),
-                 "--samples", "3", "--n-train", "64", "--device", "cpu", "--no-progress"]) == 0
+    targets = from_mapping(CatrsTargetsConfig, {"checkpoint": str(tmp_path / "gauss"), "output": str(tmp_path / "t"),
+                                                "samples": 3, "n_train": 64, "device": "cpu", "progress": False})
+    assert build_targets(targets) == tmp_path / "t.safetensors"
     loaded = load_smoothed_targets(tmp_path / "t")
     assert loaded.probs.shape == (64, 10) and torch.equal(loaded.labels, _digits(64).y)
     assert torch.allclose(loaded.probs * 3, (loaded.probs * 3).round(), atol=1e-5)
+    assert loaded.info["dataset"] == "digits"  # taken from the checkpoint
+    again = build_targets_for_dataset(tmp_path / "gauss", "digits", tmp_path / "t2", samples=3, n_train=64,
+                                      device="cpu", progress=False)
+    assert torch.equal(load_smoothed_targets(again).probs, loaded.probs)  # the same seed draws the same noise
     assert loaded.info["sigma"] == 0.5 and loaded.info["num_samples"] == 3 and loaded.info["mode"] == "votes"

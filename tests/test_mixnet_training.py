@@ -1,7 +1,8 @@
-"""Training the mixing network, its loss, calibration (adasmooth.train.mixnet)."""
+"""Training the mixing network and its loss (adasmooth.train.mixnet); calibration (adasmooth.evaluate.calibrate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,20 +15,25 @@ from adasmooth.models.checkpoint import load_checkpoint, save_checkpoint
 from adasmooth.core.config import ConfigError, from_mapping
 from adasmooth.data.base import DATASET_STATS, Dataset, load_dataset
 from adasmooth.mixing.adaptive import build_adaptive_classifier, load_adaptive_classifier
-from adasmooth.train.mixnet import (
-    MixnetTrainConfig,
-    _bisect_decreasing,
-    attack_loss,
+from adasmooth.core.errors import CheckpointError
+from adasmooth.core.io import load_resume_state
+from adasmooth.evaluate.calibrate import (
+    CalibrateConfig,
+    bisect_decreasing,
     calibrate_adaptive,
     calibrate_fixed_alpha,
+    fixed_alpha_classifier,
+)
+from adasmooth.train.mixnet import (
+    MixnetTrainConfig,
+    attack_loss,
     clean_accuracy,
     composite_loss,
-    fixed_alpha_classifier,
     random_attack_budget,
     train_mixnet,
 )
 from adasmooth.models.base import create_model
-from adasmooth.train.loop import TrainConfig, train_base
+from adasmooth.train.loop import TrainConfig, result_config, resume_path, train_base
 
 
 def _ce(logits, y):
@@ -76,7 +82,7 @@ def test_attacker_alpha_term_is_minus_log_alpha():
 
 
 def test_random_attack_budget_ranges():
-    cfg = MixnetTrainConfig(std_checkpoint="g", rob_checkpoint="h", eps=0.1, attack_steps=10)
+    cfg = MixnetTrainConfig(std="g", rob="h", eps=0.1, attack_steps=10)
     rng = np.random.default_rng(0)
     eps, steps, w = random_attack_budget(1000, cfg, rng, "cpu")
     assert float(eps.min()) >= 0.04 - 1e-7 and float(eps.max()) <= 0.11 + 1e-7
@@ -89,9 +95,9 @@ def test_random_attack_budget_ranges():
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="setting"):
-        from_mapping(MixnetTrainConfig, {"std_checkpoint": "g", "rob_checkpoint": "h", "setting": "E"})
+        from_mapping(MixnetTrainConfig, {"std": "g", "rob": "h", "setting": "E"})
     with pytest.raises(ConfigError, match="unknown"):
-        from_mapping(MixnetTrainConfig, {"std_checkpoint": "g", "rob_checkpoint": "h", "colour": 1})
+        from_mapping(MixnetTrainConfig, {"std": "g", "rob": "h", "colour": 1})
     with pytest.raises(ConfigError, match="required"):
         from_mapping(MixnetTrainConfig, {})
 
@@ -129,7 +135,7 @@ def _eval_composite(model, x, x_adv, y):
 
 def test_short_training_lowers_the_loss_and_leaves_bases_untouched(digits_bases, tmp_path):
     g_before = load_file(str(digits_bases / "g.safetensors"))
-    cfg = MixnetTrainConfig(std_checkpoint=str(digits_bases / "g"), rob_checkpoint=str(digits_bases / "h"),
+    cfg = MixnetTrainConfig(std=str(digits_bases / "g"), rob=str(digits_bases / "h"),
                             dataset="digits", widths=[8, 16, 16], blocks=[1, 1, 1], setting="A", eps=0.3,
                             attack_steps=3, epochs=4, batch_size=32, n_train=256, lr=3e-3, eval_examples=16,
                             eval_pgd_steps=2, output=str(tmp_path / "mix"), progress=False, device="cpu",
@@ -158,7 +164,7 @@ def test_short_training_lowers_the_loss_and_leaves_bases_untouched(digits_bases,
 def test_training_resumes_from_the_epoch_checkpoint(digits_bases, tmp_path, monkeypatch):
     import adasmooth.train.mixnet as mt
 
-    base = dict(std_checkpoint=str(digits_bases / "g"), rob_checkpoint=str(digits_bases / "h"), dataset="digits",
+    base = dict(std=str(digits_bases / "g"), rob=str(digits_bases / "h"), dataset="digits",
                 widths=[4, 4, 4], blocks=[1, 1, 1], setting="B", eps=0.2, attack_steps=2, batch_size=32,
                 n_train=64, lr=1e-3, eval_examples=8, eval_pgd_steps=1, progress=False, device="cpu", epochs=2)
     train_mixnet(MixnetTrainConfig(output=str(tmp_path / "full"), **base))
@@ -175,9 +181,11 @@ def test_training_resumes_from_the_epoch_checkpoint(digits_bases, tmp_path, monk
     cfg = MixnetTrainConfig(output=str(tmp_path / "part"), **base)
     with pytest.raises(KeyboardInterrupt):
         train_mixnet(cfg)
-    resume = mt._resume_path(cfg.output)
-    assert resume.is_file() and torch.load(resume, weights_only=True)["epoch"] == 1
+    resume = resume_path(cfg.output)
+    assert resume.is_file() and load_resume_state(resume, result_config(cfg))["epoch"] == 1
     monkeypatch.setattr(mt, "craft_training_attack", real)
+    with pytest.raises(CheckpointError, match="different config.*lr"):
+        train_mixnet(dataclasses.replace(cfg, lr=2e-3))
     meta = train_mixnet(cfg)
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
     full = load_file(str(tmp_path / "full.safetensors"))
@@ -210,7 +218,7 @@ def test_calibration_hits_its_target(digits_bases):
 
 def test_bisection_on_a_known_curve():
     # accuracy 100 * (1 - sigmoid(s)): the largest s with accuracy >= 30 is logit(0.7)
-    value, acc, reached = _bisect_decreasing(lambda s: 100 * (1 - 1 / (1 + math.exp(-s))), -10, 10, 30.0)
+    value, acc, reached = bisect_decreasing(lambda s: 100 * (1 - 1 / (1 + math.exp(-s))), -10, 10, 30.0)
     assert reached and value == pytest.approx(math.log(0.7 / 0.3), abs=1e-6) and acc >= 30
-    value, acc, reached = _bisect_decreasing(lambda s: 10.0, -1, 1, 30.0)
+    value, acc, reached = bisect_decreasing(lambda s: 10.0, -1, 1, 30.0)
     assert not reached and value == -1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from adasmooth.train.loop import (
     evaluate_accuracy,
     train_base,
 )
+from adasmooth.core.errors import CheckpointError
+from adasmooth.core.io import load_resume_state
 from adasmooth.core.runtime import resolve_device, seed_everything
+from adasmooth.train.loop import result_config
 
 FAST = dict(dataset="digits", arch="small-cnn", model_kwargs={"width": 8, "hidden": 32}, optimizer="adam",
             lr=3e-3, weight_decay=0.0, batch_size=64, eps=0.1, eval_examples=None, eval_pgd_steps=10,
@@ -98,7 +102,7 @@ def test_trades_adversarial_input_stays_in_the_ball(digits_train, norm, eps):
 
     cfg = TrainConfig(method="trades", norm=norm, eps=eps, attack_steps=10)
     x, y = digits_train.x[:32], digits_train.y[:32]
-    loss = TRAINING_METHODS["trades"](Recorder().train(), (x, y, torch.arange(32)), cfg, None)
+    loss = TRAINING_METHODS.get("trades")(Recorder().train(), (x, y, torch.arange(32)), cfg, None)
     assert torch.isfinite(loss)
     x_adv = seen[-1]  # the last forward pass is f(x')
     delta = (x_adv - x).flatten(1)
@@ -129,21 +133,35 @@ class _Interrupt:
         return self.fn(model, batch, cfg, ctx)
 
 
+@contextlib.contextmanager
+def _interrupted(method, at_epoch):
+    """Within the block, ``method`` stops at the start of epoch ``at_epoch``; the registry is restored after."""
+    original, info = TRAINING_METHODS.get(method), TRAINING_METHODS.info(method)
+    TRAINING_METHODS.remove(method)
+    TRAINING_METHODS.add(method, _Interrupt(original, at_epoch), **info)
+    try:
+        yield
+    finally:
+        TRAINING_METHODS.remove(method)
+        TRAINING_METHODS.add(method, original, **info)
+
+
+def _interrupt_after_first_epoch(cfg, data):
+    with _interrupted(cfg.method, at_epoch=1), pytest.raises(KeyboardInterrupt):
+        train_base(cfg, train_data=data)
+
+
 @pytest.mark.parametrize("method", ["standard", "pgd"])
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys, digits_train, method):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, digits_train, method):
     data = digits_train.subset(384)
     over = dict(method=method, epochs=3, attack_steps=2, eval_examples=40, eval_pgd_steps=2, seed=5)
     straight_cfg = _cfg(tmp_path, "straight", **over)
     train_base(straight_cfg, train_data=data)
     cfg = _cfg(tmp_path, "resumed", **over)  # the same run under another name
-    original = TRAINING_METHODS[method]
-    monkeypatch.setitem(TRAINING_METHODS, method, _Interrupt(original, at_epoch=1))
-    with pytest.raises(KeyboardInterrupt):
-        train_base(cfg, train_data=data)
+    _interrupt_after_first_epoch(cfg, data)
     resume_file = tmp_path / "resumed.resume.pt"
     assert resume_file.is_file() and not (tmp_path / "resumed.safetensors").exists()
-    assert torch.load(resume_file, weights_only=True)["epoch"] == 1
-    monkeypatch.setitem(TRAINING_METHODS, method, original)
+    assert load_resume_state(resume_file, result_config(cfg))["epoch"] == 1
     capsys.readouterr()
     meta = train_base(cfg, train_data=data)
     assert "resuming" in capsys.readouterr().out
@@ -156,19 +174,33 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caps
     assert meta["training"]["history"] == straight_info["training"]["history"]
 
 
-def test_resume_file_of_another_config_is_ignored(tmp_path, monkeypatch, capsys, digits_train):
+def test_resume_file_of_another_config_is_refused(tmp_path, digits_train):
+    """A resume file from another config stops the run (it used to be ignored); --no-resume starts over."""
     data = digits_train.subset(256)
     cfg = _cfg(tmp_path, "m", epochs=2, eval_examples=20, eval_pgd_steps=1)
-    original = TRAINING_METHODS["standard"]
-    monkeypatch.setitem(TRAINING_METHODS, "standard", _Interrupt(original, at_epoch=1))
-    with pytest.raises(KeyboardInterrupt):
-        train_base(cfg, train_data=data)
-    monkeypatch.setitem(TRAINING_METHODS, "standard", original)
-    capsys.readouterr()
+    _interrupt_after_first_epoch(cfg, data)
     changed = _cfg(tmp_path, "m", epochs=2, lr=1e-3, eval_examples=20, eval_pgd_steps=1)
+    with pytest.raises(CheckpointError, match=r"m\.resume\.pt.*different config.*lr.*--no-resume"):
+        train_base(changed, train_data=data)
+    assert not (tmp_path / "m.safetensors").exists()  # refused before training anything
+    changed.resume = False
     meta = train_base(changed, train_data=data)
-    assert "ignoring" in capsys.readouterr().out
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]  # trained from scratch
+    assert not (tmp_path / "m.resume.pt").exists()
+
+
+def test_truncated_resume_file_is_a_checkpoint_error(tmp_path, digits_train):
+    data = digits_train.subset(128)
+    cfg = _cfg(tmp_path, "t", epochs=2, eval_examples=20, eval_pgd_steps=1)
+    _interrupt_after_first_epoch(cfg, data)
+    resume_file = tmp_path / "t.resume.pt"
+    raw = resume_file.read_bytes()
+    resume_file.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"t\.resume\.pt.*cannot be read.*delete it"):
+        train_base(cfg, train_data=data)
+    resume_file.write_bytes(b"not a torch file at all")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        train_base(cfg, train_data=data)
 
 
 # ------------------------------------------------------------------ helpers

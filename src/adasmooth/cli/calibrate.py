@@ -41,12 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.mixnet import CalibrateConfig, run_calibration
+    from ..evaluate.calibrate import CalibrateConfig, run_calibration
     from ..core.io import format_table, write_result
 
     keys = [f.name for f in dataclasses.fields(CalibrateConfig)]
     values = cli_values(args, keys)
-    values["checkpoints"] = args.checkpoints or None
+    values["mixnet"] = args.checkpoints or None
     cfg = merge_cli(CalibrateConfig, args.config, values)
     results = run_calibration(cfg)
     print(f"target clean accuracy {results['target_acc']:.2f}% on {results['calibration']['examples']} "

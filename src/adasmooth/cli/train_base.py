@@ -39,17 +39,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--catrs-target", choices=["mean", "cached"], default=None,
                    help="KL target: detached mean softmax over the copies, or the cached smoothed soft label")
     g.add_argument("--catrs-target-path", default=None,
-                   help="cached smoothed targets (built by `python -m adasmooth.catrs`)")
+                   help="cached smoothed targets (built by adasmooth.train.catrs_targets.build_targets)")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--eval-examples", type=int, default=None, help="held-out examples measured at the end")
     p.add_argument("--no-resume", dest="resume", action="store_const", const=False, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.config import load_config_file
     from ..train.loop import TrainConfig, train_base
 
     keys = [f.name for f in dataclasses.fields(TrainConfig)]
-    cfg = merge_cli(TrainConfig, args.config, cli_values(args, keys))
+    values = cli_values(args, keys)
+    # CatrsOptions field -> the --catrs-* option that sets it
+    catrs = {name: getattr(args, "catrs_" + name.rstrip("_")) for name in
+             ("m", "lambda_", "eps", "steps", "warmup_epochs", "confidence", "target", "target_path")}
+    catrs = {name: value for name, value in catrs.items() if value is not None}
+    if catrs:  # --catrs-* options refine the config file's catrs block rather than replace it
+        values["catrs"] = {**(load_config_file(args.config) if args.config else {}).get("catrs", {}), **catrs}
+    cfg = merge_cli(TrainConfig, args.config, values)
     meta = train_base(cfg)
     m = meta["metrics"]
     steps = cfg.eval_pgd_steps

@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, output_default="runs/mixnet")
     add_data(p)
     add_threat(p)
-    p.add_argument("--std-checkpoint", default=None, help="checkpoint of the standard (accurate) model g")
-    p.add_argument("--rob-checkpoint", default=None, help="checkpoint of the robust model h")
+    p.add_argument("--std", default=None, help="checkpoint of the standard (accurate) model g")
+    p.add_argument("--rob", default=None, help="checkpoint of the robust model h")
     p.add_argument("--setting", choices=["A", "B", "C"], default=None,
                    help="training-time attack: A gray-box PGD, B white-box PGD (default), C APGD-CE + APGD-T")
     p.add_argument("--taps", type=_names, default=None,

@@ -1,5 +1,8 @@
-"""Training: base models (standard, pgd, trades, gaussian, cat-rs) and the mixing network."""
+"""Training: base models (:mod:`.loop` with the methods of :mod:`.methods`: standard, pgd, trades,
+gaussian, cat-rs) and the mixing network (:mod:`.mixnet`)."""
 
-from .loop import TRAINING_METHODS, TrainConfig, clean_accuracy, evaluate_accuracy, register_method, train_base
+from .methods import TRAINING_METHODS, CatrsOptions, TrainContext
+from .loop import TrainConfig, clean_accuracy, evaluate_accuracy, train_base
 
-__all__ = ["TrainConfig", "TRAINING_METHODS", "register_method", "train_base", "evaluate_accuracy", "clean_accuracy"]
+__all__ = ["TrainConfig", "TrainContext", "CatrsOptions", "TRAINING_METHODS", "train_base", "evaluate_accuracy",
+           "clean_accuracy"]

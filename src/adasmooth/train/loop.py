@@ -1,207 +1,96 @@
-"""Base-model training: standard, PGD adversarial training (Madry et al.), TRADES (Zhang et al.).
+"""The base-model training loop and its config.
 
-Methods are entries of ``TRAINING_METHODS``: a function ``(model, batch, cfg, ctx) -> scalar loss``
-where ``batch = (x, y, idx)`` (``idx`` indexes the training set, for methods that cache per-example
-targets). Training checkpoints every epoch and resumes from ``<output>.resume.pt``.
+:func:`train_base` trains one model with any method of ``TRAINING_METHODS`` (see
+:mod:`adasmooth.train.methods`), checkpoints every epoch to ``<output>.resume.pt`` and resumes from
+it, bit for bit, then measures clean and PGD accuracy on held-out data and writes the checkpoint.
+:class:`TrainConfig` holds the options every method shares; a method's own options are a nested
+block (``catrs:``) declared beside the method.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import PGD
-from ..attacks.base import per_sample, project
+from ..core.config import option
+from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
-from ..models.checkpoint import checkpoint_paths, save_checkpoint
 from ..data import DATASET_STATS, Dataset, load_dataset
 from ..models import create_model
+from ..models.checkpoint import checkpoint_paths, save_checkpoint
+from .checks import check_counts, check_finite
+from .methods import TRAINING_METHODS, CatrsOptions, TrainContext
 
 __all__ = [
     "TrainConfig",
+    "TrainContext",
     "TRAINING_METHODS",
-    "register_method",
     "train_base",
     "evaluate_accuracy",
     "clean_accuracy",
+    "resume_path",
+    "result_config",
 ]
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "digits"
-    data_dir: str | None = None
-    arch: str = "small-cnn"
-    model_kwargs: dict = field(default_factory=dict)
-    method: str = "standard"
-    # adversarial training (pgd, trades) and the evaluation attack
-    norm: Literal["linf", "l2"] = "linf"
-    eps: float = 0.1
-    attack_steps: int = 10
-    attack_step_size: float | None = None
-    trades_beta: float = 6.0
-    # randomized-smoothing methods (gaussian, cat-rs)
-    sigma: float = 0.25
-    # CAT-RS (see adasmooth.catrs): noise draws per input, KL weight (None: 2*sigma, the authors'
-    # 0.5/1/2 for sigma 0.25/0.5/1), worst-case-noise l_2 radius and PGD steps, epoch from which the
-    # radius doubles (None: never), where w(x) and the KL target come from, the cached-target artifact
-    catrs_m: int = 4
-    catrs_lambda: float | None = None
-    catrs_eps: float = 1.0
-    catrs_steps: int = 4
-    catrs_warmup_epochs: int | None = None
-    catrs_confidence: Literal["accuracy", "cached"] = "accuracy"
-    catrs_target: Literal["mean", "cached"] = "mean"
-    catrs_target_path: str | None = None
+    dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100")
+    data_dir: str | None = option(None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+    arch: str = option("small-cnn", help="model name (small-cnn, mlp, resnet18, preact-resnet18, wrn-34-10, ...)")
+    model_kwargs: dict = option(help="extra keyword arguments of the model constructor", default_factory=dict,
+                                cli=False)
+    method: str = option("standard", help="training method: standard, pgd, trades, gaussian, cat-rs")
+    # the threat model of adversarial training (pgd, trades) and of the final measurement
+    norm: Literal["linf", "l2"] = option("linf", help="threat model")
+    eps: float = option(0.1, help="attack radius in [0, 1] pixel units")
+    attack_steps: int = option(10, help="PGD steps of the training attack (pgd, trades)")
+    attack_step_size: float | None = option(None, help="PGD step of the training attack (default 2.5*eps/steps)")
+    trades_beta: float = option(6.0, help="weight of the KL term of TRADES")
+    sigma: float = option(0.25, help="Gaussian noise level of gaussian and cat-rs training (pixel units)")
+    catrs: CatrsOptions = option(help="CAT-RS options (method cat-rs)", default_factory=CatrsOptions)
     # optimisation
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    epochs: int = 10
-    batch_size: int = 128
-    n_train: int | None = None
-    val_fraction: float = 0.0
+    optimizer: Literal["sgd", "adam"] = option("sgd", help="optimizer")
+    lr: float = option(0.05, help="learning rate")
+    momentum: float = option(0.9, help="SGD momentum")
+    weight_decay: float = option(5e-4, help="weight decay")
+    schedule: Literal["cosine", "step", "constant"] = option("cosine", help="learning-rate schedule over all steps")
+    epochs: int = option(10, help="training epochs")
+    batch_size: int = option(128, help="training batch size")
+    n_train: int | None = option(None, help="use only the first N training examples")
+    val_fraction: float = option(0.0, help="hold out this part of the training set (not trained on)")
     # held-out measurement written into the checkpoint
-    eval_examples: int | None = 1000
-    eval_pgd_steps: int = 20
-    seed: int = 0
-    device: str = "auto"
-    output: str = "runs/model"
-    resume: bool = True
-    progress: bool = True
+    eval_examples: int | None = option(1000, help="test examples measured at the end (default 1000; all if unset)")
+    eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
+    seed: int = option(0, help="random seed")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
+    output: str = option("runs/model", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)", short="o")
+    resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")
+    progress: bool = option(True, help="show progress bars")
 
     def validate(self) -> None:
-        if self.method not in TRAINING_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; known: {sorted(TRAINING_METHODS)}")
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if self.sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        for name in ("epochs", "batch_size", "attack_steps", "eval_pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.trades_beta < 0:
-            raise ValueError("trades_beta must be >= 0")
-        self._validate_catrs()
-
-    def _validate_catrs(self) -> None:
-        if self.catrs_m < 1:
-            raise ValueError(f"catrs_m (noise draws per input) must be >= 1, got {self.catrs_m}")
-        if self.catrs_lambda is not None and self.catrs_lambda < 0:
-            raise ValueError(f"catrs_lambda must be >= 0, got {self.catrs_lambda}")
-        if self.catrs_eps < 0:
-            raise ValueError(f"catrs_eps must be >= 0, got {self.catrs_eps}")
-        if self.catrs_steps < 1:
-            raise ValueError(f"catrs_steps must be >= 1, got {self.catrs_steps}")
-        if self.catrs_warmup_epochs is not None and self.catrs_warmup_epochs < 0:
-            raise ValueError(f"catrs_warmup_epochs must be >= 0 or None, got {self.catrs_warmup_epochs}")
-        if self.catrs_confidence not in ("accuracy", "cached"):
-            raise ValueError(f"catrs_confidence must be 'accuracy' or 'cached', got {self.catrs_confidence!r}")
-        if self.catrs_target not in ("mean", "cached"):
-            raise ValueError(f"catrs_target must be 'mean' or 'cached', got {self.catrs_target!r}")
-        if self.method == "cat-rs" and "cached" in (self.catrs_confidence, self.catrs_target):
-            if not self.catrs_target_path:
-                raise ValueError("catrs_target_path is required when catrs_confidence or catrs_target is 'cached'")
-            from .catrs import target_paths
-
-            if not target_paths(self.catrs_target_path)[0].is_file():
-                raise FileNotFoundError(f"cached CAT-RS targets {target_paths(self.catrs_target_path)[0]} not found; "
-                                        "build them with `python -m adasmooth.catrs`")
-
-
-@dataclass
-class TrainContext:
-    """Per-run state a training method may use (e.g. cached targets); methods may add attributes."""
-
-    epoch: int = 0
-    num_epochs: int = 1
-    generator: torch.Generator | None = None
-    extras: dict = field(default_factory=dict)
-
-
-LossFn = Callable[[nn.Module, tuple, TrainConfig, TrainContext], torch.Tensor]
-TRAINING_METHODS: dict[str, LossFn] = {}
-
-
-def register_method(name: str):
-    def wrap(fn: LossFn) -> LossFn:
-        TRAINING_METHODS[name] = fn
-        return fn
-
-    return wrap
-
-
-def _attack_step_size(cfg: TrainConfig) -> float:
-    return cfg.attack_step_size if cfg.attack_step_size is not None else 2.5 * cfg.eps / cfg.attack_steps
-
-
-def _craft(model: nn.Module, x, y, cfg: TrainConfig, loss="ce") -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        return PGD(model, cfg.eps, cfg.norm, cfg.attack_steps, _attack_step_size(cfg), loss=loss)(x, y)
-    finally:
-        model.train(was_training)
-
-
-@register_method("standard")
-def _standard_loss(model, batch, cfg, ctx):
-    x, y, _ = batch
-    return F.cross_entropy(model(x), y)
-
-
-@register_method("pgd")
-def _pgd_loss(model, batch, cfg, ctx):
-    x, y, _ = batch
-    return F.cross_entropy(model(_craft(model, x, y, cfg)), y)
-
-
-@register_method("trades")
-def _trades_loss(model, batch, cfg, ctx):
-    """CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising that KL (Zhang et al. 2019)."""
-    x, y, _ = batch
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        p_clean = F.softmax(model(x), 1)
-        model.train(was_training)
-
-    def kl_to_clean(m, x_adv, _y):
-        return F.kl_div(F.log_softmax(m(x_adv), 1), p_clean, reduction="none").sum(1)
-
-    was_training = model.training
-    model.eval()
-    try:
-        # TRADES starts from a small Gaussian perturbation rather than a uniform one.
-        x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-        x_adv = PGD(model, cfg.eps, cfg.norm, cfg.attack_steps, _attack_step_size(cfg),
-                    random_start=False, loss=kl_to_clean)(x0, y)
-        # PGD kept x' within eps of the noisy start x0; the threat model is the ball around x.
-        x_adv = (x + project(x_adv - x, per_sample(cfg.eps, x), cfg.norm)).clamp(0, 1)
-    finally:
-        model.train(was_training)
-    logits = model(x)
-    robust = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + cfg.trades_beta * robust
-
-
-@register_method("gaussian")
-def _gaussian_loss(model, batch, cfg, ctx):
-    """Cohen et al. 2019: cross-entropy on x + N(0, sigma^2), noise in [0, 1] pixel space."""
-    x, y, _ = batch
-    return F.cross_entropy(model(x + cfg.sigma * torch.randn_like(x)), y)
+        TRAINING_METHODS.get(self.method)  # an unknown name lists the known ones
+        check_finite("eps", self.eps, 0)
+        check_finite("sigma", self.sigma, 0, strict=True)
+        check_counts(self, "epochs", "batch_size", "attack_steps", "eval_pgd_steps", "n_train", "eval_examples")
+        check_finite("attack_step_size", self.attack_step_size, 0, strict=True)
+        check_finite("lr", self.lr, 0, strict=True)
+        check_finite("momentum", self.momentum, 0)
+        check_finite("weight_decay", self.weight_decay, 0)
+        check_finite("trades_beta", self.trades_beta, 0)
+        check_finite("val_fraction", self.val_fraction, 0, below=1)
+        self.catrs.validate()
+        check = TRAINING_METHODS.info(self.method).get("check")
+        if check is not None:
+            check(self)
 
 
 @torch.no_grad()
@@ -253,13 +142,34 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_total: int):
     return opt, sched
 
 
-def _resume_path(output: str | Path) -> Path:
+# ---------------------------------------------------------------------------- resume (shared with the mixnet trainer)
+
+# Fields that change how a run is watched or measured, not the weights it produces.
+_NOT_RESULT_FIELDS = ("progress", "resume", "device", "eval_examples", "eval_pgd_steps")
+
+
+def resume_path(output: str | Path) -> Path:
+    """``<output>.resume.pt``: the per-epoch state an interrupted run continues from."""
     weights, _ = checkpoint_paths(output)
     return weights.with_name(weights.name.replace(".safetensors", ".resume.pt"))
 
 
+def result_config(cfg: Any) -> dict:
+    """The config fields that determine a run's weights: a resume file must have been made with these."""
+    d = asdict(cfg)
+    for k in _NOT_RESULT_FIELDS:
+        d.pop(k, None)
+    return d
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
 def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: Dataset | None = None) -> dict[str, Any]:
-    """Train a base model per ``cfg``; write the checkpoint; return the sidecar metadata."""
+    """Train a base model per ``cfg``; write the checkpoint; return the sidecar metadata.
+
+    A resume file made with another config is a CheckpointError (delete it or set ``resume=False``).
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
@@ -276,26 +186,22 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     ctx = TrainContext(num_epochs=cfg.epochs, generator=gen)
     start_epoch, history = 0, []
-    resume_file = _resume_path(cfg.output)
-    if cfg.resume and resume_file.is_file():
-        state = torch.load(resume_file, map_location=device, weights_only=True)
-        if state.get("config") == _comparable(cfg):
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            # RNG states must be CPU byte tensors, whatever map_location did to them.
-            gen.set_state(state["generator"].cpu())
-            # Methods draw attack starts and noise from the global generators: restore them too, or a
-            # resumed run differs from an uninterrupted one.
-            if "torch_rng" in state:
-                torch.set_rng_state(state["torch_rng"].cpu())
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-            print(f"resuming {cfg.output} from epoch {start_epoch}")
-        else:
-            print(f"ignoring {resume_file}: it was made with a different config")
-    fn = TRAINING_METHODS[cfg.method]
+    resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
+    state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        # RNG states must be CPU byte tensors, whatever map_location did to them.
+        gen.set_state(state["generator"].cpu())
+        # Methods draw attack starts and noise from the global generators: restore them too, or a
+        # resumed run differs from an uninterrupted one.
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        print(f"resuming {cfg.output} from epoch {start_epoch}")
+    fn = TRAINING_METHODS.get(cfg.method)
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         ctx.epoch = epoch
@@ -318,14 +224,12 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             count += len(idx)
             bar.set_postfix(loss=f"{total / count:.4f}")
         history.append({"epoch": epoch + 1, "train_loss": total / count})
-        resume_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = resume_file.with_name(resume_file.name + ".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                    "epoch": epoch + 1, "history": history,
-                    "config": _comparable(cfg)}, tmp)
-        tmp.replace(resume_file)
+        save_resume_state(resume_file, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "epoch": epoch + 1, "history": history,
+        }, fingerprint)
         if cfg.progress:
             print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {total / count:.4f}")
     train_seconds = time.time() - t0
@@ -336,19 +240,8 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         "metrics": {**metrics, "eval_split": "test", "eval_examples": len(eval_data),
                     "eval_eps": cfg.eps, "eval_norm": cfg.norm},
     }
-    if cfg.method in ("gaussian", "cat-rs"):
+    if TRAINING_METHODS.info(cfg.method).get("smoothing"):
         meta["sigma"] = cfg.sigma
     save_checkpoint(model, cfg.output, meta)
     resume_file.unlink(missing_ok=True)
     return meta
-
-
-def _comparable(cfg: TrainConfig) -> dict:
-    """The config minus fields that do not change the result (for resume matching)."""
-    d = asdict(cfg)
-    for k in ("progress", "resume", "device", "eval_examples", "eval_pgd_steps"):
-        d.pop(k)
-    return d
-
-
-from . import catrs  # noqa: E402,F401  (registers the cat-rs method)

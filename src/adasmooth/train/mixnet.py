@@ -1,4 +1,4 @@
-"""Training the mixing network (paper Sec. 4.4, 5.2, App. C.2, D.1), calibration, and the Table 2/3 report.
+"""Training the mixing network alpha(x) (paper Sec. 4.4, 5.2, App. C.2, D.1).
 
 - :func:`composite_loss`: Eq. 4.2 per sample, c_CE*CE + c_BCE*BCE + c_prod*CE*BCE.
 - :func:`train_mixnet`: the base models stay frozen; every batch holds clean inputs (pseudo-label 0)
@@ -6,8 +6,11 @@
   (gray-box PGD), B (white-box PGD) or C (APGD-CE + targeted APGD-DLR). Attacks are randomised:
   eps per sample = eps * U(0.4, 1.1), a chi-squared number of steps, and a w ~ U(0, w_max) weighted
   BCE(alpha, 1) term in the attacker's loss that pushes alpha down.
-- :func:`calibrate_adaptive` / :func:`calibrate_fixed_alpha`: bisection for a target clean accuracy.
-- :func:`report_table`: clean and attacked accuracy under settings A-D for a set of models.
+- EMA of the weights and a batch-norm re-estimate of the exported network; per-epoch checkpoints
+  and a resume file shared in format with base-model training.
+
+Calibration lives in :mod:`adasmooth.evaluate.calibrate`, the Table 2/3 report in
+:mod:`adasmooth.evaluate.tables`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import collections
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -26,18 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks import PGD
-from ..models.checkpoint import checkpoint_paths, load_checkpoint
-from ..data import Dataset, load_dataset
-from ..mixing import MixedClassifier, mix_logits
-from ..mixing.adaptive import (
-    AdaptiveMixedClassifier,
-    ranged_alpha,
-    build_adaptive_classifier,
-    save_adaptive_classifier,
-)
+from ..attacks import APGD, PGD, APGDTargeted
+from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
+from ..attacks.losses import get_loss
+from ..core.config import option
+from ..core.errors import ConfigError, InputError
+from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
-from .loop import clean_accuracy
+from ..data import Dataset, load_dataset
+from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
+from ..models.checkpoint import load_checkpoint
+from .checks import check_counts, check_finite
+from .loop import clean_accuracy, result_config, resume_path
 
 __all__ = [
     "MixnetTrainConfig",
@@ -45,15 +47,10 @@ __all__ = [
     "attack_loss",
     "random_attack_budget",
     "craft_training_attack",
+    "recalibrate_batchnorm",
+    "build_from_config",
     "train_mixnet",
     "clean_accuracy",
-    "calibrate_adaptive",
-    "calibrate_fixed_alpha",
-    "report_table",
-    "CalibrateConfig",
-    "run_calibration",
-    "fixed_alpha_classifier",
-    "build_from_config",
     "SETTINGS",
 ]
 
@@ -91,125 +88,105 @@ def composite_loss(
 
 @dataclass
 class MixnetTrainConfig:
-    std_checkpoint: str = ""
-    rob_checkpoint: str = ""
-    dataset: str = "digits"
-    data_dir: str | None = None
-    taps: list[str] | None = None  # two module names used on both models; None: each model's defaults
-    widths: list[int] = field(default_factory=lambda: [256, 512, 1024])
-    blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
-    std_scale: float = 1.0
-    rob_scale: float = 1.0
-    train_scale: float = 2.0
-    train_shift: float = 0.4
-    train_clamp_std: float | None = 0.6
-    bn_momentum: float = 0.01
+    std: str = option("", help="checkpoint of the standard (accurate) base model g")
+    rob: str = option("", help="checkpoint of the robust base model h")
+    dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100")
+    data_dir: str | None = option(None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+    taps: list[str] | None = option(None, help="two module names tapped on both models "
+                                               "(default: each model's first two stages)")
+    widths: list[int] = option(help="three widths of the mixing network", default_factory=lambda: [256, 512, 1024])
+    blocks: list[int] = option(help="residual blocks per group", default_factory=lambda: [2, 2, 2])
+    std_scale: float = option(1.0, help="logit scale of g in the mixture")
+    rob_scale: float = option(1.0, help="logit scale of h in the mixture")
+    train_scale: float = option(2.0, help="sigmoid scale of the alpha head during training")
+    train_shift: float = option(0.4, help="sigmoid shift of the alpha head during training")
+    train_clamp_std: float | None = option(0.6, help="clamp of the normalised gamma during training, in standard "
+                                                     "deviations (unset: no clamp)")
+    bn_momentum: float = option(0.01, help="batch-norm momentum of the alpha head")
     # the training-time adversary
-    setting: Literal["A", "B", "C"] = "B"
-    norm: Literal["linf", "l2"] = "linf"
-    eps: float = 8 / 255
-    eps_low: float = 0.4
-    eps_high: float = 1.1
-    attack_steps: int = 10  # mean of the chi-squared number of steps
-    max_attack_steps: int | None = None  # cap on the drawn steps (default 3 * attack_steps)
-    step_factor: float = 5.0  # PGD step = step_factor * eps / steps (reference code)
-    adaptive_weight_max: float = 0.4
+    setting: Literal["A", "B", "C"] = option("B", help="training-time attack: A gray-box PGD, B white-box PGD, "
+                                                       "C APGD-CE + APGD-T")
+    norm: Literal["linf", "l2"] = option("linf", help="threat model")
+    eps: float = option(8 / 255, help="attack radius in [0, 1] pixel units")
+    eps_low: float = option(0.4, help="per-sample radius = eps * U(eps_low, eps_high)")
+    eps_high: float = option(1.1, help="per-sample radius = eps * U(eps_low, eps_high)")
+    attack_steps: int = option(10, help="mean number of attack steps (a chi-squared draw)")
+    max_attack_steps: int | None = option(None, help="cap on the drawn number of steps (default 3 * attack_steps)")
+    step_factor: float = option(5.0, help="PGD step = step_factor * eps / steps (the reference code's)")
+    adaptive_weight_max: float = option(0.4, help="w ~ U(0, this) weighs the attacker's alpha term")
     # Eq. 4.2 weights, paper Table 6 best
-    c_ce: float = 0.0
-    c_bce: float = 1.5
-    c_prod: float = 0.2
-    clean_loss_scale: float = 1.0
+    c_ce: float = option(0.0, help="weight of CE in Eq. 4.2")
+    c_bce: float = option(1.5, help="weight of BCE in Eq. 4.2")
+    c_prod: float = option(0.2, help="weight of CE*BCE in Eq. 4.2")
+    clean_loss_scale: float = option(1.0, help="weight of the clean half of each batch in the loss")
     # optimisation
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_fraction: float = 0.04
-    grad_clip: float | None = 10.0
-    ema_decay: float | None = None
-    bn_recalibration_batches: int = 20  # recent (clean + attacked) batches that re-estimate BN statistics
-    amp: bool = True  # only used on CUDA
-    epochs: int = 5
-    batch_size: int = 128
-    n_train: int | None = None
-    val_fraction: float = 0.0
-    eval_examples: int | None = 500
-    eval_pgd_steps: int = 20
-    seed: int = 0
-    device: str = "auto"
-    output: str = "runs/mixnet"
-    resume: bool = True
-    progress: bool = True
+    lr: float = option(1e-4, help="learning rate (AdamW)")
+    weight_decay: float = option(1e-5, help="weight decay")
+    warmup_fraction: float = option(0.04, help="part of the steps with a linear learning-rate warm-up")
+    grad_clip: float | None = option(10.0, help="gradient-norm clip (unset: none)")
+    ema_decay: float | None = option(None, help="EMA of the weights, e.g. 0.8 (unset: off)")
+    bn_recalibration_batches: int = option(20, help="recent (clean + attacked) batches that re-estimate the "
+                                                    "exported network's batch-norm statistics")
+    amp: bool = option(True, help="mixed precision (CUDA only)")
+    epochs: int = option(5, help="training epochs")
+    batch_size: int = option(128, help="training batch size (clean inputs; as many attacked ones join)")
+    n_train: int | None = option(None, help="use only the first N training examples")
+    val_fraction: float = option(0.0, help="hold out this part of the training set")
+    eval_examples: int | None = option(500, help="test examples measured at the end (all if unset)")
+    eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
+    seed: int = option(0, help="random seed")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
+    output: str = option("runs/mixnet", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)",
+                         short="o")
+    resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")
+    progress: bool = option(True, help="show progress bars")
 
     def validate(self) -> None:
-        if not self.std_checkpoint or not self.rob_checkpoint:
-            raise ValueError("std_checkpoint and rob_checkpoint are required")
+        if not self.std or not self.rob:
+            raise ConfigError("std and rob (the two base-model checkpoints) are required")
         if self.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
-        if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
-        if not 0 < self.eps_low <= self.eps_high:
-            raise ValueError("need 0 < eps_low <= eps_high")
+            raise ConfigError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        check_finite("eps", self.eps, 0, strict=True)
+        check_finite("eps_low", self.eps_low, 0, strict=True)
+        check_finite("eps_high", self.eps_high, self.eps_low)
         if self.taps is not None and len(self.taps) != 2:
-            raise ValueError(f"taps must be two module names, got {self.taps}")
-        for name in ("epochs", "batch_size", "attack_steps", "eval_pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2 (batch-norm statistics)")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.adaptive_weight_max < 1:
-            raise ValueError("adaptive_weight_max must be in [0, 1)")
-        if min(self.c_ce, self.c_bce, self.c_prod) < 0 or self.c_ce + self.c_bce + self.c_prod == 0:
-            raise ValueError("loss weights must be >= 0 and not all zero")
+            raise ConfigError(f"taps must be two module names, got {self.taps}")
+        check_counts(self, "epochs", "attack_steps", "eval_pgd_steps", "max_attack_steps", "n_train", "eval_examples")
+        check_counts(self, "batch_size", low=2)  # batch-norm statistics need two inputs
+        for name in ("std_scale", "rob_scale", "train_scale", "step_factor", "lr"):
+            check_finite(name, getattr(self, name), 0, strict=True)
+        check_finite("train_shift", self.train_shift)
+        check_finite("train_clamp_std", self.train_clamp_std, 0, strict=True)
+        check_finite("bn_momentum", self.bn_momentum, 0, below=1)
+        check_finite("adaptive_weight_max", self.adaptive_weight_max, 0, below=1)
+        for name in ("c_ce", "c_bce", "c_prod", "clean_loss_scale", "weight_decay"):
+            check_finite(name, getattr(self, name), 0)
+        if self.c_ce + self.c_bce + self.c_prod == 0:
+            raise ConfigError("loss weights c_ce, c_bce, c_prod must not all be zero")
+        check_finite("grad_clip", self.grad_clip, 0, strict=True)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError("ema_decay must be in (0, 1)")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError("warmup_fraction must be in [0, 1)")
-        if self.bn_recalibration_batches < 0:
-            raise ValueError("bn_recalibration_batches must be >= 0")
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        check_finite("warmup_fraction", self.warmup_fraction, 0, below=1)
+        check_finite("val_fraction", self.val_fraction, 0, below=1)
+        check_counts(self, "bn_recalibration_batches", low=0)
 
 
 # ---------------------------------------------------------------------------- training-time attacks
-
-
-def _apgd_available() -> bool:
-    try:
-        from ..attacks import APGD, APGDTargeted  # noqa: F401
-        from ..attacks.adaptive import adaptive_alpha_loss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def attack_loss(setting: str, weight: torch.Tensor | float = 0.0, base: str = "ce") -> Callable:
     """The attacker's objective (model, x, y) -> (N,) to maximise, for a mixed model.
 
     A: the base loss through ``mix(x, detach_alpha=True)`` (no gradient through alpha).
-    B/C: (1 - w) * base + w * BCE(alpha_logit, 1); maximising BCE(alpha, 1) = -log(alpha) drives
-    alpha down, towards the non-robust g.
+    B/C: ``adaptive_alpha_loss(weight, base)``: (1 - w) * base + w * BCE(alpha_logit, 1); maximising
+    BCE(alpha, 1) = -log(alpha) drives alpha down, towards the non-robust g.
     """
     if setting not in SETTINGS:
-        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
-    if base not in ("ce", "margin"):
-        raise ValueError(f"base loss must be 'ce' or 'margin', got {base!r}")
-
-    def base_loss(logits, y):
-        if base == "ce":
-            return F.cross_entropy(logits, y, reduction="none")
-        z_y = logits.gather(1, y[:, None]).squeeze(1)
-        other = logits.scatter(1, y[:, None], -torch.inf)
-        return other.max(1).values - z_y
-
-    def loss(model, x, y):
-        if setting == "A":
-            return base_loss(model.mix(x, detach_alpha=True).logits, y)
-        out = model.mix(x)
-        w = torch.as_tensor(weight, device=x.device, dtype=out.logits.dtype)
-        push_down = F.binary_cross_entropy_with_logits(out.alpha_logit, torch.ones_like(out.alpha_logit),
-                                                       reduction="none")
-        return (1 - w) * base_loss(out.logits, y) + w * push_down
-
-    return loss
+        raise InputError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if setting == "A":
+        base_loss = get_loss(base)
+        return lambda model, x, y: base_loss(DetachedAlpha(model), x, y)
+    return adaptive_alpha_loss(weight, base)
 
 
 def random_attack_budget(n: int, cfg: MixnetTrainConfig, rng: np.random.Generator, device, dtype=torch.float32):
@@ -234,12 +211,6 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
             attack = PGD(model, eps, cfg.norm, steps, step_size=cfg.step_factor * eps / steps,
                          loss=attack_loss(cfg.setting, w), seed=seed)
             return attack(x, y)
-        if not _apgd_available():
-            raise ValueError("setting C needs adasmooth.attacks.APGD / APGDTargeted and "
-                             "adasmooth.attacks.adaptive.adaptive_alpha_loss, which are not available")
-        from ..attacks import APGD, APGDTargeted
-        from ..attacks.adaptive import adaptive_alpha_loss, alpha_bce_loss
-
         # Half the batch untargeted APGD-CE, half targeted APGD-DLR (top other class), both with the
         # randomly weighted alpha term; misclassified inputs are attacked too (they still teach alpha).
         half = x.shape[0] // 2
@@ -256,18 +227,6 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
 
 
 # ---------------------------------------------------------------------------- training
-
-
-def _resume_path(output: str | Path) -> Path:
-    weights, _ = checkpoint_paths(output)
-    return weights.with_name(weights.name.replace(".safetensors", ".resume.pt"))
-
-
-def _comparable(cfg: MixnetTrainConfig) -> dict:
-    d = asdict(cfg)
-    for k in ("progress", "resume", "device", "eval_examples", "eval_pgd_steps"):
-        d.pop(k)
-    return d
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -330,8 +289,8 @@ def _base_snapshot(model: AdaptiveMixedClassifier) -> dict[str, torch.Tensor]:
 
 
 def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device) -> AdaptiveMixedClassifier:
-    std_model, std_info = load_checkpoint(cfg.std_checkpoint, device)
-    rob_model, rob_info = load_checkpoint(cfg.rob_checkpoint, device)
+    std_model, std_info = load_checkpoint(cfg.std, device)
+    rob_model, rob_info = load_checkpoint(cfg.rob, device)
     if std_info["num_classes"] != rob_info["num_classes"]:
         raise ValueError(f"base models disagree on the class count: g has {std_info['num_classes']}, "
                          f"h has {rob_info['num_classes']}")
@@ -341,7 +300,7 @@ def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device
         bn_momentum=cfg.bn_momentum, train_scale=cfg.train_scale, train_shift=cfg.train_shift,
         train_clamp_std=cfg.train_clamp_std,
     )
-    model.std_checkpoint, model.rob_checkpoint = cfg.std_checkpoint, cfg.rob_checkpoint
+    model.std_checkpoint, model.rob_checkpoint = cfg.std, cfg.rob
     return model.to(device)
 
 
@@ -368,19 +327,16 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = copy.deepcopy(net) if cfg.ema_decay is not None else None
     start_epoch, history = 0, []
-    resume_file = _resume_path(cfg.output)
-    if cfg.resume and resume_file.is_file():
-        state = torch.load(resume_file, map_location=device, weights_only=True)
-        if state.get("config") == _comparable(cfg):
-            net.load_state_dict(state["net"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if ema is not None and "ema" in state:
-                ema.load_state_dict(state["ema"])
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-            print(f"resuming {cfg.output} from epoch {start_epoch}")
-        else:
-            print(f"ignoring {resume_file}: it was made with a different config")
+    resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
+    state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        print(f"resuming {cfg.output} from epoch {start_epoch}")
     t0 = time.time()
     recent: collections.deque = collections.deque(maxlen=max(1, cfg.bn_recalibration_batches))
     for epoch in range(start_epoch, cfg.epochs):
@@ -434,7 +390,7 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         _assert_frozen(model, base_snapshot)
         record = {"epoch": epoch + 1, "steps": steps_per_epoch, **{k: v / count for k, v in sums.items()}}
         history.append(record)
-        _save_epoch(model, ema, cfg, history, epoch, opt, sched, resume_file, list(recent))
+        _save_epoch(model, ema, cfg, history, epoch, opt, sched, list(recent), fingerprint)
         if cfg.progress:
             print(f"[mixnet {cfg.setting}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
                   f"alpha clean {record['alpha_clean']:.3f} adv {record['alpha_adv']:.3f}")
@@ -456,7 +412,8 @@ def _export(model: AdaptiveMixedClassifier, ema: nn.Module | None, batches: list
     recalibrate_batchnorm(model, batches)
 
 
-def _save_epoch(model, ema, cfg, history, epoch, opt, sched, resume_file: Path, batches: list) -> None:
+def _save_epoch(model, ema, cfg, history, epoch, opt, sched, batches: list, fingerprint: dict) -> None:
+    """The epoch's checkpoint (exported network) and the resume file (live network and optimizer)."""
     net = model.mixing_net
     live_state = copy.deepcopy(net.state_dict())  # training goes on from the live weights and statistics
     _export(model, ema, batches)
@@ -464,14 +421,11 @@ def _save_epoch(model, ema, cfg, history, epoch, opt, sched, resume_file: Path, 
                                                  "training": {"config": asdict(cfg), "history": history,
                                                               "complete": False}})
     net.load_state_dict(live_state)
-    resume_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = resume_file.with_name(resume_file.name + ".tmp")
     state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch + 1, "history": history, "config": _comparable(cfg)}
+             "epoch": epoch + 1, "history": history}
     if ema is not None:
         state["ema"] = ema.state_dict()
-    torch.save(state, tmp)
-    tmp.replace(resume_file)
+    save_resume_state(resume_path(cfg.output), state, fingerprint)
 
 
 @torch.no_grad()
@@ -499,278 +453,3 @@ def _quick_eval(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrainC
             "alpha_clean_mean": torch.cat(alphas["clean"]).mean().item(),
             f"alpha_pgd{s}_mean": torch.cat(alphas["pgd"]).mean().item(),
             "eval_examples": len(data), "eval_eps": cfg.eps, "eval_norm": cfg.norm}
-
-
-# ---------------------------------------------------------------------------- calibration
-
-
-@torch.no_grad()
-def _cached_outputs(model: AdaptiveMixedClassifier, data: Dataset, batch_size: int = 256):
-    """g and h logits and the BN-normalised gamma of every example, computed once."""
-    model.eval()
-    device = next(model.mixing_net.parameters()).device
-    gs, hs, zs, ys = [], [], [], []
-    for x, y in data.batches(batch_size):
-        g, h, first, second = model.base_outputs(x.to(device))
-        zs.append(model.mixing_net.normalized_gamma(model.mixing_net.gamma(first, second)))
-        gs.append(g)
-        hs.append(h)
-        ys.append(y.to(device))
-    return torch.cat(gs), torch.cat(hs), torch.cat(zs), torch.cat(ys)
-
-
-def _bisect_decreasing(acc_of: Callable[[float], float], lo: float, hi: float, target: float,
-                       iters: int = 40) -> tuple[float, float, bool]:
-    """Largest value in [lo, hi] whose accuracy is >= target, for an accuracy falling with the value.
-
-    Returns (value, accuracy, reached). ``reached`` is False when even ``lo`` falls short (then
-    ``lo`` is returned). Accuracy is a step function and only roughly monotone, so the invariant
-    acc(lo) >= target > acc(hi) is what bisection keeps.
-    """
-    acc_lo, acc_hi = acc_of(lo), acc_of(hi)
-    if acc_hi >= target:
-        return hi, acc_hi, True
-    if acc_lo < target:
-        return lo, acc_lo, False
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        acc_mid = acc_of(mid)
-        if acc_mid >= target:
-            lo, acc_lo = mid, acc_mid
-        else:
-            hi = mid
-    return lo, acc_lo, True
-
-
-def calibrate_adaptive(
-    model: AdaptiveMixedClassifier,
-    data: Dataset,
-    target_acc: float,
-    param: Literal["shift", "alpha_min"] = "shift",
-    scale: float | None = None,
-    alpha_range: tuple[float, float] | None = None,
-    range_width: float | None = None,
-    shift_bounds: tuple[float, float] = (-20.0, 20.0),
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """Set the mixing network's eval shift (or alpha_min, with a fixed range width) so that the clean
-    accuracy on ``data`` is as close to ``target_acc`` (%) from above as the data allow, keeping alpha
-    as large (robust) as possible. Writes the result into the network's buffers; returns a summary.
-    """
-    net = model.mixing_net
-    if not 0 < target_acc <= 100:
-        raise ValueError(f"target_acc is a percentage in (0, 100], got {target_acc}")
-    if scale is not None or alpha_range is not None:
-        net.set_eval_head(scale=scale, alpha_range=alpha_range)
-    g, h, z, y = _cached_outputs(model, data, batch_size)
-    eval_scale = float(net.eval_scale)
-
-    def acc(shift: float, lo: float, hi: float) -> float:
-        alpha, _ = ranged_alpha(z * eval_scale + shift, lo, hi)
-        logits = mix_logits(g, h, alpha, model.std_scale, model.rob_scale)
-        return 100.0 * (logits.argmax(1) == y).float().mean().item()
-
-    if param == "shift":
-        lo_a, hi_a = float(net.alpha_min), float(net.alpha_max)
-        value, reached_acc, reached = _bisect_decreasing(lambda s: acc(s, lo_a, hi_a), *shift_bounds, target_acc)
-        net.set_eval_head(shift=value)
-    elif param == "alpha_min":
-        width = range_width if range_width is not None else float(net.alpha_max - net.alpha_min)
-        if not 0 < width <= 1:
-            raise ValueError(f"range_width must be in (0, 1], got {width}")
-        shift = float(net.eval_shift)
-        value, reached_acc, reached = _bisect_decreasing(lambda m: acc(shift, m, m + width), 0.0, 1.0 - width,
-                                                         target_acc)
-        net.set_eval_head(alpha_range=(value, value + width))
-    else:
-        raise ValueError(f"param must be 'shift' or 'alpha_min', got {param!r}")
-    alpha, _ = ranged_alpha(z * eval_scale + float(net.eval_shift), float(net.alpha_min), float(net.alpha_max))
-    return {"param": param, "value": value, "clean_acc": reached_acc, "target_acc": target_acc,
-            "reached": reached, "eval_head": net.eval_head(), "alpha_mean": alpha.mean().item(),
-            "examples": len(data)}
-
-
-@torch.no_grad()
-def calibrate_fixed_alpha(std_model: nn.Module, rob_model: nn.Module, data: Dataset, target_acc: float,
-                          std_scale: float = 1.0, rob_scale: float = 1.0, batch_size: int = 256) -> dict[str, Any]:
-    """The largest fixed alpha whose mixed classifier keeps a clean accuracy >= ``target_acc`` (%)."""
-    std_model.eval()
-    rob_model.eval()
-    device = next(std_model.parameters()).device
-    gs, hs, ys = [], [], []
-    for x, y in data.batches(batch_size):
-        x = x.to(device)
-        gs.append(std_model(x))
-        hs.append(rob_model(x))
-        ys.append(y.to(device))
-    g, h, y = torch.cat(gs), torch.cat(hs), torch.cat(ys)
-
-    def acc(a: float) -> float:
-        logits = mix_logits(g, h, torch.tensor(a, dtype=torch.float64), std_scale, rob_scale)
-        return 100.0 * (logits.argmax(1) == y).float().mean().item()
-
-    alpha, reached_acc, reached = _bisect_decreasing(acc, 0.0, 1.0, target_acc)
-    return {"alpha": alpha, "clean_acc": reached_acc, "target_acc": target_acc, "reached": reached,
-            "examples": len(data)}
-
-
-# ---------------------------------------------------------------------------- Table 2/3 report
-
-# Which attacks of ``adasmooth.evaluation`` fill each column. A base model has no alpha(x): its A
-# and B columns are PGD-20, C the reference AutoAttack, and D the APGD-CE + APGD-T pair that
-# adaptive AutoAttack is built on (without the alpha term, which has nothing to act on).
-_BASE_ATTACKS = {"A": ["pgd"], "B": ["pgd"], "C": ["autoattack"], "D": ["apgd-ce", "apgd-t"]}
-
-
-def report_table(models: dict[str, nn.Module], data: Dataset, eps: float, norm: str = "linf",
-                 settings: Sequence[str] = ("A", "B", "C", "D"), batch_size: int = 250, seed: int = 0,
-                 progress: bool = True, attack_options: dict | None = None) -> list[dict[str, Any]]:
-    """Table 2/3 rows: per model its clean accuracy and its accuracy (%) under each setting.
-
-    A gray-box PGD-20, B white-box PGD-20, C AutoAttack, D adaptive AutoAttack (the alpha term), as
-    defined by ``adasmooth.evaluation.make_attack``; mixed models also report their mean alpha.
-    """
-    from ..evaluate.robustness import evaluate_robustness
-
-    bad = [s for s in settings if s not in _BASE_ATTACKS]
-    if bad:
-        raise ValueError(f"unknown setting(s) {bad}; use A, B, C, D")
-    rows = []
-    for name, model in models.items():
-        model.eval()
-        mixed = hasattr(model, "mix")
-        columns = {s: ([s] if mixed else _BASE_ATTACKS[s]) for s in settings}
-        attacks = list(dict.fromkeys(a for names in columns.values() for a in names))
-        rep = evaluate_robustness(model, data, attacks=attacks, eps=eps, norm=norm, batch_size=batch_size,
-                                  seed=seed, progress=progress, attack_options=attack_options)
-        row: dict[str, Any] = {"model": name, "clean": rep.accuracy()}
-        for s, names in columns.items():
-            ok = [c and all(rep.robust[a][i] is not False for a in names) for i, c in enumerate(rep.clean_correct)]
-            row[s] = 100.0 * sum(ok) / max(1, len(ok))
-        if mixed:
-            device = next(model.parameters()).device
-            with torch.no_grad():
-                alphas = [model.mix(x.to(device)).alpha.reshape(-1) for x, _ in data.batches(batch_size)]
-            row["alpha_mean"] = float(torch.cat(alphas).float().mean())
-        row["seconds"] = sum(rep.seconds.values())
-        rows.append(row)
-    return rows
-
-
-def fixed_alpha_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: float, std_scale: float = 1.0,
-                           rob_scale: float = 1.0) -> MixedClassifier:
-    """The fixed-alpha counterpart (Eq. 3.4) with the same base models and logit scales."""
-    return MixedClassifier(std_model, rob_model, alpha, std_scale=std_scale, rob_scale=rob_scale).eval()
-
-
-# ---------------------------------------------------------------------------- calibration run (CLI)
-
-
-@dataclass
-class CalibrateConfig:
-    checkpoints: list[str] = field(default_factory=list)  # adaptive classifiers (e.g. one per setting A/B/C)
-    target_acc: float | None = None  # clean accuracy (%) to reach on the calibration data
-    target_between: float | None = None  # or: h's accuracy + this fraction of the gap to g's
-    param: Literal["shift", "alpha_min"] = "shift"
-    scale: float | None = None  # eval-time sigmoid scale (default: keep the stored one)
-    alpha_range: list[float] | None = None  # eval-time (alpha_min, alpha_max)
-    range_width: float | None = None  # with param=alpha_min: alpha_max - alpha_min
-    dataset: str | None = None  # default: the one recorded in the checkpoint
-    data_dir: str | None = None
-    split: Literal["val", "test"] = "val"
-    val_fraction: float = 0.1
-    calib_offset: int = 0
-    calib_examples: int | None = None
-    output: str | None = None  # calibrated checkpoint (one input); default <checkpoint>-calibrated
-    report: bool = False
-    report_settings: list[str] = field(default_factory=lambda: ["A", "B", "C", "D"])
-    eval_examples: int = 500
-    eval_offset: int = 0
-    eps: float | None = None  # default: the training eps
-    norm: Literal["linf", "l2"] | None = None
-    batch_size: int = 250
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not self.checkpoints:
-            raise ValueError("give at least one adaptive classifier checkpoint")
-        if (self.target_acc is None) == (self.target_between is None):
-            raise ValueError("give exactly one of target_acc and target_between")
-        if self.target_acc is not None and not 0 < self.target_acc <= 100:
-            raise ValueError(f"target_acc is a percentage in (0, 100], got {self.target_acc}")
-        if self.target_between is not None and not 0 <= self.target_between <= 1:
-            raise ValueError(f"target_between must be in [0, 1], got {self.target_between}")
-        if self.output and len(self.checkpoints) > 1:
-            raise ValueError("output names one calibrated checkpoint; with several inputs leave it unset")
-        if self.alpha_range is not None and len(self.alpha_range) != 2:
-            raise ValueError("alpha_range must be two numbers: min, max")
-        bad = [s for s in self.report_settings if s not in ("A", "B", "C", "D")]
-        if bad:
-            raise ValueError(f"unknown report settings {bad}; use A, B, C, D")
-
-
-def _calibration_data(cfg: CalibrateConfig, dataset: str) -> Dataset:
-    data = load_dataset(dataset, cfg.split, cfg.data_dir, cfg.val_fraction if cfg.split == "val" else 0.0, cfg.seed)
-    end = len(data) if cfg.calib_examples is None else cfg.calib_offset + cfg.calib_examples
-    if cfg.calib_offset >= len(data):
-        raise ValueError(f"calib_offset {cfg.calib_offset} is past the {len(data)} {cfg.split} examples")
-    return Dataset(data.x[cfg.calib_offset:end], data.y[cfg.calib_offset:end], data.num_classes, data.name, data.split)
-
-
-def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
-    """Calibrate each adaptive classifier and the fixed-alpha counterpart; optionally the report table."""
-    from ..mixing.adaptive import load_adaptive_classifier
-
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    loaded = [load_adaptive_classifier(p, device=device) for p in cfg.checkpoints]
-    first_model, first_info = loaded[0]
-    dataset = cfg.dataset or first_info.get("dataset")
-    if not dataset:
-        raise ValueError("the checkpoint records no dataset; pass dataset")
-    calib = _calibration_data(cfg, dataset)
-    g, h = first_model.std_model, first_model.rob_model
-    acc_g, acc_h = clean_accuracy(g, calib, cfg.batch_size, device), clean_accuracy(h, calib, cfg.batch_size, device)
-    target = cfg.target_acc if cfg.target_acc is not None else acc_h + cfg.target_between * (acc_g - acc_h)
-    results: dict[str, Any] = {"target_acc": target, "calibration": {"split": cfg.split, "examples": len(calib),
-                                                                      "std_clean_acc": acc_g, "rob_clean_acc": acc_h},
-                               "adaptive": []}
-    out_paths = []
-    for path, (model, info) in zip(cfg.checkpoints, loaded):
-        summary = calibrate_adaptive(model, calib, target, cfg.param, cfg.scale,
-                                     tuple(cfg.alpha_range) if cfg.alpha_range else None, cfg.range_width,
-                                     batch_size=cfg.batch_size)
-        out = cfg.output or str(checkpoint_paths(path)[0].with_suffix("")) + "-calibrated"
-        meta = {k: v for k, v in info.items() if k not in ("provenance", "eval_head", "mixing_net", "taps",
-                                                           "std_scale", "rob_scale", "detach_features",
-                                                           "format_version", "kind", "num_classes")}
-        meta["calibration"] = {**summary, "source": str(path), "split": cfg.split, "dataset": dataset}
-        save_adaptive_classifier(model, out, meta)
-        out_paths.append(out)
-        results["adaptive"].append({"checkpoint": str(path), "calibrated": out, "setting": info.get("setting"),
-                                    **summary})
-    fixed = calibrate_fixed_alpha(g, h, calib, target, first_model.std_scale, first_model.rob_scale, cfg.batch_size)
-    results["fixed"] = fixed
-    if cfg.report:
-        train_cfg = first_info.get("training", {}).get("config", {})
-        eps = cfg.eps if cfg.eps is not None else train_cfg.get("eps")
-        norm = cfg.norm or train_cfg.get("norm", "linf")
-        if eps is None:
-            raise ValueError("no eps given and none recorded in the checkpoint")
-        test = load_dataset(dataset, "test", cfg.data_dir)
-        test = Dataset(test.x[cfg.eval_offset:cfg.eval_offset + cfg.eval_examples],
-                       test.y[cfg.eval_offset:cfg.eval_offset + cfg.eval_examples], test.num_classes, test.name, "test")
-        models: dict[str, nn.Module] = {"g (standard)": g, "h (robust)": h}
-        for (model, info), entry in zip(loaded, results["adaptive"]):
-            label = f"adaptive ({info.get('setting') or '?'})"
-            while label in models:
-                label += "'"
-            models[label] = model
-        models[f"fixed alpha={fixed['alpha']:.4f}"] = fixed_alpha_classifier(
-            g, h, fixed["alpha"], first_model.std_scale, first_model.rob_scale)
-        results["report"] = {"eps": eps, "norm": norm, "examples": len(test),
-                             "rows": report_table(models, test, eps, norm, cfg.report_settings, cfg.batch_size,
-                                                  cfg.seed, cfg.progress)}
-    return results

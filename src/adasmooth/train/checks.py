@@ -1,0 +1,37 @@
+"""Range checks shared by the validate() methods of the training and calibration configs.
+
+Each raises a one-line ConfigError naming the option. Comparisons are written so that NaN, which
+fails every comparison, is rejected too (``lr=nan`` must not slip through ``lr <= 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..core.errors import ConfigError
+
+__all__ = ["check_finite", "check_counts"]
+
+
+def check_finite(name: str, value: float | None, low: float | None = None, *, strict: bool = False,
+                 below: float | None = None) -> None:
+    """Unless ``value`` is None (unset): it must be finite, >= ``low`` (> with ``strict``) and < ``below``."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if ok and below is not None:
+        ok = value < below
+    if not ok:
+        bounds = ([] if low is None else [f"{'>' if strict else '>='} {low}"]) + ([] if below is None else [f"< {below}"])
+        raise ConfigError(f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {value}")
+
+
+def check_counts(cfg: Any, *names: str, low: int = 1, prefix: str = "") -> None:
+    """Each named integer field of ``cfg`` must be unset (None) or >= ``low``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value >= low:
+            raise ConfigError(f"{prefix}{name} must be >= {low}, got {value}")

@@ -1,0 +1,13 @@
+"""PGD adversarial training (Madry et al. 2018): cross-entropy on PGD inputs of radius ``eps``."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .base import TRAINING_METHODS, craft_adversarial
+
+
+@TRAINING_METHODS.register("pgd", description="cross-entropy on PGD-attacked inputs (Madry et al.)")
+def pgd_loss(model, batch, cfg, ctx):
+    x, y, _ = batch
+    return F.cross_entropy(model(craft_adversarial(model, x, y, cfg)), y)
