@@ -409,7 +409,7 @@ def test_build_targets_reads_sigma_from_checkpoint(tmp_path):
                       eval_examples=8, eval_pgd_steps=1, model_kwargs={"width": 4, "hidden": 16},
                       output=str(tmp_path / "gauss"), progress=False, resume=False)
     train_base(cfg)
-    targets = from_mapping(CatrsTargetsConfig, {"checkpoint": str(tmp_path / "gauss"), "output": str(tmp_path / "t"),
+    targets = from_mapping(CatrsTargetsConfig, {"model": str(tmp_path / "gauss"), "output": str(tmp_path / "t"),
                                                 "samples": 3, "n_train": 64, "device": "cpu", "progress": False})
     assert build_targets(targets) == tmp_path / "t.safetensors"
     loaded = load_smoothed_targets(tmp_path / "t")

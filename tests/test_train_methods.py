@@ -101,7 +101,7 @@ def test_yaml_catrs_block_builds_catrs_options(tmp_path):
     (CalibrateConfig, {"mixnet": ["m"], "target_acc": 80.0}, "target_acc", math.nan),
     (CalibrateConfig, {"mixnet": ["m"], "target_acc": 80.0}, "scale", math.nan),
     (CalibrateConfig, {"mixnet": ["m"], "target_acc": 80.0}, "eps", math.inf),
-    (CatrsTargetsConfig, {"checkpoint": "c", "output": "o"}, "sigma", math.nan),
+    (CatrsTargetsConfig, {"model": "c", "output": "o"}, "sigma", math.nan),
 ])
 def test_numeric_options_reject_nan_and_inf(cls, base, field, value):
     from_mapping(cls, dict(base))  # the base mapping itself is valid
@@ -117,7 +117,7 @@ def test_shared_option_names_and_required_inputs():
         from_mapping(MixnetTrainConfig, {"std": "g"})
     with pytest.raises(ConfigError, match="mixnet"):
         from_mapping(CalibrateConfig, {"target_acc": 80.0})
-    with pytest.raises(ConfigError, match="checkpoint"):
+    with pytest.raises(ConfigError, match="model is required"):
         from_mapping(CatrsTargetsConfig, {"output": "o"})
     for cls in (TrainConfig, MixnetTrainConfig, CalibrateConfig, CatrsTargetsConfig):
         names = {f.name for f in dataclasses.fields(cls)}

@@ -1,7 +1,12 @@
 """The ``adasmooth`` command: a thin layer over the library.
 
-Each sub-command lives in its own module ``adasmooth.cli.<module>`` exposing
-``add_arguments(parser)`` and ``run(args) -> int``; only the chosen one is imported.
+Each sub-command is a module ``adasmooth.cli.<module>`` with ``CONFIG`` (its config dataclass: the options
+are generated from it, see :mod:`adasmooth.cli.options`), ``run(cfg) -> int`` and optionally
+``epilog() -> str`` (text shown after the options in ``--help``). Only the chosen module
+is imported. Every command also takes ``--config FILE`` (YAML/JSON with the same keys as the options;
+options given on the command line win) and ``--debug``.
+
+Errors caused by the user's input print one line and exit with code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +15,16 @@ import argparse
 import importlib
 import sys
 
+from ..core.errors import AdasmoothError
+from .options import add_config_options, config_from_args
+
+__all__ = ["COMMANDS", "main", "build_parser"]
+
 # (command, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "train a standard and a robust model on digits, run the alpha sweep (offline, CPU)"),
     ("train-base", "train_base", "train a base model: standard, pgd, trades, gaussian, cat-rs"),
+    ("catrs-targets", "catrs_targets", "cache smoothed soft labels of a training set for CAT-RS"),
     ("sweep", "sweep", "accuracy of fixed-alpha mixtures under STD/ROB/MIX PGD attacks, per alpha"),
     ("evaluate", "evaluate", "attack a model or a mixture: PGD, APGD, AutoAttack, adaptive settings A-D"),
     ("train-mixnet", "train_mixnet", "train the mixing network alpha(x) against adaptive attacks"),
@@ -21,9 +32,18 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("certify", "certify", "certified radii: randomized smoothing and the mixed classifier's guarantees"),
     ("analyze", "analyze", "local Lipschitz estimates and confidence-gap analysis of base models"),
 ]
+MODULES = {name: module for name, module, _ in COMMANDS}
+
+# Errors that mean "bad input" rather than "bug": one line and exit code 2.
+USER_ERRORS = (AdasmoothError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def _parser(chosen: str | None) -> argparse.ArgumentParser:
+def command_module(name: str):
+    return importlib.import_module(f"{__name__}.{MODULES[name]}")
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``chosen`` command's options are generated (its module is imported)."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -31,27 +51,45 @@ def _parser(chosen: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"adasmooth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
-            importlib.import_module(f"{__name__}.{module}").add_arguments(p)
+    for name, _, help_text in COMMANDS:
+        if name != chosen:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
+        module = command_module(name)
+        epilog = module.epilog() if hasattr(module, "epilog") else None
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", metavar="FILE", default=None,
+                       help="YAML/JSON file with the same keys as the options; options given here win")
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        add_config_options(p, module.CONFIG)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) \
+            and getattr(err, "filename", None) and str(err.filename) not in text:
+        text += f": {err.filename}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    names = {c[0]: c[1] for c in COMMANDS}
-    parser = _parser(chosen if chosen in names else None)
+    parser = build_parser(chosen if chosen in MODULES else None)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(f"{__name__}.{names[args.command]}")
+    module = command_module(args.command)
     try:
-        return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"adasmooth {args.command}: error: {err}", file=sys.stderr)
+        cfg = config_from_args(module.CONFIG, args, args.config)
+        return int(module.run(cfg) or 0)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"adasmooth {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"adasmooth {args.command}: interrupted; finished epochs/batches are saved", file=sys.stderr)

@@ -11,43 +11,56 @@ Outputs: <output>.json, <output>_gap.png (histograms), <output>_lipschitz.png, a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from ..core.config import merge_cli
-from .common import add_common, add_data, add_threat, cli_values, parse_floats
+from ..core.config import (
+    RunOptions,
+    batch_size_option,
+    data_dir_option,
+    dataset_option,
+    force_dataset_option,
+    n_examples_option,
+    option,
+    output_option,
+)
+from .common import (
+    check_input_shape,
+    check_outputs_not_inputs,
+    checkpoint_files,
+    recorded_dataset,
+    recorded_threat,
+)
 
 
 @dataclass
-class AnalyzeConfig:
-    std: str | None = None  # standard model g
-    rob: str | None = None  # robust model h
-    what: Literal["gap", "lipschitz", "both"] = "both"
-    dataset: str | None = None  # default: the checkpoints' data set
-    data_dir: str | None = None
-    split: Literal["train", "val", "test"] = "test"
-    norm: Literal["linf", "l2"] = "linf"
-    eps: float | None = None  # default: the robust checkpoint's evaluation eps
-    n_examples: int | None = 1000
-    batch_size: int = 250
-    aa_steps: int = 100  # APGD iterations for the AutoAttack-style column
-    lipschitz_steps: int = 20  # PGD steps per class for Eq. C.1
-    lipschitz_restarts: int = 1
-    alphas: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    seed: int = 0
-    device: str = "auto"
-    output: str = "runs/analyze"
-    progress: bool = True
+class AnalyzeConfig(RunOptions):
+    std: str | None = option(None, help="standard model checkpoint g")
+    rob: str | None = option(None, help="robust model checkpoint h")
+    what: Literal["gap", "lipschitz", "both"] = option("both", help="which analysis")
+    dataset: str | None = dataset_option()
+    force_dataset: bool = force_dataset_option()
+    data_dir: str | None = data_dir_option()
+    split: Literal["train", "val", "test"] = option("test", help="data split")
+    norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
+    eps: float | None = option(None, help="attack radius; none: the robust checkpoint's evaluation eps")
+    n_examples: int | None = n_examples_option(1000)
+    batch_size: int = batch_size_option(250)
+    aa_steps: int = option(100, help="APGD iterations for the AutoAttack-style column")
+    lipschitz_steps: int = option(20, help="PGD steps per class for the local Lipschitz estimate (Eq. C.1)")
+    lipschitz_restarts: int = option(1, help="PGD restarts for Eq. C.1")
+    alphas: list[float] = option(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                                 help="alphas for the estimated radii")
+    output: str = output_option("runs/analyze", "output prefix: PREFIX.json and PNGs beside it")
 
     def validate(self) -> None:
         if self.std is None and self.rob is None:
             raise ValueError("give --std CKPT and/or --rob CKPT")
         if self.what in ("lipschitz", "both") and self.rob is None:
             raise ValueError("the Lipschitz analysis needs --rob CKPT (the robust model h)")
-        if self.eps is not None and self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.eps is not None and not 0 < self.eps <= 1:
+            raise ValueError(f"eps must lie in (0, 1], got {self.eps}")
         for name in ("batch_size", "aa_steps", "lipschitz_steps", "lipschitz_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -57,20 +70,7 @@ class AnalyzeConfig:
             raise ValueError("alphas must lie in [0, 1]")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, output_default="runs/analyze")
-    add_data(p)
-    add_threat(p)
-    p.add_argument("--std", default=None, help="standard model checkpoint g")
-    p.add_argument("--rob", default=None, help="robust model checkpoint h")
-    p.add_argument("--what", choices=["gap", "lipschitz", "both"], default=None, help="which analysis (default both)")
-    p.add_argument("--split", choices=["train", "val", "test"], default=None, help="data split (default test)")
-    p.add_argument("--n-examples", type=int, default=None, help="analyse the first N inputs (default 1000)")
-    p.add_argument("--batch-size", type=int, default=None, help="inputs per attack batch (default 250)")
-    p.add_argument("--aa-steps", type=int, default=None, help="APGD iterations for the AutoAttack column (default 100)")
-    p.add_argument("--lipschitz-steps", type=int, default=None, help="PGD steps for Eq. C.1 (default 20)")
-    p.add_argument("--lipschitz-restarts", type=int, default=None, help="PGD restarts for Eq. C.1 (default 1)")
-    p.add_argument("--alphas", type=parse_floats, default=None, help="alphas for the estimated radii")
+CONFIG = AnalyzeConfig
 
 
 def _fmt_gap_rows(rows):
@@ -84,34 +84,29 @@ def _fmt_gap_rows(rows):
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: AnalyzeConfig) -> int:
     from ..evaluate.analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
     from ..models.checkpoint import load_checkpoint
     from ..data import load_dataset
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
 
-    keys = [f.name for f in dataclasses.fields(AnalyzeConfig)]
-    cfg = merge_cli(AnalyzeConfig, args.config, cli_values(args, keys))
+    paths = {name: path for name, path in (("g", cfg.std), ("h", cfg.rob)) if path is not None}
+    check_outputs_not_inputs([f"{cfg.output}.json"], [f for p in paths.values() for f in checkpoint_files(p)])
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     models, infos = {}, {}
-    for name, path in (("g", cfg.std), ("h", cfg.rob)):
-        if path is not None:
-            models[name], infos[name] = load_checkpoint(path, device)
+    for name, path in paths.items():
+        models[name], infos[path] = load_checkpoint(path, device)
     classes = {int(i["num_classes"]) for i in infos.values()}
     if len(classes) > 1:
         raise ValueError(f"the models disagree on the class count: {sorted(classes)}")
-    dataset = cfg.dataset or next((i.get("dataset") for i in infos.values() if i.get("dataset")), None)
-    if dataset is None:
-        raise ValueError("the checkpoints do not name their data set; give --dataset")
-    eps = cfg.eps
-    if eps is None:
-        ref = infos.get("h") or infos.get("g")
-        eps = (ref.get("metrics") or {}).get("eval_eps")
-        if eps is None:
-            raise ValueError("give --eps (the checkpoint records no evaluation eps)")
+    dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
+    reference = cfg.rob or cfg.std
+    eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[reference], reference)
+    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
     data = load_dataset(dataset, cfg.split, cfg.data_dir).subset(cfg.n_examples)
+    check_input_shape(infos, data.input_shape, dataset)
     x, y = data.x.to(device), data.y.to(device)
     results: dict = {"dataset": dataset, "eps": eps, "norm": cfg.norm, "n": len(data)}
     if cfg.what in ("gap", "both"):

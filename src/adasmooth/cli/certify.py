@@ -1,53 +1,56 @@
-"""``adasmooth certify``: randomized-smoothing certificates of a base model, alone and mixed with g.
+"""``adasmooth certify``: randomized-smoothing certificates of base models and of their mixtures.
 
 Examples::
 
-    adasmooth certify --model runs/gauss025 --dataset mnist --n 10000 --n-examples 500
+    adasmooth certify --model runs/gauss025 runs/gauss05 --n 100000 --n-examples 500
     adasmooth certify --model runs/gauss025 --std runs/std --alpha 0.8,0.9 --hardmax
-    adasmooth certify --model runs/gauss025 runs/gauss05 --std runs/std   # + Figure-6 frontier
 
-sigma comes from each checkpoint's sidecar ("sigma", written by gaussian / cat-rs training) unless
---sigma is given. Outputs: <output>_sigma<S>.tsv (Cohen's layout, written per input),
-<output>_sigma<S>_counts.json (partial counts), <output>_sigma<S>_mixed_alpha<A>.tsv, <output>.json,
-<output>_curves.png and, with several models and --std, <output>_frontier_{rs,lip}.png.
+sigma comes from each checkpoint's sidecar unless ``--sigma`` is given; the data set likewise.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from ..core.config import merge_cli
-from .common import add_common, add_data, cli_values, parse_floats
+from ..core.config import (
+    RunOptions,
+    data_dir_option,
+    dataset_option,
+    force_dataset_option,
+    n_examples_option,
+    option,
+    output_option,
+)
+from .common import check_input_shape, check_outputs_not_inputs, checkpoint_files, recorded_dataset
 
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
 
 @dataclass
-class CertifyConfig:
-    model: list[str] = field(default_factory=list)  # smoothed base model(s) h; the first is the frontier baseline
-    sigma: float | None = None  # noise level (only with one model); default: the checkpoint's sidecar
-    std: str | None = None  # standard model g for the mixed certificate
-    alpha: list[float] = field(default_factory=list)  # mixing weights of h to certify
-    hardmax: bool = False  # one-hot g (Appendix A.2)
-    std_scale: float = 1.0
-    dataset: str | None = None  # default: the checkpoint's data set
-    data_dir: str | None = None
-    split: Literal["train", "val", "test"] = "test"
-    n0: int = 100
-    n: int = 100_000
-    alpha_conf: float = 0.001  # failure probability of every certificate
-    batch_size: int = 1000
-    n_examples: int | None = 500
-    skip: int = 1
-    radii: list[float] = field(default_factory=lambda: list(DEFAULT_RADII))
-    frontier_alphas: list[float] = field(default_factory=lambda: [round(0.5 + 0.01 * i, 2) for i in range(51)])
-    seed: int = 0
-    device: str = "auto"
-    output: str = "runs/certify"
-    progress: bool = True
+class CertifyConfig(RunOptions):
+    model: list[str] = option(default_factory=list,
+                              help="smoothed base model checkpoint(s) h; the first is the frontier baseline")
+    sigma: float | None = option(None, help="noise level (one model only); none: the checkpoint's sigma")
+    std: str | None = option(None, help="standard model g: also certify the mixture (Theorems A.2 and 3.5)")
+    alpha: list[float] = option(default_factory=list, help="mixing weight(s) of h to certify, e.g. 0.8,0.9")
+    hardmax: bool = option(False, help="use a one-hot g (Appendix A.2)")
+    std_scale: float = option(1.0, help="logit scale of g")
+    dataset: str | None = dataset_option()
+    force_dataset: bool = force_dataset_option()
+    data_dir: str | None = data_dir_option()
+    split: Literal["train", "val", "test"] = option("test", help="data split")
+    n0: int = option(100, help="selection draws per input")
+    n: int = option(100_000, help="estimation draws per input")
+    alpha_conf: float = option(0.001, help="failure probability of every certificate")
+    batch_size: int = option(1000, help="noisy copies per forward pass")
+    n_examples: int | None = n_examples_option(500)
+    skip: int = option(1, help="certify every k-th input")
+    radii: list[float] = option(default_factory=lambda: list(DEFAULT_RADII), help="radii of the curves")
+    frontier_alphas: list[float] = option(default_factory=lambda: [round(0.5 + 0.01 * i, 2) for i in range(51)],
+                                          help="alpha grid searched for the (alpha, sigma) frontier")
+    output: str = output_option("runs/certify", "output prefix: PREFIX.json, TSVs and PNGs beside it")
 
     def validate(self) -> None:
         if not self.model:
@@ -71,39 +74,21 @@ class CertifyConfig:
             raise ValueError("std_scale must be > 0")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, output_default="runs/certify")
-    add_data(p)
-    p.add_argument("--model", nargs="+", default=None, help="smoothed base model checkpoint(s) h")
-    p.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's 'sigma')")
-    p.add_argument("--std", default=None, help="standard model g: also certify the mixture (Theorems A.2 and 3.5)")
-    p.add_argument("--alpha", type=parse_floats, default=None, help="mixing weight(s) of h, e.g. 0.8,0.9")
-    p.add_argument("--hardmax", action="store_const", const=True, default=None, help="use a one-hot g (App. A.2)")
-    p.add_argument("--std-scale", type=float, default=None, help="logit scale of g (default 1)")
-    p.add_argument("--split", choices=["train", "val", "test"], default=None, help="data split (default test)")
-    p.add_argument("--n0", type=int, default=None, help="selection draws per input (default 100)")
-    p.add_argument("--n", type=int, default=None, help="estimation draws per input (default 100000)")
-    p.add_argument("--alpha-conf", type=float, default=None, help="failure probability (default 0.001)")
-    p.add_argument("--batch-size", type=int, default=None, help="noisy copies per forward pass (default 1000)")
-    p.add_argument("--n-examples", type=int, default=None, help="certify at most N inputs (default 500)")
-    p.add_argument("--skip", type=int, default=None, help="certify every k-th input (default 1)")
-    p.add_argument("--radii", type=parse_floats, default=None, help="radii for the curves (default 0:1.5:0.05)")
-    p.add_argument("--frontier-alphas", type=parse_floats, default=None,
-                   help="alpha grid searched for the frontier (default 0.5:1:0.01)")
+CONFIG = CertifyConfig
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: CertifyConfig) -> int:
     from ..certify.report import certify_smoothed_models, summary_rows
     from ..models.checkpoint import load_checkpoint, read_sidecar
     from ..data import load_dataset
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
 
-    keys = [f.name for f in dataclasses.fields(CertifyConfig)]
-    cfg = merge_cli(CertifyConfig, args.config, cli_values(args, keys))
+    inputs = [f for p in [*cfg.model, cfg.std] if p for f in checkpoint_files(p)]
+    check_outputs_not_inputs([f"{cfg.output}.json"], inputs)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    models, dataset, num_classes = {}, cfg.dataset, None
+    models, infos, num_classes = {}, {}, None
     for path in cfg.model:
         info = read_sidecar(path)
         sigma = cfg.sigma if cfg.sigma is not None else info.get("sigma")
@@ -111,20 +96,20 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{path} has no 'sigma' in its sidecar (not trained with noise?); give --sigma")
         if float(sigma) in models:
             raise ValueError(f"two models share sigma={sigma}")
-        model, info = load_checkpoint(path, device)
+        model, infos[path] = load_checkpoint(path, device)
         models[float(sigma)] = model
-        dataset = dataset or info.get("dataset")
-        if num_classes is not None and int(info["num_classes"]) != num_classes:
+        if num_classes is not None and int(infos[path]["num_classes"]) != num_classes:
             raise ValueError("the models disagree on the class count")
-        num_classes = int(info["num_classes"])
-    if dataset is None:
-        raise ValueError("the checkpoint does not name its data set; give --dataset")
+        num_classes = int(infos[path]["num_classes"])
     std_model = None
     if cfg.std is not None:
-        std_model, std_info = load_checkpoint(cfg.std, device)
-        if int(std_info["num_classes"]) != num_classes:
-            raise ValueError(f"g has {std_info['num_classes']} classes but h has {num_classes}")
+        std_model, infos[cfg.std] = load_checkpoint(cfg.std, device)
+        if int(infos[cfg.std]["num_classes"]) != num_classes:
+            raise ValueError(f"g has {infos[cfg.std]['num_classes']} classes but h has {num_classes}")
+    dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
+    cfg = dataclasses.replace(cfg, dataset=dataset)
     data = load_dataset(dataset, cfg.split, cfg.data_dir)
+    check_input_shape(infos, data.input_shape, dataset)
     results, _ = certify_smoothed_models(
         models, data, num_classes, std_model=std_model, alphas=cfg.alpha, n0=cfg.n0, n=cfg.n,
         alpha_conf=cfg.alpha_conf, batch_size=cfg.batch_size, radii=cfg.radii, frontier_alphas=cfg.frontier_alphas,

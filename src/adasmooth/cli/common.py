@@ -1,44 +1,88 @@
-"""Arguments shared by several commands."""
+"""What several commands share: "sidecars are the truth" (data set, input shape and threat model default
+to what the checkpoints record) and the checks that no output overwrites an input."""
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..core.errors import ConfigError
+
+__all__ = ["recorded_dataset", "check_input_shape", "recorded_threat", "check_outputs_not_inputs",
+           "check_file_output", "checkpoint_files"]
 
 
-def add_common(p: argparse.ArgumentParser, output_default: str | None = None) -> None:
-    p.add_argument("--config", help="YAML/JSON file with the same keys as the options (options override it)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
-                   help="hide progress bars")
-    if output_default is not None:
-        p.add_argument("--output", "-o", default=None, help=f"output path (default {output_default})")
+# ---------------------------------------------------------------------------- sidecars are the truth
 
 
-def add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None, help="digits, mnist, fashion-mnist, cifar10, cifar100")
-    p.add_argument("--data-dir", default=None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+def recorded_dataset(requested: str | None, infos: Mapping[str, Mapping[str, Any]], force: bool = False) -> str:
+    """The data set to run on: the one the checkpoints record, unless ``requested`` (with ``force``).
+
+    ``infos`` maps each checkpoint's path to its sidecar. Checkpoints recording different data sets,
+    or a requested data set other than the recorded one without ``force``, are a ConfigError naming both.
+    """
+    recorded = {path: info.get("dataset") for path, info in infos.items() if info.get("dataset")}
+    distinct = sorted(set(recorded.values()))
+    if len(distinct) > 1:
+        listing = ", ".join(f"{p} on {d}" for p, d in recorded.items())
+        raise ConfigError(f"the checkpoints were trained on different data sets: {listing}")
+    if requested is None:
+        if not distinct:
+            raise ConfigError("the checkpoints record no data set; give --dataset")
+        return distinct[0]
+    if distinct and requested != distinct[0] and not force:
+        path = next(iter(recorded))
+        raise ConfigError(f"--dataset {requested}, but {path} was trained on {distinct[0]}; leave --dataset out "
+                          f"to use {distinct[0]}, or add --force-dataset to run on {requested} anyway")
+    if distinct and requested != distinct[0]:
+        print(f"note: running models trained on {distinct[0]} on {requested} (--force-dataset)")
+    return requested
 
 
-def add_threat(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--norm", choices=["linf", "l2"], default=None, help="threat model (default linf)")
-    p.add_argument("--eps", type=float, default=None, help="attack radius in [0, 1] pixel units")
+def check_input_shape(infos: Mapping[str, Mapping[str, Any]], input_shape: Iterable[int], dataset: str) -> None:
+    """Data whose (C, H, W) differs from the shape a checkpoint records is an error naming both."""
+    shape = tuple(int(s) for s in input_shape)
+    for path, info in infos.items():
+        recorded = info.get("input_shape")
+        if recorded is not None and tuple(int(s) for s in recorded) != shape:
+            raise ConfigError(f"{path} takes inputs of shape {tuple(recorded)} but {dataset} has {shape}")
 
 
-def parse_floats(text: str) -> list[float]:
-    """'0,0.25,0.5' or '0:1:0.1' (start:stop:step, stop included)."""
-    text = text.strip()
-    if ":" in text:
-        start, stop, step = (float(t) for t in text.split(":"))
-        if step <= 0:
-            raise argparse.ArgumentTypeError("step must be > 0")
-        n = int(round((stop - start) / step))
-        return [round(start + i * step, 10) for i in range(n + 1)]
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from err
+def _training_value(info: Mapping[str, Any], key: str) -> Any:
+    return ((info.get("training") or {}).get("config") or {}).get(key)
 
 
-def cli_values(args: argparse.Namespace, keys: list[str]) -> dict:
-    return {k: getattr(args, k, None) for k in keys}
+def recorded_threat(eps: float | None, norm: str | None, info: Mapping[str, Any], path: str) -> tuple[float, str]:
+    """eps and norm: as given, else the robust checkpoint's evaluation (or training) values."""
+    metrics = info.get("metrics") or {}
+    if norm is None:
+        norm = metrics.get("eval_norm") or _training_value(info, "norm") or "linf"
+    if eps is None:
+        eps = metrics.get("eval_eps", _training_value(info, "eps"))
+        if eps is None:
+            raise ConfigError(f"{path} records no eps; give --eps")
+    return float(eps), norm
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files that make up a checkpoint (weights and sidecar)."""
+    from ..models.checkpoint import checkpoint_paths
+
+    return list(checkpoint_paths(path))
+
+
+def check_outputs_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
+    """No output of a run may overwrite one of its inputs; checked before any work."""
+    taken = {Path(p).resolve(): Path(p) for p in inputs}
+    for out in outputs:
+        resolved = Path(out).resolve()
+        if resolved in taken:
+            raise ConfigError(f"output {out} would overwrite the input {taken[resolved]}; choose another --output")
+
+
+def check_file_output(path: str | Path) -> Path:
+    """An output that must be a file: an existing folder there is an error (before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"output {path} is an existing folder; give a file path")
+    return path

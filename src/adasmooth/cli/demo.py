@@ -6,15 +6,13 @@ With no arguments it runs offline on scikit-learn's digits in about a minute of 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .common import add_common, add_data, add_threat, cli_values
-from .sweep import add_sweep_options
+from ..core.config import RunOptions, batch_size_option, data_dir_option, option, output_option
 
 # Per data set: (eps, epochs, n_train, n_examples). Digits needs a larger eps than the usual 0.1:
 # at 0.1 its PGD-trained CNN is as accurate as the standard one and there is no trade-off to show,
@@ -26,30 +24,31 @@ _DEFAULTS = {
 
 
 @dataclass
-class DemoConfig:
-    dataset: str = "digits"
-    data_dir: str | None = None
-    eps: float | None = None  # per data set (digits 0.2, fashion-mnist 0.1)
-    norm: Literal["linf", "l2"] = "linf"
-    epochs: int | None = None  # per data set (digits 20)
-    n_train: int | None = None  # per data set (fashion-mnist: first 10000)
-    n_examples: int | None = None  # test examples swept (digits: all 360; fashion-mnist 500)
-    width: int = 16  # small-cnn channels
-    attack_steps: int = 5  # PGD steps during adversarial training
-    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 10) for i in range(11)])
-    variants: list[str] = field(default_factory=lambda: ["prob", "logit", "grad_max_g"])
-    steps: int = 20
-    step_size: float | None = None
-    batch_size: int = 256
-    std_scale: float = 1.0
-    rob_scale: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    output: str = "adasmooth-demo"
-    progress: bool = True
+class DemoConfig(RunOptions):
+    dataset: Literal["digits", "fashion-mnist"] = option("digits", help="data set the demo runs on")
+    data_dir: str | None = data_dir_option()
+    eps: float | None = option(None, help="attack radius; none: per data set (digits 0.2, fashion-mnist 0.1)")
+    norm: Literal["linf", "l2"] = option("linf", help="threat model")
+    epochs: int | None = option(None, help="training epochs of both models; none: per data set (digits 20)")
+    n_train: int | None = option(None, help="train on the first N examples; none: per data set "
+                                            "(fashion-mnist 10000, digits all)")
+    n_examples: int | None = option(None, help="test examples swept; none: per data set (digits all 360, "
+                                               "fashion-mnist 500)")
+    width: int = option(16, help="channels of the small CNN")
+    attack_steps: int = option(5, help="PGD steps during adversarial training")
+    alphas: list[float] = option(default_factory=lambda: [round(0.1 * i, 10) for i in range(11)],
+                                 help="mixing weights of h swept, as 0,0.5,1 or start:stop:step")
+    variants: list[str] = option(default_factory=lambda: ["prob", "logit", "grad_max_g"],
+                                 help="mixing rules compared in the trade-off plot")
+    steps: int = option(20, help="PGD steps of the sweep's attacks")
+    step_size: float | None = option(None, help="PGD step size; none: 2.5 * eps / steps")
+    batch_size: int = batch_size_option(256)
+    std_scale: float = option(1.0, help="logit scale of the standard model g")
+    rob_scale: float = option(1.0, help="logit scale of the robust model h")
+    output: str = output_option("adasmooth-demo", "output folder")
     # These models are tiny: intra-op threads buy nothing and, on a busy machine, cost up to 10x in
     # spinning (measured: 24 s of CPU with 1 thread, 313 s with 2, for the default demo).
-    threads: int | None = 1
+    threads: int | None = option(1, help="torch CPU threads; none: torch's default")
 
     def validate(self) -> None:
         if self.dataset not in _DEFAULTS:
@@ -85,25 +84,13 @@ class DemoConfig:
                            seed=self.seed, device=self.device, output=str(out), progress=self.progress)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, output_default="./adasmooth-demo")
-    add_data(p)
-    add_threat(p)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs of both models (digits: 20)")
-    p.add_argument("--n-train", type=int, default=None, help="train on the first N examples")
-    p.add_argument("--width", type=int, default=None, help="small-cnn width (default 16)")
-    p.add_argument("--attack-steps", type=int, default=None, help="PGD steps in adversarial training (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the models are tiny)")
-    add_sweep_options(p)
+CONFIG = DemoConfig
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: DemoConfig) -> int:
     import torch
 
-    from ..core.config import merge_cli
-
-    keys = [f.name for f in dataclasses.fields(DemoConfig)]
-    cfg = merge_cli(DemoConfig, args.config, cli_values(args, keys)).resolved()
+    cfg = cfg.resolved()
     cfg.validate()
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:

@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .common import add_common, add_data, add_threat, cli_values, parse_floats
+from ..evaluate.sweep import SweepConfig
+from .common import (
+    check_input_shape,
+    checkpoint_files,
+    check_outputs_not_inputs,
+    recorded_dataset,
+    recorded_threat,
+)
 
-
-def _variant_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``sweep`` and ``demo``."""
-    p.add_argument("--alphas", type=parse_floats, default=None,
-                   help="alphas as '0,0.5,1' or start:stop:step '0:1:0.1' (default 0:1:0.1)")
-    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 20)")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step size (default 2.5 * eps / steps)")
-    p.add_argument("--variants", type=_variant_list, default=None,
-                   help="comma-separated mixing variants: prob (Eq. 3.4), logit, grad_g, grad_max_g, grad_ratio")
-    p.add_argument("--n-examples", type=int, default=None, help="use the first N test examples")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--std-scale", type=float, default=None, help="logit scale s_g of the standard model")
-    p.add_argument("--rob-scale", type=float, default=None, help="logit scale s_h of the robust model")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, output_default="runs/sweep (a folder)")
-    p.add_argument("--std", default=None, help="checkpoint of the standard model g (from train-base)")
-    p.add_argument("--rob", default=None, help="checkpoint of the robust model h (from train-base)")
-    add_data(p)
-    add_threat(p)
-    add_sweep_options(p)
-
-
-def _training_value(info: dict[str, Any], key: str) -> Any:
-    return (info.get("training") or {}).get("config", {}).get(key)
+CONFIG = SweepConfig
 
 
 def load_pair(std_path: str, rob_path: str, device) -> tuple[Any, dict, Any, dict]:
@@ -50,10 +27,6 @@ def load_pair(std_path: str, rob_path: str, device) -> tuple[Any, dict, Any, dic
     if g_info["num_classes"] != h_info["num_classes"]:
         raise ValueError(f"the checkpoints disagree on the class count: {std_path} has {g_info['num_classes']}, "
                          f"{rob_path} has {h_info['num_classes']}")
-    ds_g, ds_h = g_info.get("dataset"), h_info.get("dataset")
-    if ds_g and ds_h and ds_g != ds_h:
-        raise ValueError(f"the checkpoints were trained on different data sets: {std_path} on {ds_g}, "
-                         f"{rob_path} on {ds_h}")
     return g, g_info, h, h_info
 
 
@@ -92,18 +65,16 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
     if g is None or h is None:
         if not cfg.std or not cfg.rob:
             raise ValueError("give both checkpoints: --std CKPT (standard model g) and --rob CKPT (robust model h)")
+        check_outputs_not_inputs([Path(cfg.output) / "sweep.json", Path(cfg.output) / "sweep.csv"],
+                                 [f for p in (cfg.std, cfg.rob) for f in checkpoint_files(p)])
         g, g_info, h, h_info = load_pair(cfg.std, cfg.rob, device)
-    g_info, h_info = g_info or {}, h_info or {}
-    dataset = cfg.dataset or g_info.get("dataset") or h_info.get("dataset")
-    if not dataset:
-        raise ValueError("the checkpoints record no data set; give --dataset")
-    eps = cfg.eps if cfg.eps is not None else _training_value(h_info, "eps")
-    if eps is None:
-        raise ValueError("the robust checkpoint records no eps; give --eps")
-    norm = cfg.norm or _training_value(h_info, "norm") or "linf"
-    cfg = dataclasses.replace(cfg, dataset=dataset, eps=float(eps), norm=norm)
+    infos = {cfg.std or "g": g_info or {}, cfg.rob or "h": h_info or {}}
+    dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
+    eps, norm = recorded_threat(cfg.eps, cfg.norm, h_info or {}, cfg.rob or "h")
+    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
     data = load_dataset(dataset, "test", cfg.data_dir).subset(cfg.n_examples)
-    n_classes = g_info.get("num_classes", data.num_classes)
+    check_input_shape(infos, data.input_shape, dataset)
+    n_classes = (g_info or {}).get("num_classes", data.num_classes)
     if n_classes != data.num_classes:
         raise ValueError(f"{dataset} has {data.num_classes} classes but the checkpoints have {n_classes}")
     seed_everything(cfg.seed)
@@ -128,11 +99,6 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
     return result, paths
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..core.config import merge_cli
-    from ..evaluate.sweep import SweepConfig
-
-    keys = [f.name for f in dataclasses.fields(SweepConfig)]
-    cfg = merge_cli(SweepConfig, args.config, cli_values(args, keys))
+def run(cfg: SweepConfig) -> int:
     run_sweep(cfg)
     return 0

@@ -17,7 +17,20 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "option", "from_mapping", "load_config_file", "merge_cli"]
+__all__ = [
+    "ConfigError",
+    "option",
+    "RunOptions",
+    "data_dir_option",
+    "dataset_option",
+    "force_dataset_option",
+    "n_examples_option",
+    "batch_size_option",
+    "output_option",
+    "from_mapping",
+    "load_config_file",
+    "merge_cli",
+]
 
 
 def option(
@@ -38,6 +51,43 @@ def option(
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+# The options many commands share, declared once so that every command names and describes them alike.
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Options of every run: configs inherit them (they come first in --help)."""
+
+    seed: int = option(0, help="random seed: every random draw of the run derives from it")
+    device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    progress: bool = option(True, help="show progress bars")
+
+
+def data_dir_option() -> Any:
+    return option(None, help="folder with the data files (default: $ADASMOOTH_DATA or ./data)")
+
+
+def dataset_option(default: str | None = None) -> Any:
+    text = "data set (digits, mnist, fashion-mnist, cifar10, cifar100)"
+    return option(default, help=text + ("; none: the one the checkpoints record" if default is None else ""))
+
+
+def force_dataset_option() -> Any:
+    return option(False, help="run on --dataset even though the checkpoints record another data set")
+
+
+def n_examples_option(default: int | None) -> Any:
+    return option(default, help="use the first N examples of the split (none: all)")
+
+
+def batch_size_option(default: int) -> Any:
+    return option(default, help="inputs per batch")
+
+
+def output_option(default: str | None, what: str = "output path") -> Any:
+    return option(default, help=what, short="-o")
 
 T = TypeVar("T")
 

@@ -15,14 +15,14 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from ..core.config import option
+from ..core.config import data_dir_option, option, RunOptions
 from ..core.errors import ConfigError, InputError
 from ..core.runtime import resolve_device
 from ..data import Dataset, load_dataset
 from ..mixing import MixedClassifier, mix_logits
 from ..mixing.adaptive import AdaptiveMixedClassifier, load_adaptive_classifier, ranged_alpha, save_adaptive_classifier
 from ..models.checkpoint import checkpoint_paths
-from ..train.checks import check_counts, check_finite
+from ..core.checks import check_counts, check_finite
 from ..train.loop import clean_accuracy
 from .tables import REPORT_SETTINGS, report_table
 
@@ -156,7 +156,7 @@ def fixed_alpha_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: fl
 
 
 @dataclass
-class CalibrateConfig:
+class CalibrateConfig(RunOptions):
     mixnet: list[str] = option(help="adaptive classifier checkpoint(s) from train-mixnet (e.g. one per setting)",
                                default_factory=list)
     target_acc: float | None = option(None, help="clean accuracy (percent) to reach on the calibration data")
@@ -167,14 +167,14 @@ class CalibrateConfig:
     alpha_range: list[float] | None = option(None, help="eval-time alpha range MIN,MAX")
     range_width: float | None = option(None, help="alpha_max - alpha_min with param alpha_min")
     dataset: str | None = option(None, help="data set (default: the one recorded in the checkpoint)")
-    data_dir: str | None = option(None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+    data_dir: str | None = data_dir_option()
     split: Literal["val", "test"] = option("val", help="calibration data: held-out part of the training set (val) "
                                                        "or a test slice")
     val_fraction: float = option(0.1, help="held-out part of the training set (split val)")
     calib_offset: int = option(0, help="first calibration example of the split")
     calib_examples: int | None = option(None, help="number of calibration examples (default all)")
     output: str | None = option(None, help="calibrated checkpoint (one input only; default "
-                                           "<checkpoint>-calibrated)", short="o")
+                                           "<checkpoint>-calibrated)", short="-o")
     report: bool = option(False, help="also evaluate g, h, the adaptive and the fixed-alpha classifiers "
                                       "under settings A-D")
     report_settings: list[str] = option(help="columns of the report", default_factory=lambda: list(REPORT_SETTINGS))
@@ -183,9 +183,6 @@ class CalibrateConfig:
     eps: float | None = option(None, help="attack radius of the report (default: the training eps)")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model of the report (default: the training one)")
     batch_size: int = option(250, help="batch size")
-    seed: int = option(0, help="random seed (validation split, attacks)")
-    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
-    progress: bool = option(True, help="show progress bars")
 
     def validate(self) -> None:
         if not self.mixnet:

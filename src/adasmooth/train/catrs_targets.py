@@ -24,13 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.config import option
+from ..core.config import data_dir_option, option, RunOptions
 from ..core.errors import CheckpointError, ConfigError, DataError, InputError
 from ..core.io import atomic_write, provenance, write_json
 from ..core.runtime import resolve_device
 from ..data import load_dataset
 from ..models.checkpoint import checkpoint_paths, load_checkpoint
-from .checks import check_counts, check_finite
+from ..core.checks import check_counts, check_finite
 
 __all__ = [
     "TARGETS_KIND",
@@ -158,7 +158,7 @@ def load_smoothed_targets(path: str | Path) -> SmoothedTargets:
     tensors, sidecar = target_paths(path)
     if not tensors.is_file():
         raise DataError(f"cached CAT-RS targets {tensors} not found; build them with "
-                        f"`adasmooth catrs-targets --checkpoint <gaussian model> --output {tensors.with_suffix('')}`")
+                        f"`adasmooth catrs-targets --model <gaussian model> --output {tensors.with_suffix('')}`")
     try:
         data = load_file(str(tensors))
     except Exception as err:  # safetensors raises its own types for truncated or foreign files
@@ -178,26 +178,23 @@ def load_smoothed_targets(path: str | Path) -> SmoothedTargets:
 
 
 @dataclass
-class CatrsTargetsConfig:
-    checkpoint: str = option("", help="base model checkpoint whose smoothed predictions become the targets "
+class CatrsTargetsConfig(RunOptions):
+    model: str = option("", help="base model checkpoint whose smoothed predictions become the targets "
                                       "(a gaussian-trained one)")
-    output: str = option("", help="artifact path: writes OUTPUT.safetensors and OUTPUT.json", short="o")
+    output: str = option("", help="artifact path: writes OUTPUT.safetensors and OUTPUT.json", short="-o")
     dataset: str | None = option(None, help="training set (default: the one recorded in the checkpoint)")
-    data_dir: str | None = option(None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+    data_dir: str | None = data_dir_option()
     sigma: float | None = option(None, help="noise level (default: the checkpoint's sigma)")
     samples: int = option(10000, help="noise draws per training example (the authors use 10^4)")
     mode: Literal["votes", "softmax"] = option("votes", help="votes: class frequencies of the noisy predictions; "
                                                              "softmax: their mean softmax")
     n_train: int | None = option(None, help="first N training examples (as train-base's n_train)")
     val_fraction: float = option(0.0, help="held-out part of the training set (as train-base's val_fraction)")
-    seed: int = option(0, help="random seed of the noise draws and the validation split")
     batch_size: int = option(1000, help="noisy inputs per forward pass")
-    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
-    progress: bool = option(True, help="show a progress bar")
 
     def validate(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("checkpoint is required (a base model, e.g. gaussian-trained)")
+        if not self.model:
+            raise ConfigError("model is required (a base model, e.g. gaussian-trained)")
         if not self.output:
             raise ConfigError("output is required (the artifact path)")
         check_finite("sigma", self.sigma, 0, strict=True)
@@ -212,17 +209,17 @@ def build_targets(cfg: CatrsTargetsConfig, train_data=None) -> Path:
     """
     cfg.validate()
     dev = resolve_device(cfg.device)
-    model, info = load_checkpoint(cfg.checkpoint, dev)
+    model, info = load_checkpoint(cfg.model, dev)
     sigma = cfg.sigma
     if sigma is None:
         if "sigma" not in info:
-            raise CheckpointError(f"{cfg.checkpoint} records no sigma; give sigma")
+            raise CheckpointError(f"{cfg.model} records no sigma; give sigma")
         sigma = float(info["sigma"])
     if not sigma > 0:
         raise ConfigError(f"sigma must be > 0, got {sigma}")
     dataset = cfg.dataset or info.get("dataset")
     if not dataset:
-        raise ConfigError(f"{cfg.checkpoint} records no data set; give dataset")
+        raise ConfigError(f"{cfg.model} records no data set; give dataset")
     if train_data is None:
         train_data = load_dataset(dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed)
     train_data = train_data.subset(cfg.n_train)
@@ -230,7 +227,7 @@ def build_targets(cfg: CatrsTargetsConfig, train_data=None) -> Path:
     gen.manual_seed(cfg.seed)
     probs = smoothed_targets(model, train_data.x.to(dev), sigma, cfg.samples, cfg.batch_size, cfg.mode, gen,
                              cfg.progress)
-    meta = {"checkpoint": str(cfg.checkpoint), "checkpoint_training": info.get("training", {}).get("method"),
+    meta = {"checkpoint": str(cfg.model), "checkpoint_training": info.get("training", {}).get("method"),
             "sigma": sigma, "num_samples": cfg.samples, "mode": cfg.mode, "dataset": dataset, "split": "train",
             "n_train": cfg.n_train, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
     return save_smoothed_targets(cfg.output, probs, train_data.y, meta)
@@ -239,5 +236,5 @@ def build_targets(cfg: CatrsTargetsConfig, train_data=None) -> Path:
 def build_targets_for_dataset(checkpoint: str | Path, dataset: str | None, output: str | Path, *,
                               train_data=None, **options: Any) -> Path:
     """:func:`build_targets` with keyword arguments: ``options`` are :class:`CatrsTargetsConfig` fields."""
-    cfg = CatrsTargetsConfig(checkpoint=str(checkpoint), dataset=dataset, output=str(output), **options)
+    cfg = CatrsTargetsConfig(model=str(checkpoint), dataset=dataset, output=str(output), **options)
     return build_targets(cfg, train_data=train_data)

@@ -20,13 +20,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import PGD
-from ..core.config import option
+from ..core.config import data_dir_option, option, RunOptions
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
 from ..data import DATASET_STATS, Dataset, load_dataset
 from ..models import create_model
 from ..models.checkpoint import checkpoint_paths, save_checkpoint
-from .checks import check_counts, check_finite
+from ..core.checks import check_counts, check_finite
 from .methods import TRAINING_METHODS, CatrsOptions, TrainContext
 
 __all__ = [
@@ -42,9 +42,9 @@ __all__ = [
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunOptions):
     dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100")
-    data_dir: str | None = option(None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+    data_dir: str | None = data_dir_option()
     arch: str = option("small-cnn", help="model name (small-cnn, mlp, resnet18, preact-resnet18, wrn-34-10, ...)")
     model_kwargs: dict = option(help="extra keyword arguments of the model constructor", default_factory=dict,
                                 cli=False)
@@ -70,11 +70,8 @@ class TrainConfig:
     # held-out measurement written into the checkpoint
     eval_examples: int | None = option(1000, help="test examples measured at the end (default 1000; all if unset)")
     eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
-    seed: int = option(0, help="random seed")
-    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
-    output: str = option("runs/model", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)", short="o")
+    output: str = option("runs/model", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)", short="-o")
     resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")
-    progress: bool = option(True, help="show progress bars")
 
     def validate(self) -> None:
         TRAINING_METHODS.get(self.method)  # an unknown name lists the known ones

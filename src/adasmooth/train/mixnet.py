@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
-from ..core.config import option
+from ..core.config import data_dir_option, option, RunOptions
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
 from ..models.checkpoint import load_checkpoint
-from .checks import check_counts, check_finite
+from ..core.checks import check_counts, check_finite
 from .loop import clean_accuracy, result_config, resume_path
 
 __all__ = [
@@ -87,11 +87,11 @@ def composite_loss(
 
 
 @dataclass
-class MixnetTrainConfig:
+class MixnetTrainConfig(RunOptions):
     std: str = option("", help="checkpoint of the standard (accurate) base model g")
     rob: str = option("", help="checkpoint of the robust base model h")
     dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100")
-    data_dir: str | None = option(None, help="folder with the data files (default $ADASMOOTH_DATA or ./data)")
+    data_dir: str | None = data_dir_option()
     taps: list[str] | None = option(None, help="two module names tapped on both models "
                                                "(default: each model's first two stages)")
     widths: list[int] = option(help="three widths of the mixing network", default_factory=lambda: [256, 512, 1024])
@@ -134,12 +134,9 @@ class MixnetTrainConfig:
     val_fraction: float = option(0.0, help="hold out this part of the training set")
     eval_examples: int | None = option(500, help="test examples measured at the end (all if unset)")
     eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
-    seed: int = option(0, help="random seed")
-    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")
     output: str = option("runs/mixnet", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)",
-                         short="o")
+                         short="-o")
     resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")
-    progress: bool = option(True, help="show progress bars")
 
     def validate(self) -> None:
         if not self.std or not self.rob:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ...core.config import option
 from ...core.errors import ConfigError, InputError
-from ..checks import check_counts, check_finite
+from ...core.checks import check_counts, check_finite
 from ..catrs_targets import SmoothedTargets, draw_noise, load_smoothed_targets, sampling_dtype, target_paths
 from .base import TRAINING_METHODS, TrainContext
 

@@ -1,4 +1,4 @@
-"""Range checks shared by the validate() methods of the training and calibration configs.
+"""Range checks shared by the validate() methods of configs.
 
 Each raises a one-line ConfigError naming the option. Comparisons are written so that NaN, which
 fails every comparison, is rejected too (``lr=nan`` must not slip through ``lr <= 0``).

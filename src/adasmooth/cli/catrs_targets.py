@@ -1,0 +1,16 @@
+"""``adasmooth catrs-targets``: cache the smoothed soft labels of a training set for CAT-RS
+(``train-base --method cat-rs --catrs-target cached --catrs-target-path OUTPUT``)."""
+
+from __future__ import annotations
+
+from ..train.catrs_targets import CatrsTargetsConfig
+
+CONFIG = CatrsTargetsConfig
+
+
+def run(cfg: CatrsTargetsConfig) -> int:
+    from ..train.catrs_targets import build_targets
+
+    path = build_targets(cfg)
+    print(f"wrote {path} (+ .json)")
+    return 0
