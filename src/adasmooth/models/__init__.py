@@ -1,13 +1,14 @@
-"""Models: a registry with ``create_model``, architectures with named stages, checkpoints."""
+"""Models: a registry with ``create_model``, architectures with named stages, checkpoints.
+
+Adding an architecture: one file whose ``StagedModel`` subclass is decorated with
+``@register_model("name")``, and one import line below.
+"""
 
 from .base import (
-    MLP,
+    MODELS,
     ModelSpec,
     Normalize,
-    PreActResNet18,
-    ResNet18,
-    SmallCNN,
-    WideResNet,
+    StagedModel,
     count_classes,
     create_model,
     default_taps,
@@ -15,9 +16,16 @@ from .base import (
     register_model,
 )
 
+# Importing an architecture's file registers it.
+from .small import MLP, SmallCNN  # noqa: E402
+from .resnet import PreActResNet18, ResNet18  # noqa: E402
+from .wideresnet import WideResNet  # noqa: E402
+
 __all__ = [
     "Normalize",
     "ModelSpec",
+    "MODELS",
+    "StagedModel",
     "register_model",
     "create_model",
     "list_models",
