@@ -19,6 +19,7 @@ from adasmooth.models.checkpoint import (
     sidecar_defaults,
 )
 from adasmooth.core.errors import CheckpointError, ConfigError, InputError
+from test_data import _Evil  # a pickle that would run a shell command
 from adasmooth.models.base import create_model
 
 META = {
@@ -123,14 +124,6 @@ def test_foreign_state_dict_prefixes_and_wrappers(tmp_path):
         x = torch.rand(2, 3, 8, 8)
         with torch.no_grad():
             assert torch.equal(fresh.eval()(x), model(x))
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_foreign_file_with_pickled_code_is_refused(tmp_path):

@@ -5,6 +5,7 @@ one import line below.
 """
 
 from ..core.errors import DataError
+from . import base
 from .base import (
     DATASET_STATS,
     DATASETS,
@@ -21,14 +22,4 @@ from . import digits  # noqa: E402,F401
 from . import idx  # noqa: E402,F401
 from . import cifar  # noqa: E402,F401
 
-__all__ = [
-    "Dataset",
-    "DataError",
-    "DATASETS",
-    "DATASET_STATS",
-    "SPLITS",
-    "register_dataset",
-    "dataset_info",
-    "load_dataset",
-    "default_data_dir",
-]
+__all__ = list(base.__all__)

@@ -4,6 +4,7 @@ Adding an architecture: one file whose ``StagedModel`` subclass is decorated wit
 ``@register_model("name")``, and one import line below.
 """
 
+from . import base
 from .base import (
     MODELS,
     ModelSpec,
@@ -21,19 +22,4 @@ from .small import MLP, SmallCNN  # noqa: E402
 from .resnet import PreActResNet18, ResNet18  # noqa: E402
 from .wideresnet import WideResNet  # noqa: E402
 
-__all__ = [
-    "Normalize",
-    "ModelSpec",
-    "MODELS",
-    "StagedModel",
-    "register_model",
-    "create_model",
-    "list_models",
-    "default_taps",
-    "count_classes",
-    "SmallCNN",
-    "MLP",
-    "ResNet18",
-    "PreActResNet18",
-    "WideResNet",
-]
+__all__ = [*base.__all__, "SmallCNN", "MLP", "ResNet18", "PreActResNet18", "WideResNet"]

@@ -66,33 +66,35 @@ class GlobalPoolHead(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@register_model("resnet18")
-class ResNet18(StagedModel):
-    """CIFAR ResNet-18 (3x3 stem, no max-pool). Stages: stem, layer1..layer4, head."""
+class _ResNet18Layout(StagedModel):
+    """Stem, four stages of two blocks (widths w, 2w, 4w, 8w; strides 1, 2, 2, 2), global-pool head."""
 
     stage_names = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+    def __init__(self, stem: nn.Module, block, width: int, num_classes: int, pre_activation: bool):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer1 = make_stage(BasicBlock, w, w, 2, 1)
-        self.layer2 = make_stage(BasicBlock, w, 2 * w, 2, 2)
-        self.layer3 = make_stage(BasicBlock, 2 * w, 4 * w, 2, 2)
-        self.layer4 = make_stage(BasicBlock, 4 * w, 8 * w, 2, 2)
-        self.head = GlobalPoolHead(8 * w, num_classes, pre_activation=False)
+        self.stem = stem
+        self.layer1 = make_stage(block, w, w, 2, 1)
+        self.layer2 = make_stage(block, w, 2 * w, 2, 2)
+        self.layer3 = make_stage(block, 2 * w, 4 * w, 2, 2)
+        self.layer4 = make_stage(block, 4 * w, 8 * w, 2, 2)
+        self.head = GlobalPoolHead(8 * w, num_classes, pre_activation=pre_activation)
+
+
+@register_model("resnet18")
+class ResNet18(_ResNet18Layout):
+    """CIFAR ResNet-18 (3x3 stem, no max-pool). Stages: stem, layer1..layer4, head."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+        stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        super().__init__(stem, BasicBlock, width, num_classes, pre_activation=False)
 
 
 @register_model("preact-resnet18")
-class PreActResNet18(StagedModel):
-    stage_names = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+class PreActResNet18(_ResNet18Layout):
+    """Pre-activation ResNet-18: a bare conv stem; batch norm and ReLU come first in each block."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
-        super().__init__()
-        w = width
-        self.stem = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
-        self.layer1 = make_stage(PreActBlock, w, w, 2, 1)
-        self.layer2 = make_stage(PreActBlock, w, 2 * w, 2, 2)
-        self.layer3 = make_stage(PreActBlock, 2 * w, 4 * w, 2, 2)
-        self.layer4 = make_stage(PreActBlock, 4 * w, 8 * w, 2, 2)
-        self.head = GlobalPoolHead(8 * w, num_classes, pre_activation=True)
+        stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        super().__init__(stem, PreActBlock, width, num_classes, pre_activation=True)
