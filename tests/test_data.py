@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from adasmooth.core.errors import ConfigError
 from adasmooth.data.base import DATASET_STATS, DataError, load_dataset
 
 # ------------------------------------------------------------------ digits
@@ -59,13 +60,13 @@ def test_validation_split_is_deterministic_disjoint_and_covers_train(digits_trai
 
 
 def test_dataset_bad_arguments():
-    with pytest.raises(ValueError, match="unknown data set"):
+    with pytest.raises(ConfigError, match="unknown data set"):
         load_dataset("imagenet", "train")
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ConfigError, match="split"):
         load_dataset("digits", "dev")
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         load_dataset("digits", "val")
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         load_dataset("digits", "train", val_fraction=1.0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adasmooth.core.errors import ConfigError, InputError
 from adasmooth.models.base import Normalize, create_model, default_taps, list_models
 
 # (registry name, kwargs that keep it small, input shape (C, H, W))
@@ -116,25 +117,25 @@ def test_input_gradient_flows():
 
 
 def test_model_errors():
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model"):
         create_model("vgg16", 10)
-    with pytest.raises(ValueError, match="6n\\+4"):
+    with pytest.raises(ConfigError, match="6n\\+4"):
         create_model("wrn-35-10", 10)
-    with pytest.raises(ValueError, match="widen_factor"):
+    with pytest.raises(ConfigError, match="widen_factor"):
         create_model("wrn-16-0", 10)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ConfigError, match="num_classes"):
         create_model("small-cnn", 1)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ConfigError, match="num_classes"):
         create_model("small-cnn", 10.0)
-    with pytest.raises(ValueError, match="in_channels"):
+    with pytest.raises(ConfigError, match="in_channels"):
         create_model("small-cnn", 10, in_channels=0)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ConfigError, match="channels"):
         create_model("small-cnn", 10, in_channels=3, mean=[0.1, 0.2])
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ConfigError, match="positive"):
         Normalize([0.0], [0.0])
     model = create_model("small-cnn", 10, 1, width=4, hidden=8)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(InputError, match="shape"):
         model(torch.rand(1, 8, 8))
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(InputError, match="channels"):
         model(torch.rand(2, 3, 8, 8))
     assert "wrn-<depth>-<width>" in list_models() and "small-cnn" in list_models()

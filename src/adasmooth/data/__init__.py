@@ -1,6 +1,25 @@
-"""Data sets as float tensors in [0, 1], shape (N, C, H, W), with int64 labels."""
+"""Data sets as float tensors in [0, 1], shape (N, C, H, W), with int64 labels.
+
+Adding a data set: one new file that decorates its loader with ``@register_dataset(...)``, and
+one import line below.
+"""
 
 from ..core.errors import DataError
-from .base import DATASET_STATS, DATASETS, Dataset, default_data_dir, load_dataset
+from . import base
+from .base import (
+    DATASET_STATS,
+    DATASETS,
+    SPLITS,
+    Dataset,
+    dataset_info,
+    default_data_dir,
+    load_dataset,
+    register_dataset,
+)
 
-__all__ = ["Dataset", "DataError", "DATASETS", "DATASET_STATS", "load_dataset", "default_data_dir"]
+# Importing a data set's file registers it.
+from . import digits  # noqa: E402,F401
+from . import idx  # noqa: E402,F401
+from . import cifar  # noqa: E402,F401
+
+__all__ = list(base.__all__)

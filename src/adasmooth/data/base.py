@@ -1,35 +1,45 @@
-"""Data sets as float tensors in [0, 1], shape (N, C, H, W), with int64 labels.
+"""Data sets as float tensors in [0, 1], shape (N, C, H, W), with int64 labels, from a registry.
 
 Normalisation never happens here: models normalise inside (``adasmooth.models.Normalize``), so
-attacks and noise work in pixel space. Loaders read the original distribution files:
+attacks and noise work in pixel space. Each data set lives in its own file and registers a loader
+with the facts about it:
 
-- ``digits``: scikit-learn's bundled 8x8 digits (offline); a fixed stratified 80/20 train/test split.
-- ``mnist``, ``fashion-mnist``: the four original IDX ``.gz`` files in ``data_dir``
-  (or in ``data_dir/mnist`` / ``data_dir/fashion-mnist``).
-- ``cifar10``, ``cifar100``: the original python pickle batches, as the extracted folder
-  (``cifar-10-batches-py`` / ``cifar-100-python``) or the ``.tar.gz`` archive, in ``data_dir``.
+    @register_dataset("mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+    def load_mnist(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]: ...
+
+The loader gets ``split`` in {"train", "test"} and returns float32 images in [0, 1] of shape
+(N, C, H, W) and int64 labels; :func:`load_dataset` adds the validation split and the checks.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
-import pickle
-import struct
-import tarfile
-import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..core.errors import DataError
+from ..core.errors import ConfigError, DataError
+from ..core.registry import Registry
 
-__all__ = ["Dataset", "DataError", "DATASETS", "DATASET_STATS", "load_dataset", "default_data_dir"]
+__all__ = [
+    "Dataset",
+    "DataError",
+    "DATASETS",
+    "DATASET_STATS",
+    "register_dataset",
+    "dataset_info",
+    "load_dataset",
+    "default_data_dir",
+    "SPLITS",
+]
 
+SPLITS = ("train", "val", "test")
 
+Loader = Callable[[str, Path], "tuple[np.ndarray, np.ndarray]"]
 
 
 @dataclass
@@ -64,16 +74,66 @@ class Dataset:
             yield self.x[i : i + batch_size], self.y[i : i + batch_size]
 
 
-# Channel statistics of each training set, for the models' built-in normalisation.
-DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.3054,), (0.3816,)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-DATASETS = tuple(DATASET_STATS)
-_NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+DATASETS: Registry[Loader] = Registry("data set")
+
+
+def register_dataset(
+    name: str,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    **info: Any,
+) -> Callable[[Loader], Loader]:
+    """Decorator: register ``loader(split, data_dir) -> (images, labels)`` under ``name`` with its facts.
+
+    ``mean``/``std`` are the per-channel statistics of the training set, used by the models'
+    built-in normalisation.
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"data set {name!r}: input_shape must be (C, H, W), got {input_shape}")
+    if len(mean) != shape[0] or len(std) != shape[0]:
+        raise ValueError(f"data set {name!r}: {shape[0]} channels but {len(mean)} means and {len(std)} stds")
+    if num_classes < 2:
+        raise ValueError(f"data set {name!r}: num_classes must be >= 2, got {num_classes}")
+    return DATASETS.register(
+        name,
+        num_classes=int(num_classes),
+        input_shape=shape,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        **info,
+    )
+
+
+def dataset_info(name: str) -> dict[str, Any]:
+    """The registered facts of a data set: num_classes, input_shape (C, H, W), mean, std."""
+    return DATASETS.info(name)
+
+
+class _StatsView(Mapping):
+    """``name -> (mean, std)`` for every registered data set, read live from the registry."""
+
+    def __getitem__(self, name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if name not in DATASETS:
+            raise KeyError(name)
+        info = DATASETS.info(name)
+        return info["mean"], info["std"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DATASETS.names())
+
+    def __len__(self) -> int:
+        return len(DATASETS)
+
+    def __repr__(self) -> str:
+        return f"DATASET_STATS({dict(self)})"
+
+
+# Kept for callers that only need the normalisation statistics.
+DATASET_STATS: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = _StatsView()
 
 
 def default_data_dir() -> Path:
@@ -81,29 +141,8 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ADASMOOTH_DATA", "data"))
 
 
-# ------------------------------------------------------------------ digits
-
-
-def _load_digits() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = (bunch.images / 16.0).astype(np.float32)[:, None]
-    labels = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=0.2, random_state=0, stratify=labels)
-    return {"train": x_tr, "test": x_te}, {"train": y_tr, "test": y_te}
-
-
-# ------------------------------------------------------------------ IDX (MNIST, Fashion-MNIST)
-
-_IDX_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-
-
-def _find_file(name: str, candidates: list[Path], dataset: str) -> Path:
+def find_file(name: str, candidates: Sequence[Path], dataset: str) -> Path:
+    """The first ``folder / name`` that exists; a DataError naming every place looked in otherwise."""
     for folder in candidates:
         if (folder / name).is_file():
             return folder / name
@@ -111,119 +150,11 @@ def _find_file(name: str, candidates: list[Path], dataset: str) -> Path:
     raise DataError(f"{dataset}: expected file {name!r}, looked in: {where}. Pass --data-dir pointing at it.")
 
 
-def _read_idx(path: Path, expected_magic: int, expected_dims: int) -> np.ndarray:
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"corrupt IDX file {path}: {err}") from err
-    header = 4 + 4 * expected_dims
-    if len(raw) < header:
-        raise DataError(f"corrupt IDX file {path}: only {len(raw)} bytes")
-    magic = struct.unpack(">i", raw[:4])[0]
-    if magic != expected_magic:
-        raise DataError(f"corrupt IDX file {path}: magic number {magic}, expected {expected_magic}")
-    dims = struct.unpack(f">{expected_dims}i", raw[4:header])
-    count = int(np.prod(dims))
-    if len(raw) - header != count:
-        raise DataError(f"corrupt IDX file {path}: header promises {count} values, found {len(raw) - header}")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
-
-
-def _load_idx(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    candidates = [data_dir / name, data_dir]
-    img_name, lbl_name = _IDX_FILES[split]
-    images = _read_idx(_find_file(img_name, candidates, name), 2051, 3)
-    labels = _read_idx(_find_file(lbl_name, candidates, name), 2049, 1)
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{name} {split}: {images.shape[0]} images but {labels.shape[0]} labels in {data_dir}")
-    return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
-
-
-# ------------------------------------------------------------------ CIFAR pickles
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (numpy arrays, lists, dicts) and refuses any other class."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        # protocol-5 pickles (re-saved batches) rebuild arrays from a raw buffer
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a data file")
-
-
-def _unpickle_batch(raw: bytes, where: str) -> dict:
-    try:
-        batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as err:  # pickle raises many error types on corrupt input
-        raise DataError(f"corrupt CIFAR batch {where}: {err}") from err
-    if not isinstance(batch, dict):
-        raise DataError(f"corrupt CIFAR batch {where}: not a dict")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-
-
-_CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "labels",
-                {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
-    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", "fine_labels",
-                 {"train": ["train"], "test": ["test"]}),
-}
-
-
-def _load_cifar(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    folder_name, archive_name, label_key, files = _CIFAR_LAYOUT[name]
-    folder = next((d for d in (data_dir / folder_name, data_dir) if (d / files[split][0]).is_file()), None)
-    raws: list[tuple[bytes, str]] = []
-    if folder is not None:
-        for fname in files[split]:
-            path = _find_file(fname, [folder], name)
-            raws.append((path.read_bytes(), str(path)))
-    elif (data_dir / archive_name).is_file():
-        archive = data_dir / archive_name
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for fname in files[split]:
-                    member = tar.extractfile(f"{folder_name}/{fname}")
-                    if member is None:
-                        raise KeyError(fname)
-                    raws.append((member.read(), f"{archive}:{folder_name}/{fname}"))
-        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as err:
-            raise DataError(f"{name}: archive {archive} is corrupt or lacks {folder_name}/{files[split]}: {err}") from err
-    else:
-        raise DataError(
-            f"{name}: expected {folder_name}/{files[split][0]} or {archive_name}, "
-            f"looked in: {data_dir / folder_name}, {data_dir}. Pass --data-dir pointing at it."
-        )
-    xs, ys = [], []
-    for raw, where in raws:
-        batch = _unpickle_batch(raw, where)
-        if "data" not in batch or label_key not in batch:
-            raise DataError(f"corrupt CIFAR batch {where}: keys {sorted(batch)}, need 'data' and {label_key!r}")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"corrupt CIFAR batch {where}: data shape {data.shape}, expected (N, 3072)")
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-        if labels.shape[0] != data.shape[0]:
-            raise DataError(f"corrupt CIFAR batch {where}: {data.shape[0]} images, {labels.shape[0]} labels")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(labels)
-    return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
-
-
-# ------------------------------------------------------------------ public entry
+def _validation_indices(n: int, split: str, val_fraction: float, seed: int) -> np.ndarray:
+    """The sorted indices of the held-out part (``split == "val"``) or of the rest of the training set."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return np.sort(perm[:n_val] if split == "val" else perm[n_val:])
 
 
 def load_dataset(
@@ -233,35 +164,29 @@ def load_dataset(
     val_fraction: float = 0.0,
     seed: int = 0,
 ) -> Dataset:
-    """Load ``split`` in {"train", "val", "test"} of a data set.
+    """Load ``split`` in {"train", "val", "test"} of a registered data set.
 
     With ``val_fraction > 0`` a deterministic (by ``seed``) part of the training set is held out:
     ``split="train"`` returns the rest and ``split="val"`` returns the held-out part.
     """
-    if name not in _NUM_CLASSES:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    loader = DATASETS.get(name)
+    if split not in SPLITS:
+        raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if split == "val" and val_fraction == 0.0:
-        raise ValueError("split='val' needs val_fraction > 0")
+        raise ConfigError("split='val' needs val_fraction > 0")
+    info = DATASETS.info(name)
     source_split = "test" if split == "test" else "train"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    if name == "digits":
-        xs, ys = _load_digits()
-        x, y = xs[source_split], ys[source_split]
-    elif name in ("mnist", "fashion-mnist"):
-        x, y = _load_idx(name, source_split, data_dir)
-    else:
-        x, y = _load_cifar(name, source_split, data_dir)
+    x, y = loader(source_split, data_dir)
+    if tuple(x.shape[1:]) != info["input_shape"]:
+        raise DataError(f"{name} {source_split} in {data_dir}: images of shape {tuple(x.shape[1:])}, "
+                        f"expected {info['input_shape']}")
     if source_split == "train" and val_fraction > 0:
-        perm = np.random.default_rng(seed).permutation(len(y))
-        n_val = max(1, int(round(val_fraction * len(y))))
-        idx = perm[:n_val] if split == "val" else perm[n_val:]
-        idx = np.sort(idx)
+        idx = _validation_indices(len(y), split, val_fraction, seed)
         x, y = x[idx], y[idx]
-    num_classes = _NUM_CLASSES[name]
+    num_classes = info["num_classes"]
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise DataError(f"{name}: labels outside [0, {num_classes - 1}] in {data_dir}")
     return Dataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), num_classes, name, split)

@@ -1,13 +1,15 @@
-"""Models: a registry with ``create_model``, architectures with named stages, checkpoints."""
+"""Models: a registry with ``create_model``, architectures with named stages, checkpoints.
 
+Adding an architecture: one file whose ``StagedModel`` subclass is decorated with
+``@register_model("name")``, and one import line below.
+"""
+
+from . import base
 from .base import (
-    MLP,
+    MODELS,
     ModelSpec,
     Normalize,
-    PreActResNet18,
-    ResNet18,
-    SmallCNN,
-    WideResNet,
+    StagedModel,
     count_classes,
     create_model,
     default_taps,
@@ -15,17 +17,9 @@ from .base import (
     register_model,
 )
 
-__all__ = [
-    "Normalize",
-    "ModelSpec",
-    "register_model",
-    "create_model",
-    "list_models",
-    "default_taps",
-    "count_classes",
-    "SmallCNN",
-    "MLP",
-    "ResNet18",
-    "PreActResNet18",
-    "WideResNet",
-]
+# Importing an architecture's file registers it.
+from .small import MLP, SmallCNN  # noqa: E402
+from .resnet import PreActResNet18, ResNet18  # noqa: E402
+from .wideresnet import WideResNet  # noqa: E402
+
+__all__ = [*base.__all__, "SmallCNN", "MLP", "ResNet18", "PreActResNet18", "WideResNet"]
