@@ -40,27 +40,26 @@ def recorded_dataset(requested: str | None, infos: Mapping[str, Mapping[str, Any
 
 
 def check_input_shape(infos: Mapping[str, Mapping[str, Any]], input_shape: Iterable[int], dataset: str) -> None:
-    """Data whose (C, H, W) differs from the shape a checkpoint records is an error naming both."""
+    """Data whose (C, H, W) differs from the shape a checkpoint was trained on is an error naming both
+    (also under --force-dataset: such a model cannot run on them)."""
+    from ..models.checkpoint import trained_input_shape
+
     shape = tuple(int(s) for s in input_shape)
     for path, info in infos.items():
-        recorded = info.get("input_shape")
-        if recorded is not None and tuple(int(s) for s in recorded) != shape:
-            raise ConfigError(f"{path} takes inputs of shape {tuple(recorded)} but {dataset} has {shape}")
-
-
-def _training_value(info: Mapping[str, Any], key: str) -> Any:
-    return ((info.get("training") or {}).get("config") or {}).get(key)
+        trained = trained_input_shape(dict(info))
+        if trained is not None and trained != shape:
+            raise ConfigError(f"{path} takes inputs of shape {trained} but {dataset} has {shape}")
 
 
 def recorded_threat(eps: float | None, norm: str | None, info: Mapping[str, Any], path: str) -> tuple[float, str]:
-    """eps and norm: as given, else the robust checkpoint's evaluation (or training) values."""
-    metrics = info.get("metrics") or {}
-    if norm is None:
-        norm = metrics.get("eval_norm") or _training_value(info, "norm") or "linf"
+    """eps and norm: as given, else what the robust checkpoint records (training, else evaluation values)."""
+    from ..models.checkpoint import sidecar_defaults
+
+    recorded = sidecar_defaults(dict(info))
+    norm = norm or recorded["norm"] or "linf"
+    eps = eps if eps is not None else recorded["eps"]
     if eps is None:
-        eps = metrics.get("eval_eps", _training_value(info, "eps"))
-        if eps is None:
-            raise ConfigError(f"{path} records no eps; give --eps")
+        raise ConfigError(f"{path} records no eps; give --eps")
     return float(eps), norm
 
 

@@ -178,7 +178,8 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     eval_data = eval_data.subset(cfg.eval_examples)
     mean, std = DATASET_STATS.get(cfg.dataset, ((0.0,), (1.0,)))
     model = create_model(cfg.arch, train_data.num_classes, in_channels=train_data.x.shape[1],
-                         mean=mean, std=std, **cfg.model_kwargs).to(device)
+                         mean=mean, std=std, input_shape=train_data.input_shape, dataset=cfg.dataset,
+                         **cfg.model_kwargs).to(device)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     ctx = TrainContext(num_epochs=cfg.epochs, generator=gen)
