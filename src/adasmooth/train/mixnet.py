@@ -32,10 +32,10 @@ from ..data import Dataset, load_dataset
 from ..mixing import MixedClassifier, mix_logits
 from ..mixing.adaptive import (
     AdaptiveMixedClassifier,
-    ranged_alpha,
     build_adaptive_classifier,
     save_adaptive_classifier,
 )
+from ..mixing.network import ranged_alpha
 from ..core.runtime import resolve_device, seed_everything
 from .loop import clean_accuracy
 
