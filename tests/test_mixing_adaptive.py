@@ -38,16 +38,19 @@ def _build(g, h):
 
 
 def test_caller_base_models_keep_their_flags_and_weights():
-    g, h = _bases()
-    g.train()  # the caller's choice: g in training mode, h in eval with one frozen parameter
-    h.eval()
+    torch.manual_seed(0)
+    g = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8)
+    h = create_model("resnet18", 10, in_channels=1, width=4)  # batch norm: statistics that could move
+    g.train()  # the caller's choice: both in training mode, one of h's parameters frozen
+    h.train()
     next(h.parameters()).requires_grad_(False)
     before = _flags(g, h)
     weights = {k: v.clone() for k, v in list(g.state_dict().items()) + [("h." + k, v) for k, v in h.state_dict().items()]}
 
-    model = _build(g, h)
+    torch.manual_seed(1)
+    model = build_adaptive_classifier(g, h, (1, 16, 16), widths=(8, 8, 8), blocks=(1, 1, 1))
     assert _flags(g, h) == before  # construction
-    x = torch.rand(8, 1, 8, 8)
+    x = torch.rand(8, 1, 16, 16)
     model.eval()
     with torch.no_grad():
         ref = model(x)
@@ -73,6 +76,7 @@ def test_caller_base_models_keep_their_flags_and_weights():
     with torch.no_grad():
         g_out, h_out, _, _ = model.base_outputs(x)
         g.eval()
+        h.eval()
         assert torch.equal(g_out, g(x)) and torch.equal(h_out, h(x))
     assert not torch.equal(model(x), ref)  # the mixing network did train
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import InputError
 from ..attacks.base import NORMS, make_generator, normalized_step, project, random_init
+from ..core.errors import InputError
 from .bounds import lipschitz_radius
 
 __all__ = ["LocalLipschitz", "estimate_local_lipschitz", "estimated_radius"]

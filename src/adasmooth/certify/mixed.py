@@ -29,7 +29,7 @@ from ..core.errors import InputError
 from ..mixing.rules import mix_logits
 
 from .bounds import clopper_pearson_lower, cohen_radius, lipschitz_radius_from_bounds, rs_radius, simultaneous_bounds, smoothing_lipschitz
-from .smoothing import ABSTAIN, Smooth, expected_count, iter_examples
+from .smoothing import ABSTAIN, Smooth, expected_count, selected_examples
 
 __all__ = [
     "STATISTICS_NOTE",
@@ -108,19 +108,12 @@ def collect_counts(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(skip, int) or skip < 1:
-        raise InputError(f"skip must be a positive integer, got {skip!r}")
+    examples = selected_examples(data, skip, max_examples, device)
     out = SmoothingCounts(sigma=smooth.sigma, n0=n0, n=n)
     total = expected_count(data, skip, max_examples)
     bar = tqdm(total=total, desc=f"smoothing counts sigma={smooth.sigma}", disable=not progress, leave=False)
     try:
-        for idx, (x, label) in enumerate(iter_examples(data)):
-            if idx % skip:
-                continue
-            if max_examples is not None and len(out) >= max_examples:
-                break
-            if device is not None:
-                x = x.to(device)
+        for idx, x, label in examples:
             start = time.perf_counter()
             selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size)
             if std_model is not None:

@@ -32,7 +32,7 @@ from ..core.errors import InputError
 from ..core.io import write_text
 from .bounds import clopper_pearson_lower, cohen_radius
 
-__all__ = ["ABSTAIN", "Smooth", "certify_dataset", "certified_accuracy", "TSV_COLUMNS", "TsvLog", "iter_examples"]
+__all__ = ["ABSTAIN", "Smooth", "certify_dataset", "certified_accuracy", "TSV_COLUMNS", "TsvLog", "iter_examples", "selected_examples"]
 
 ABSTAIN = -1
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -179,6 +179,28 @@ def expected_count(data: Any, skip: int = 1, max_examples: int | None = None) ->
     return total
 
 
+def selected_examples(data: Any, skip: int = 1, max_examples: int | None = None,
+                      device: str | torch.device | None = None) -> Iterable[tuple[int, torch.Tensor, int]]:
+    """(index, x, label) of every ``skip``-th input of ``data`` (see ``iter_examples``), at most
+    ``max_examples`` of them, x moved to ``device`` when one is given."""
+    if not isinstance(skip, int) or skip < 1:
+        raise InputError(f"skip must be a positive integer, got {skip!r}")
+    if max_examples is not None and max_examples < 1:
+        raise InputError(f"max_examples must be >= 1, got {max_examples}")
+
+    def generate():
+        taken = 0
+        for idx, (x, label) in enumerate(iter_examples(data)):
+            if idx % skip:
+                continue
+            if max_examples is not None and taken >= max_examples:
+                return
+            taken += 1
+            yield idx, (x.to(device) if device is not None else x), label
+
+    return generate()
+
+
 class TsvLog:
     """Cohen's TSV layout (``TSV_COLUMNS``), rewritten atomically after every row so that an
     interrupted run keeps the rows so far and never leaves half a line."""
@@ -219,22 +241,13 @@ def certify_dataset(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(skip, int) or skip < 1:
-        raise InputError(f"skip must be a positive integer, got {skip!r}")
-    if max_examples is not None and max_examples < 1:
-        raise InputError(f"max_examples must be >= 1, got {max_examples}")
+    examples = selected_examples(data, skip, max_examples, device)
     total = expected_count(data, skip, max_examples)
     rows: list[dict[str, Any]] = []
     tsv = TsvLog(tsv_path) if tsv_path is not None else None
     bar = tqdm(total=total, desc=f"certify sigma={smooth.sigma}", disable=not progress, leave=False)
     try:
-        for idx, (x, label) in enumerate(iter_examples(data)):
-            if idx % skip:
-                continue
-            if max_examples is not None and len(rows) >= max_examples:
-                break
-            if device is not None:
-                x = x.to(device)
+        for idx, x, label in examples:
             start = time.perf_counter()
             prediction, radius = smooth.certify(x, n0, n, alpha, batch_size)
             elapsed = time.perf_counter() - start

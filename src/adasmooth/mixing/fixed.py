@@ -58,10 +58,10 @@ class MixedClassifier(nn.Module):
         super().__init__()
         alpha = _check_alpha(alpha)
         if isinstance(rule, str):
-            self._rule = MIXING_RULES.get(rule)
+            self.rule_fn = MIXING_RULES.get(rule)
             self.rule = rule
         elif callable(rule):
-            self._rule = rule
+            self.rule_fn = rule
             self.rule = getattr(rule, "__name__", repr(rule))
         else:
             raise ConfigError(f"rule must be a mixing rule name or function, got {rule!r}")
@@ -101,7 +101,7 @@ class MixedClassifier(nn.Module):
             alpha_logit = torch.full((n,), math.inf if self.alpha == 1 else -math.inf, dtype=x.dtype, device=x.device)
         inputs = MixInputs(x, self.std_model, self.rob_model, self.std_scale, self.rob_scale, self.std_hardmax,
                            self.norm, self.differentiate_r)
-        return MixOutput(logits=self._rule(inputs, alpha), alpha=alpha, alpha_logit=alpha_logit)
+        return MixOutput(logits=self.rule_fn(inputs, alpha), alpha=alpha, alpha_logit=alpha_logit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(x).logits
