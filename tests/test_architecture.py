@@ -25,12 +25,29 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only, never executed)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
     """adasmooth modules imported by the file at ``path`` (module ``name``), resolved to known module names."""
     is_package = path.name == "__init__.py"
     package = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         targets = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -128,8 +145,10 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
     (pkg / "train" / "loop.py").write_text("from ..core.a import x\n")
     (pkg / "core" / "a.py").write_text("from .b import y\n")
     (pkg / "core" / "b.py").write_text("from . import a\n")
+    (pkg / "core" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..train import loop\n")
     graph = import_graph(pkg)
     assert graph["adasmooth.attacks.pgd"] == {"adasmooth.train.loop"}
+    assert graph["adasmooth.core.c"] == set()  # annotation-only imports do not count
     assert layer_violations(graph) == ["adasmooth.attacks.pgd (attacks) imports adasmooth.train.loop (train)"]
     cycle = find_cycle(graph)
     assert cycle is not None and set(cycle) == {"adasmooth.core.a", "adasmooth.core.b"}

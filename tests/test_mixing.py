@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adasmooth.mixing.fixed import MixedClassifier, MixedModel, MixOutput, dual_norm, mix_log_probs, mix_logits
+from adasmooth.mixing.fixed import MixedClassifier, MixedModel, MixOutput
+from adasmooth.mixing.rules import dual_norm, mix_log_probs, mix_logits, trust_weighted_rule
 from adasmooth.models.base import create_model
 
 
@@ -211,8 +212,15 @@ def _r_by_hand(option: str, norm: str) -> np.ndarray:
 def test_logit_space_variant():
     a, s_g, s_h = 0.3, 2.0, 0.5
     expected = (1 - a) * s_g * (WG @ XV) + a * s_h * (WH @ XV)
-    mc = MixedClassifier(Linear(WG), Linear(WH), a, std_scale=s_g, rob_scale=s_h, space="logit")
+    mc = MixedClassifier(Linear(WG), Linear(WH), a, std_scale=s_g, rob_scale=s_h, rule="logit")
     torch.testing.assert_close(mc(t(XV).view(1, 1, 1, 3))[0], torch.from_numpy(expected))
+
+
+def _rule(option: str, space: str):
+    """The registered rule for the sweep's variants; probability-space R_i options are unregistered."""
+    named = {("one", "probability"): "prob", ("one", "logit"): "logit", ("grad_g", "logit"): "grad_g",
+             ("grad_max_g", "logit"): "grad_max_g", ("grad_ratio", "logit"): "grad_ratio"}
+    return named.get((option, space)) or trust_weighted_rule(option, space)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -227,7 +235,7 @@ def test_r_options_eq_3_3(option, norm, space):
         expected = (g + gamma * r * h) / (1 + gamma * r)
     else:
         expected = np.log((np_softmax(g) + gamma * r * np_softmax(h)) / (1 + gamma * r))
-    mc = MixedClassifier(Linear(WG), Linear(WH), alpha, space=space, r_option=option, norm=norm)
+    mc = MixedClassifier(Linear(WG), Linear(WH), alpha, rule=_rule(option, space), norm=norm)
     x = t(XV).view(1, 1, 1, 3)
     torch.testing.assert_close(mc(x)[0], torch.from_numpy(expected))
     with torch.no_grad():  # evaluation without autograd still computes the gradient norms
@@ -276,7 +284,7 @@ def test_class_counts_must_match():
     mc = MixedClassifier(Linear(np.ones((3, 4))), Linear(np.ones((4, 4))), 0.5)
     with pytest.raises(ValueError, match="class count"):
         mc(torch.rand(1, 1, 1, 4, dtype=torch.float64))
-    mc_r = MixedClassifier(Linear(np.ones((3, 4))), Linear(np.ones((4, 4))), 0.5, r_option="grad_max_g")
+    mc_r = MixedClassifier(Linear(np.ones((3, 4))), Linear(np.ones((4, 4))), 0.5, rule="grad_max_g")
     with pytest.raises(ValueError, match="class count"):
         mc_r(torch.rand(1, 1, 1, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="shape"):
@@ -292,10 +300,14 @@ def test_wrong_rank_and_bad_options():
     with pytest.raises(ValueError, match="logits"):
         mix_logits(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), 0.5)
     std, rob = Fixed([0.0, 1.0]), Fixed([1.0, 0.0])
+    with pytest.raises(ValueError, match="mixing rule 'softmax'"):
+        MixedClassifier(std, rob, 0.5, rule="softmax")
+    with pytest.raises(ValueError, match="mixing rule 'grad_h'"):
+        MixedClassifier(std, rob, 0.5, rule="grad_h")
     with pytest.raises(ValueError, match="space"):
-        MixedClassifier(std, rob, 0.5, space="softmax")
-    with pytest.raises(ValueError, match="r_option"):
-        MixedClassifier(std, rob, 0.5, r_option="grad_h")
+        trust_weighted_rule("one", "softmax")
+    with pytest.raises(ValueError, match="R_i option 'grad_h'"):
+        trust_weighted_rule("grad_h", "logit")
     with pytest.raises(ValueError, match="scales"):
         MixedClassifier(std, rob, 0.5, std_scale=0.0)
     with pytest.raises(ValueError, match="norm"):

@@ -1,4 +1,5 @@
-"""The mixing network, feature taps and the adaptive mixed classifier (adasmooth.mixing.adaptive)."""
+"""The mixing network, feature taps (adasmooth.mixing.network) and the adaptive mixed classifier
+(adasmooth.mixing.adaptive)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,12 @@ import torch.nn.functional as F
 
 from adasmooth.models.checkpoint import save_checkpoint
 from adasmooth.mixing.adaptive import (
-    SMALL_WIDTHS,
     AdaptiveMixedClassifier,
-    FeatureTaps,
-    MixingNetConfig,
-    MixingNetwork,
     build_adaptive_classifier,
     load_adaptive_classifier,
-    ranged_alpha,
     save_adaptive_classifier,
 )
+from adasmooth.mixing.network import SMALL_WIDTHS, FeatureTaps, MixingNetConfig, MixingNetwork, ranged_alpha
 from adasmooth.models.base import create_model, default_taps
 
 # (registry name, kwargs, input shape, expected (first tap, second tap) shapes without the batch)
@@ -165,18 +162,21 @@ def test_detach_switch_stops_gradients_through_alpha():
     assert grad is None or grad.abs().sum() == 0
 
 
-def test_base_models_run_once_stay_frozen_and_in_eval_mode():
+def test_base_models_run_once_frozen_and_in_eval_mode():
     model = _tiny()
-    calls = []
-    handle = model.std_model.register_forward_hook(lambda *a: calls.append(1))
+    seen = []  # (model, training, any parameter requiring grad) as each base model runs
+
+    def record(module, _inputs, _output):
+        seen.append((module, module.training, any(p.requires_grad for p in module.parameters())))
+
+    handles = [m.register_forward_hook(record) for m in (model.std_model, model.rob_model)]
     model.train()
     model.mix(torch.rand(4, 1, 8, 8))
-    handle.remove()
-    assert len(calls) == 1
-    assert not model.std_model.training and not model.rob_model.training
+    for handle in handles:
+        handle.remove()
+    # one pass of each, in eval mode, with no parameter gradients
+    assert seen == [(model.std_model, False, False), (model.rob_model, False, False)]
     assert model.mixing_net.training
-    assert not any(p.requires_grad for p in model.std_model.parameters())
-    assert not any(p.requires_grad for p in model.rob_model.parameters())
     assert all(p.requires_grad for p in model.mixing_net.parameters())
 
 

@@ -9,10 +9,13 @@ import torch
 import adasmooth.evaluate.sweep as sweep_mod
 from adasmooth.core.config import ConfigError, from_mapping
 from adasmooth.data.base import load_dataset
+from adasmooth.mixing import MIXING_RULES, mix_logits
 from adasmooth.mixing.fixed import MixedClassifier
-from adasmooth.evaluate.sweep import VARIANTS, SweepConfig, alpha_sweep, craft_adversarial, variant_classifier
+from adasmooth.evaluate.sweep import SweepConfig, alpha_sweep, craft_adversarial, variant_classifier, variant_labels
 from adasmooth.train.loop import TrainConfig, train_base
 
+# the built-in mixing rules: Eq. 3.4 and the ablations of Figure 1
+VARIANTS = ("prob", "logit", "grad_g", "grad_max_g", "grad_ratio")
 EPS = 0.2
 STEPS = 5
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -134,13 +137,18 @@ def test_sweep_is_deterministic_and_reports_after_each_alpha(models, data):
 def test_variant_classifier_matches_the_named_ablation(models, data):
     g, h = models
     x = data.x[:16]
-    for name, (space, r_option, _) in VARIANTS.items():
+    assert MIXING_RULES.names()[:len(VARIANTS)] == list(VARIANTS)  # the sweep's variants are the registry's
+    labels = variant_labels()
+    assert labels["prob"] == "R=1, probabilities (Eq. 3.4)" and set(VARIANTS) <= set(labels)
+    for name in VARIANTS:
         m = variant_classifier(g, h, 0.4, name)
-        assert (m.space, m.r_option) == (space, r_option) and m.alpha == pytest.approx(0.4)
-    # "logit" is the plain convex combination of logits
+        assert m.rule == name and m.rule_fn is MIXING_RULES.get(name) and m.alpha == pytest.approx(0.4)
     with torch.no_grad():
+        # "logit" is the plain convex combination of logits
         expected = 0.6 * g(x) + 0.4 * h(x)
         torch.testing.assert_close(variant_classifier(g, h, 0.4, "logit")(x), expected)
+        # "prob" is Eq. 3.4
+        torch.testing.assert_close(variant_classifier(g, h, 0.4, "prob")(x), mix_logits(g(x), h(x), 0.4))
 
 
 def test_bad_input_is_refused(models, data):

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from scipy.stats import beta as _beta
 
+from ..core.errors import InputError
+
 __all__ = [
     "required_margin",
     "lemma_margin_certifies",
@@ -50,12 +52,12 @@ def _as_tensor(value, like: torch.Tensor | None = None) -> torch.Tensor:
 
 def _check_alpha(alpha: torch.Tensor) -> None:
     if torch.isnan(alpha).any() or (alpha < 0).any() or (alpha > 1).any():
-        raise ValueError(f"the mixing weight alpha must lie in [0, 1], got {alpha.tolist()}")
+        raise InputError(f"the mixing weight alpha must lie in [0, 1], got {alpha.tolist()}")
 
 
 def _check_probabilities(p: torch.Tensor, name: str) -> None:
     if torch.isnan(p).any() or (p < 0).any() or (p > 1).any():
-        raise ValueError(f"{name} must be probabilities in [0, 1]")
+        raise InputError(f"{name} must be probabilities in [0, 1]")
 
 
 def required_margin(alpha: float | torch.Tensor) -> torch.Tensor:
@@ -84,12 +86,12 @@ def _class_lipschitz(lipschitz, probs: torch.Tensor) -> torch.Tensor:
         lip = lip.expand_as(probs)
     elif lip.dim() == 1:
         if lip.shape[0] != probs.shape[1]:
-            raise ValueError(f"got {lip.shape[0]} per-class Lipschitz constants for {probs.shape[1]} classes")
+            raise InputError(f"got {lip.shape[0]} per-class Lipschitz constants for {probs.shape[1]} classes")
         lip = lip.unsqueeze(0).expand_as(probs)
     elif lip.shape != probs.shape:
-        raise ValueError(f"Lipschitz constants of shape {tuple(lip.shape)} do not match probabilities {tuple(probs.shape)}")
+        raise InputError(f"Lipschitz constants of shape {tuple(lip.shape)} do not match probabilities {tuple(probs.shape)}")
     if torch.isnan(lip).any() or (lip < 0).any():
-        raise ValueError("Lipschitz constants must be >= 0")
+        raise InputError("Lipschitz constants must be >= 0")
     return lip
 
 
@@ -99,7 +101,7 @@ def _per_sample_alpha(alpha, like: torch.Tensor, n: int) -> torch.Tensor:
     if a.dim() == 0:
         a = a.expand(n)
     if a.shape != (n,):
-        raise ValueError(f"alpha must be a scalar or shape ({n},), got {tuple(a.shape)}")
+        raise InputError(f"alpha must be a scalar or shape ({n},), got {tuple(a.shape)}")
     return a
 
 
@@ -126,7 +128,7 @@ def lipschitz_radius(
     certifies nothing.
     """
     if probs.dim() != 2 or probs.shape[1] < 2:
-        raise ValueError(f"probs must be (N, C) with C >= 2, got {tuple(probs.shape)}")
+        raise InputError(f"probs must be (N, C) with C >= 2, got {tuple(probs.shape)}")
     _check_probabilities(probs, "probs")
     n = probs.shape[0]
     lip = _class_lipschitz(lipschitz, probs)
@@ -156,7 +158,7 @@ def lipschitz_radius_from_bounds(
     _check_probabilities(hi, "p_other_upper")
     lip = _as_tensor(lipschitz, lo)
     if torch.isnan(lip).any() or (lip < 0).any():
-        raise ValueError("Lipschitz constants must be >= 0")
+        raise InputError("Lipschitz constants must be >= 0")
     a = _as_tensor(alpha, lo)
     _check_alpha(a)
     radius = _radius_ratio(a * (lo - hi) + a - 1, 2 * a * lip)
@@ -183,7 +185,7 @@ def rs_radius(
     _check_probabilities(pb, "p_runner_up")
     s = _as_tensor(sigma, pa)
     if torch.isnan(s).any() or (s <= 0).any():
-        raise ValueError(f"sigma must be > 0, got {s.tolist()}")
+        raise InputError(f"sigma must be > 0, got {s.tolist()}")
     a = _as_tensor(alpha, pa)
     _check_alpha(a)
     # float64 for ndtri: near 1 a float32 argument loses the tail that sets the radius
@@ -201,7 +203,7 @@ def cohen_radius(p_top_lower: torch.Tensor | float, sigma: float | torch.Tensor)
     _check_probabilities(pa, "p_top_lower")
     s = _as_tensor(sigma, pa)
     if torch.isnan(s).any() or (s <= 0).any():
-        raise ValueError(f"sigma must be > 0, got {s.tolist()}")
+        raise InputError(f"sigma must be > 0, got {s.tolist()}")
     work = torch.float64 if pa.device.type != "mps" else torch.float32
     z = torch.special.ndtri(pa.to(work))
     return torch.where(pa > 0.5, s.to(work) * z, torch.zeros_like(z)).to(pa.dtype)
@@ -210,7 +212,7 @@ def cohen_radius(p_top_lower: torch.Tensor | float, sigma: float | torch.Tensor)
 def smoothing_lipschitz(sigma: float) -> float:
     """l_2 Lipschitz constant sqrt(2 / pi) / sigma of each class probability of a Gaussian smoothed classifier."""
     if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+        raise InputError(f"sigma must be > 0, got {sigma}")
     return math.sqrt(2.0 / math.pi) / sigma
 
 
@@ -221,15 +223,15 @@ def _counts(k, n) -> tuple[np.ndarray, np.ndarray]:
     k_arr = np.asarray(k.detach().cpu().numpy() if isinstance(k, torch.Tensor) else k)
     n_arr = np.asarray(n.detach().cpu().numpy() if isinstance(n, torch.Tensor) else n)
     if (k_arr < 0).any() or (n_arr < 1).any() or (k_arr > n_arr).any():
-        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k_arr.tolist()}, n={n_arr.tolist()}")
+        raise InputError(f"need 0 <= k <= n and n >= 1, got k={k_arr.tolist()}, n={n_arr.tolist()}")
     if not (np.all(np.mod(k_arr, 1) == 0) and np.all(np.mod(n_arr, 1) == 0)):
-        raise ValueError("counts must be whole numbers")
+        raise InputError("counts must be whole numbers")
     return k_arr.astype(np.float64), n_arr.astype(np.float64)
 
 
 def _check_level(alpha: float) -> None:
     if not 0 < alpha < 1:
-        raise ValueError(f"the failure probability must lie in (0, 1), got {alpha}")
+        raise InputError(f"the failure probability must lie in (0, 1), got {alpha}")
 
 
 def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
@@ -261,7 +263,7 @@ def simultaneous_bounds(count_top, counts_other, n, alpha: float) -> tuple[np.nd
     _check_level(alpha)
     other = np.asarray(counts_other.detach().cpu().numpy() if isinstance(counts_other, torch.Tensor) else counts_other)
     if other.ndim < 1 or other.shape[-1] < 1:
-        raise ValueError("counts_other needs a last axis with one count per other class")
+        raise InputError("counts_other needs a last axis with one count per other class")
     n_arr = np.asarray(n.detach().cpu().numpy() if isinstance(n, torch.Tensor) else n)
     lower = clopper_pearson_lower(count_top, n_arr, alpha / 2)
     per_class = clopper_pearson_upper(other, n_arr[..., None] if n_arr.ndim else n_arr, alpha / (2 * other.shape[-1]))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.base import NORMS, make_generator, normalized_step, project, random_init
+from ..core.errors import InputError
 from .bounds import lipschitz_radius
 
 __all__ = ["LocalLipschitz", "estimate_local_lipschitz", "estimated_radius"]
@@ -60,15 +61,15 @@ def estimate_local_lipschitz(
     best over ``restarts`` is returned. Inputs stay in [0, 1].
     """
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
+        raise InputError(f"unknown norm {norm!r}; use one of {NORMS}")
     if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        raise InputError(f"eps must be > 0, got {eps}")
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+        raise InputError(f"restarts must be a positive integer, got {restarts!r}")
     if x.dim() < 2:
-        raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
+        raise InputError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
     x = x.detach()
     with torch.no_grad():
         probs = F.softmax(model(x), 1)

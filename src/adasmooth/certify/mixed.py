@@ -23,11 +23,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import InputError
+from ..mixing.rules import mix_logits
+
 from .bounds import clopper_pearson_lower, cohen_radius, lipschitz_radius_from_bounds, rs_radius, simultaneous_bounds, smoothing_lipschitz
-from .smoothing import ABSTAIN, Smooth, expected_count, iter_examples
+from .smoothing import ABSTAIN, Smooth, expected_count, selected_examples
 
 __all__ = [
     "STATISTICS_NOTE",
@@ -67,7 +69,7 @@ class SmoothingCounts:
 
     def arrays(self) -> dict[str, np.ndarray]:
         if not self.idx:
-            raise ValueError("no inputs were counted")
+            raise InputError("no inputs were counted")
         out = {
             "idx": np.asarray(self.idx),
             "labels": np.asarray(self.labels),
@@ -106,26 +108,19 @@ def collect_counts(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(skip, int) or skip < 1:
-        raise ValueError(f"skip must be a positive integer, got {skip!r}")
+    examples = selected_examples(data, skip, max_examples, device)
     out = SmoothingCounts(sigma=smooth.sigma, n0=n0, n=n)
     total = expected_count(data, skip, max_examples)
     bar = tqdm(total=total, desc=f"smoothing counts sigma={smooth.sigma}", disable=not progress, leave=False)
     try:
-        for idx, (x, label) in enumerate(iter_examples(data)):
-            if idx % skip:
-                continue
-            if max_examples is not None and len(out) >= max_examples:
-                break
-            if device is not None:
-                x = x.to(device)
+        for idx, x, label in examples:
             start = time.perf_counter()
             selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size)
             if std_model is not None:
                 with torch.no_grad():
                     logits = std_model(x.unsqueeze(0))[0]
                 if logits.shape[0] != smooth.num_classes:
-                    raise ValueError(f"g has {logits.shape[0]} classes but h has {smooth.num_classes}")
+                    raise InputError(f"g has {logits.shape[0]} classes but h has {smooth.num_classes}")
                 out.std_logits.append(logits.double().cpu().numpy())
             out.seconds.append(time.perf_counter() - start)
             out.idx.append(idx)
@@ -140,11 +135,13 @@ def collect_counts(
     return out
 
 
-def cohen_certificates(counts: SmoothingCounts, alpha_conf: float) -> list[dict[str, Any]]:
-    """Cohen et al.'s CERTIFY from the counts: rows {idx, label, predict, radius, correct, time}."""
-    a = counts.arrays()
-    cand = a["selection"].argmax(1)
-    n_a = a["estimation"][np.arange(len(cand)), cand]
+def cohen_certificates(counts: SmoothingCounts, alpha_conf: float, first: int = 0) -> list[dict[str, Any]]:
+    """Cohen et al.'s CERTIFY from the counts: rows {idx, label, predict, radius, correct, time}, for
+    the inputs from index ``first`` on (a running certification asks for its newest one)."""
+    if not first < len(counts):
+        raise InputError(f"no counted input at index {first}; {len(counts)} were counted")
+    cand = np.stack(counts.selection[first:]).argmax(1)
+    n_a = np.stack(counts.estimation[first:])[np.arange(len(cand)), cand]
     p_lower = clopper_pearson_lower(n_a, counts.n, alpha_conf)
     radius = cohen_radius(torch.as_tensor(p_lower, dtype=torch.float64), counts.sigma).numpy()
     predict = np.where(p_lower >= 0.5, cand, ABSTAIN)
@@ -152,7 +149,7 @@ def cohen_certificates(counts: SmoothingCounts, alpha_conf: float) -> list[dict[
     return [
         {"idx": int(i), "label": int(lab), "predict": int(p), "radius": float(r), "correct": int(p == lab),
          "time": float(t)}
-        for i, lab, p, r, t in zip(a["idx"], a["labels"], predict, radius, counts.seconds)
+        for i, lab, p, r, t in zip(counts.idx[first:], counts.labels[first:], predict, radius, counts.seconds[first:])
     ]
 
 
@@ -173,7 +170,7 @@ def mixed_certificates(
     Without g logits only alpha = 1 (h alone) is allowed.
     """
     if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        raise InputError(f"alpha must lie in [0, 1], got {alpha}")
     a = counts.arrays()
     sel, est, labels = a["selection"], a["estimation"], a["labels"]
     num, num_classes = est.shape
@@ -190,16 +187,14 @@ def mixed_certificates(
     p_h = est / counts.n
     if alpha < 1:
         if "std_logits" not in a:
-            raise ValueError("the mixture with alpha < 1 needs g's outputs; collect the counts with std_model")
-        logits = torch.as_tensor(a["std_logits"])
-        if std_hardmax:
-            p_g = F.one_hot(logits.argmax(1), num_classes).double().numpy()
-        else:
-            p_g = torch.softmax(std_scale * logits, 1).numpy()
-        mixed = (1 - alpha) * p_g + alpha * p_h
+            raise InputError("the mixture with alpha < 1 needs g's outputs; collect the counts with std_model")
+        # h's frequencies enter Eq. 3.4 as logits whose softmax they are (log 0 = -inf is exact there)
+        log_p_h = torch.log(torch.as_tensor(p_h, dtype=torch.float64))
+        mixed = mix_logits(torch.as_tensor(a["std_logits"], dtype=torch.float64), log_p_h, alpha,
+                           std_scale=std_scale, std_hardmax=std_hardmax)
+        predict = mixed.argmax(1).numpy()
     else:
-        mixed = p_h
-    predict = mixed.argmax(1)
+        predict = p_h.argmax(1)
     return {
         "idx": a["idx"],
         "labels": labels,
@@ -221,7 +216,7 @@ def curve(certs: Mapping[str, np.ndarray], radii: Sequence[float], bound: str = 
     the clean accuracy of the mixture is reported separately, Figure 6's 'empty circles').
     """
     if bound not in ("rs", "lip"):
-        raise ValueError(f"bound must be 'rs' or 'lip', got {bound!r}")
+        raise InputError(f"bound must be 'rs' or 'lip', got {bound!r}")
     radius = certs[f"radius_{bound}"]
     ok = certs["certified_correct"] & (radius > 0)
     return [100.0 * float(np.mean(ok & (radius >= r))) for r in radii]
@@ -271,7 +266,7 @@ def pareto_frontier(
     mixture for every sigma (largest alpha keeping that accuracy), and the pointwise maximum of
     their certified-accuracy curves (the frontier), all in %."""
     if baseline_sigma not in counts_by_sigma:
-        raise ValueError(f"no counts for the baseline sigma {baseline_sigma}")
+        raise InputError(f"no counts for the baseline sigma {baseline_sigma}")
     base = mixed_certificates(counts_by_sigma[baseline_sigma], 1.0, alpha_conf)
     target = clean_accuracy(base)
     candidates = []

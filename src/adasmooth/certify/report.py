@@ -6,12 +6,11 @@ Outputs for ``prefix`` (each smoothed model gets a ``_sigma<S>`` tag):
 - ``<prefix>_sigma<S>_counts.json``: the Monte Carlo counts, rewritten every few inputs (a killed run
   keeps them, and every certificate can be recomputed from them);
 - ``<prefix>_sigma<S>_mixed_alpha<A>.tsv``: per-input mixed certificates;
-- ``<prefix>.json`` (via ``reporting.write_result``) and ``<prefix>_curves.png`` / ``<prefix>_frontier_<bound>.png``.
+- ``<prefix>.json`` (written by the caller, e.g. with ``core.io.write_result``) and ``<prefix>_curves.png`` / ``<prefix>_frontier_<bound>.png``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bounds import clopper_pearson_lower, cohen_radius
+from ..core.errors import InputError
+from ..core.io import write_json, write_text
 from .mixed import (
     STATISTICS_NOTE,
     SmoothingCounts,
@@ -31,19 +31,13 @@ from .mixed import (
     mixed_certificates,
     pareto_frontier,
 )
-from .smoothing import ABSTAIN, TSV_COLUMNS, Smooth, certified_accuracy
+from .smoothing import ABSTAIN, Smooth, TsvLog, certified_accuracy
 
 __all__ = ["certify_smoothed_models", "summary_rows"]
 
 
 def _tag(value: float) -> str:
     return f"{value:g}"
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(path)
 
 
 def _write_mixed_tsv(path: Path, certs: Mapping[str, np.ndarray]) -> None:
@@ -55,7 +49,7 @@ def _write_mixed_tsv(path: Path, certs: Mapping[str, np.ndarray]) -> None:
             str(int(certs["correct"][i])), str(int(certs["h_class"][i])), f"{certs['p_lower'][i]:.6f}",
             f"{certs['p_other_upper'][i]:.6f}", f"{certs['radius_rs'][i]:.4f}", f"{certs['radius_lip'][i]:.4f}",
         ]))
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def certify_smoothed_models(
@@ -85,15 +79,13 @@ def certify_smoothed_models(
     at each alpha; with two or more sigmas and a g, the Figure-6 frontier at the clean accuracy of the
     first sigma alone. Returns (results, counts by sigma); writes files when ``prefix`` is given."""
     if not models:
-        raise ValueError("give at least one smoothed model")
+        raise InputError("give at least one smoothed model")
     for a in alphas:
         if not 0 <= a <= 1:
-            raise ValueError(f"mixing weights must lie in [0, 1], got {a}")
+            raise InputError(f"mixing weights must lie in [0, 1], got {a}")
     if alphas and std_model is None:
-        raise ValueError("mixed certificates (alphas) need a standard model g")
+        raise InputError("mixed certificates (alphas) need a standard model g")
     prefix = Path(prefix) if prefix is not None else None
-    if prefix is not None:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "n0": n0, "n": n, "alpha_conf": alpha_conf, "confidence": 1 - alpha_conf, "radii": list(radii),
         "statistics": STATISTICS_NOTE, "std_hardmax": std_hardmax, "std_scale": std_scale, "models": [],
@@ -102,34 +94,23 @@ def certify_smoothed_models(
     for model_index, (sigma, model) in enumerate(models.items()):
         smooth = Smooth(model, num_classes, float(sigma), seed=seed + model_index)
         stem = None if prefix is None else prefix.with_name(f"{prefix.name}_sigma{_tag(sigma)}")
-        tsv = None
-        if stem is not None:
-            tsv = stem.with_name(stem.name + ".tsv").open("w")
-            tsv.write("\t".join(TSV_COLUMNS) + "\n")
+        tsv = TsvLog(stem.with_name(stem.name + ".tsv")) if stem is not None else None
+        counts_file = stem.with_name(stem.name + "_counts.json") if stem is not None else None
 
-        def on_example(counts: SmoothingCounts, tsv=tsv, stem=stem) -> None:
+        def on_example(counts: SmoothingCounts, tsv=tsv, counts_file=counts_file) -> None:
             if tsv is not None:
-                cand = int(counts.selection[-1].argmax())
-                p_lower = float(clopper_pearson_lower(int(counts.estimation[-1][cand]), counts.n, alpha_conf))
-                pred = cand if p_lower >= 0.5 else ABSTAIN
-                radius = float(cohen_radius(torch.tensor(p_lower, dtype=torch.float64), counts.sigma)) if pred != ABSTAIN else 0.0
-                label = counts.labels[-1]
-                tsv.write(f"{counts.idx[-1]}\t{label}\t{pred}\t{radius:.4f}\t{int(pred == label)}\t{counts.seconds[-1]:.4f}\n")
-                tsv.flush()
-            if stem is not None and len(counts) % flush_every == 0:
-                _write_json_atomic(stem.with_name(stem.name + "_counts.json"), counts.to_dict())
+                (row,) = cohen_certificates(counts, alpha_conf, first=len(counts) - 1)
+                tsv.add(row)
+            if counts_file is not None and len(counts) % flush_every == 0:
+                write_json(counts_file, counts.to_dict(), indent=None)
 
         start = time.perf_counter()
-        try:
-            counts = collect_counts(smooth, data, n0, n, batch_size, std_model=std_model, skip=skip,
-                                    max_examples=max_examples, device=device, progress=progress,
-                                    on_example=on_example)
-        finally:
-            if tsv is not None:
-                tsv.close()
+        counts = collect_counts(smooth, data, n0, n, batch_size, std_model=std_model, skip=skip,
+                                max_examples=max_examples, device=device, progress=progress,
+                                on_example=on_example)
         elapsed = time.perf_counter() - start
-        if stem is not None:
-            _write_json_atomic(stem.with_name(stem.name + "_counts.json"), counts.to_dict())
+        if counts_file is not None:
+            write_json(counts_file, counts.to_dict(), indent=None)
         all_counts[float(sigma)] = counts
         cohen_rows = cohen_certificates(counts, alpha_conf)
         alone = mixed_certificates(counts, 1.0, alpha_conf)
@@ -188,7 +169,7 @@ def _plot(results: Mapping[str, Any], prefix: Path) -> None:
 
 
 def summary_rows(results: Mapping[str, Any], show_radii: Sequence[float]) -> list[dict[str, Any]]:
-    """Rows for ``reporting.format_table``: clean and certified accuracy (%) at ``show_radii``."""
+    """Rows for ``core.io.format_table``: clean and certified accuracy (%) at ``show_radii``."""
     radii = list(results["radii"])
 
     def at(values):
@@ -196,7 +177,7 @@ def summary_rows(results: Mapping[str, Any], show_radii: Sequence[float]) -> lis
         for r in show_radii:
             idx = int(np.argmin(np.abs(np.asarray(radii) - r)))
             if abs(radii[idx] - r) > 1e-6:
-                raise ValueError(f"radius {r} is not among the certified radii")
+                raise InputError(f"radius {r} is not among the certified radii")
             out[f"r={r:g}"] = values[idx]
         return out
 

@@ -28,9 +28,11 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
+from ..core.errors import InputError
+from ..core.io import write_text
 from .bounds import clopper_pearson_lower, cohen_radius
 
-__all__ = ["ABSTAIN", "Smooth", "certify_dataset", "certified_accuracy", "TSV_COLUMNS", "iter_examples"]
+__all__ = ["ABSTAIN", "Smooth", "certify_dataset", "certified_accuracy", "TSV_COLUMNS", "TsvLog", "iter_examples", "selected_examples"]
 
 ABSTAIN = -1
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -45,9 +47,9 @@ class Smooth:
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None):
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+            raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+            raise InputError(f"sigma must be a positive number, got {sigma!r}")
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.sigma = float(sigma)
@@ -70,14 +72,14 @@ class Smooth:
     def _check_single(x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected ONE input of shape (C, H, W), got {shape}")
+            raise InputError(f"expected ONE input of shape (C, H, W), got {shape}")
 
     @staticmethod
     def _check_draws(num: int, batch_size: int, name: str = "n") -> None:
         if not isinstance(num, int) or num < 1:
-            raise ValueError(f"{name} must be a positive integer, got {num!r}")
+            raise InputError(f"{name} must be a positive integer, got {num!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
     def sample_predictions(self, x: torch.Tensor, num: int, batch_size: int) -> torch.Tensor:
         """The base classifier's class on ``num`` noisy copies of x, in draw order: (num,) int64 on x's device."""
@@ -94,7 +96,7 @@ class Smooth:
                 noise = torch.randn(batch.shape, generator=gen, device=x.device, dtype=x.dtype) * self.sigma
                 scores = self.base_classifier(batch + noise)
                 if scores.dim() != 2 or scores.shape[1] != self.num_classes:
-                    raise ValueError(
+                    raise InputError(
                         f"base classifier returned shape {tuple(scores.shape)}; expected (N, {self.num_classes})"
                     )
                 predictions.append(scores.argmax(1))
@@ -122,7 +124,7 @@ class Smooth:
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
         """(prediction, l_2 radius); (-1, 0.0) on abstention. Sound with probability >= 1 - alpha."""
         if not 0 < alpha < 1:
-            raise ValueError(f"alpha (failure probability) must lie in (0, 1), got {alpha}")
+            raise InputError(f"alpha (failure probability) must lie in (0, 1), got {alpha}")
         selection, estimation = self.selection_and_estimation_counts(x, n0, n, batch_size)
         candidate = int(selection.argmax())
         p_lower = float(clopper_pearson_lower(int(estimation[candidate]), n, alpha))
@@ -134,7 +136,7 @@ class Smooth:
         """The smoothed prediction, or -1 when the top two classes are not told apart at level alpha."""
         self._check_draws(n, batch_size, "n")
         if not 0 < alpha < 1:
-            raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+            raise InputError(f"alpha must lie in (0, 1), got {alpha}")
         counts = self.sample_counts(x, n, batch_size)
         order = np.argsort(-counts, kind="stable")
         top, second = int(counts[order[0]]), int(counts[order[1]])
@@ -153,7 +155,7 @@ def iter_examples(data: Any) -> Iterable[tuple[torch.Tensor, int]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) and data[0].dim() == 4:
         xs, ys = data
         if xs.shape[0] != len(ys):
-            raise ValueError(f"{xs.shape[0]} inputs but {len(ys)} labels")
+            raise InputError(f"{xs.shape[0]} inputs but {len(ys)} labels")
         for i in range(xs.shape[0]):
             yield xs[i], int(ys[i])
         return
@@ -177,15 +179,45 @@ def expected_count(data: Any, skip: int = 1, max_examples: int | None = None) ->
     return total
 
 
-def _open_tsv(path: str | Path | None):
-    if path is None:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("w")
-    f.write("\t".join(TSV_COLUMNS) + "\n")
-    f.flush()
-    return f
+def selected_examples(data: Any, skip: int = 1, max_examples: int | None = None,
+                      device: str | torch.device | None = None) -> Iterable[tuple[int, torch.Tensor, int]]:
+    """(index, x, label) of every ``skip``-th input of ``data`` (see ``iter_examples``), at most
+    ``max_examples`` of them, x moved to ``device`` when one is given."""
+    if not isinstance(skip, int) or skip < 1:
+        raise InputError(f"skip must be a positive integer, got {skip!r}")
+    if max_examples is not None and max_examples < 1:
+        raise InputError(f"max_examples must be >= 1, got {max_examples}")
+
+    def generate():
+        taken = 0
+        for idx, (x, label) in enumerate(iter_examples(data)):
+            if idx % skip:
+                continue
+            if max_examples is not None and taken >= max_examples:
+                return
+            taken += 1
+            yield idx, (x.to(device) if device is not None else x), label
+
+    return generate()
+
+
+class TsvLog:
+    """Cohen's TSV layout (``TSV_COLUMNS``), rewritten atomically after every row so that an
+    interrupted run keeps the rows so far and never leaves half a line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lines = ["\t".join(TSV_COLUMNS)]
+        self._flush()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._lines.append(
+            f"{row['idx']}\t{row['label']}\t{row['predict']}\t{row['radius']:.4f}\t{row['correct']}\t{row['time']:.4f}"
+        )
+        self._flush()
+
+    def _flush(self) -> None:
+        write_text(self.path, "\n".join(self._lines) + "\n")
 
 
 def certify_dataset(
@@ -204,27 +236,18 @@ def certify_dataset(
 ) -> list[dict[str, Any]]:
     """CERTIFY on every ``skip``-th example (at most ``max_examples``); rows ``{idx, label, predict, radius, correct, time}``.
 
-    ``data`` is a ``Dataset``, an (x, y) pair of tensors or an iterable of (x, label). Rows are
-    appended to ``tsv_path`` (Cohen's layout) as they are computed.
+    ``data`` is a ``Dataset``, an (x, y) pair of tensors or an iterable of (x, label). Rows go to
+    ``tsv_path`` (Cohen's layout) as they are computed.
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(skip, int) or skip < 1:
-        raise ValueError(f"skip must be a positive integer, got {skip!r}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    examples = selected_examples(data, skip, max_examples, device)
     total = expected_count(data, skip, max_examples)
     rows: list[dict[str, Any]] = []
-    tsv = _open_tsv(tsv_path)
+    tsv = TsvLog(tsv_path) if tsv_path is not None else None
     bar = tqdm(total=total, desc=f"certify sigma={smooth.sigma}", disable=not progress, leave=False)
     try:
-        for idx, (x, label) in enumerate(iter_examples(data)):
-            if idx % skip:
-                continue
-            if max_examples is not None and len(rows) >= max_examples:
-                break
-            if device is not None:
-                x = x.to(device)
+        for idx, x, label in examples:
             start = time.perf_counter()
             prediction, radius = smooth.certify(x, n0, n, alpha, batch_size)
             elapsed = time.perf_counter() - start
@@ -238,13 +261,10 @@ def certify_dataset(
             }
             rows.append(row)
             if tsv is not None:
-                tsv.write(f"{idx}\t{label}\t{prediction}\t{radius:.4f}\t{row['correct']}\t{elapsed:.4f}\n")
-                tsv.flush()
+                tsv.add(row)
             bar.update(1)
     finally:
         bar.close()
-        if tsv is not None:
-            tsv.close()
     return rows
 
 
@@ -259,7 +279,7 @@ def certified_accuracy(
     Abstentions count as wrong (their ``correct`` is 0). Returns fractions in [0, 1].
     """
     if not rows:
-        raise ValueError("no certification rows")
+        raise InputError("no certification rows")
     radius = np.array([float(r[radius_key]) for r in rows])
     correct = np.array([bool(r[correct_key]) for r in rows])
     return [float(np.mean(correct & (radius >= r))) for r in radii]

@@ -35,7 +35,7 @@ def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str |
     """JSON (with config, seed, provenance), CSV and (with ``plots``) the two plots of a sweep."""
     from ..evaluate.plots import plot_accuracy_vs_alpha, plot_tradeoff
     from ..core.io import write_csv, write_result
-    from ..evaluate.sweep import VARIANTS
+    from ..evaluate.sweep import variant_labels
 
     payload = {"rows": result.rows, "reference": result.reference, "n_examples": result.n_examples}
     if progress_note:
@@ -50,7 +50,7 @@ def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str |
             title=f"h_alpha = mix of g and h ({first}), {result.n_examples} test examples")
         paths["tradeoff"] = plot_tradeoff(
             result.rows, out_dir / "tradeoff.png", result.reference,
-            labels={k: v[2] for k, v in VARIANTS.items()}, title="MIX-attacked vs clean accuracy")
+            labels=variant_labels(), title="MIX-attacked vs clean accuracy")
     return paths
 
 

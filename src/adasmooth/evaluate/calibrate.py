@@ -20,7 +20,8 @@ from ..core.errors import ConfigError, InputError
 from ..core.runtime import resolve_device
 from ..data import Dataset, load_dataset
 from ..mixing import MixedClassifier, mix_logits
-from ..mixing.adaptive import AdaptiveMixedClassifier, load_adaptive_classifier, ranged_alpha, save_adaptive_classifier
+from ..mixing.adaptive import AdaptiveMixedClassifier, load_adaptive_classifier, save_adaptive_classifier
+from ..mixing.network import ranged_alpha
 from ..models.checkpoint import checkpoint_paths
 from ..core.checks import check_counts, check_finite
 from ..train.loop import clean_accuracy

@@ -26,20 +26,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import PGD
+from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
-from ..mixing import MixedClassifier
+from ..mixing import MIXING_RULES, MixedClassifier
 
-__all__ = ["VARIANTS", "SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier"]
+__all__ = ["SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier",
+           "variant_labels"]
 
-# name -> (space, r_option, legend label). "prob" is the paper's Eq. 3.4; the rest are the
-# ablations of Figure 1 (Eqs. 3.1-3.3 with R_i(x) options, mixing logits: "No SoftMax").
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    "prob": ("probability", "one", "R=1, probabilities (Eq. 3.4)"),
-    "logit": ("logit", "one", "R=1, logits"),
-    "grad_g": ("logit", "grad_g", "R=||grad g_i||*, logits"),
-    "grad_max_g": ("logit", "grad_max_g", "R=||grad max_j g_j||*, logits"),
-    "grad_ratio": ("logit", "grad_ratio", "R=||grad g_i||* / ||grad h_i||*, logits"),
-}
+# The mixing variants are the entries of adasmooth.mixing.MIXING_RULES: "prob" is the paper's Eq. 3.4,
+# the built-in others are the ablations of Figure 1. A newly registered rule is a variant at once.
+
+
+def variant_labels() -> dict[str, str]:
+    """Legend label of every mixing variant (a rule's ``label``, else its name)."""
+    return {name: MIXING_RULES.info(name).get("label", name) for name in MIXING_RULES.names()}
+
 
 ROW_KEYS = ("variant", "alpha", "clean_acc", "std_attack_acc", "rob_attack_acc", "mix_attack_acc", "worst_attack_acc")
 
@@ -73,40 +74,40 @@ class SweepConfig:
 
     def validate(self) -> None:
         if self.dataset is not None and self.dataset not in DATASETS:
-            raise ValueError(f"unknown data set {self.dataset!r}; known: {', '.join(DATASETS)}")
+            raise ConfigError(f"unknown data set {self.dataset!r}; known: {', '.join(DATASETS)}")
         check_alphas(self.alphas)
         check_variants(self.variants)
         if self.eps is not None and self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+            raise ConfigError(f"eps must be >= 0, got {self.eps}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_examples is not None and self.n_examples < 1:
-            raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
+            raise ConfigError(f"n_examples must be >= 1, got {self.n_examples}")
         if self.std_scale <= 0 or self.rob_scale <= 0:
-            raise ValueError("std_scale and rob_scale must be > 0")
+            raise ConfigError("std_scale and rob_scale must be > 0")
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
     alphas = [float(a) for a in alphas]
     if not alphas:
-        raise ValueError("no alphas given")
+        raise ConfigError("no alphas given")
     bad = [a for a in alphas if math.isnan(a) or not 0.0 <= a <= 1.0]
     if bad:
-        raise ValueError(f"every alpha must lie in [0, 1]; got {bad}")
+        raise ConfigError(f"every alpha must lie in [0, 1]; got {bad}")
     return alphas
 
 
 def check_variants(variants: Sequence[str]) -> list[str]:
     variants = list(variants)
     if not variants:
-        raise ValueError("no mixing variants given")
-    unknown = [v for v in variants if v not in VARIANTS]
+        raise ConfigError("no mixing variants given")
+    unknown = [v for v in variants if v not in MIXING_RULES]
     if unknown:
-        raise ValueError(f"unknown mixing variant(s) {unknown}; known: {list(VARIANTS)}")
+        raise ConfigError(f"unknown mixing variant(s) {unknown}; known: {MIXING_RULES.names()}")
     if len(set(variants)) != len(variants):
-        raise ValueError(f"mixing variants repeat: {variants}")
+        raise ConfigError(f"mixing variants repeat: {variants}")
     return variants
 
 
@@ -119,11 +120,10 @@ class SweepResult:
 
 def variant_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: float, variant: str, norm: str = "linf",
                        std_scale: float = 1.0, rob_scale: float = 1.0) -> MixedClassifier:
-    """The fixed-alpha mixed classifier of one named variant (see ``VARIANTS``)."""
+    """The fixed-alpha mixed classifier of one named variant (a ``MIXING_RULES`` entry)."""
     check_variants([variant])
-    space, r_option, _ = VARIANTS[variant]
     return MixedClassifier(std_model, rob_model, alpha, std_scale=std_scale, rob_scale=rob_scale,
-                           space=space, r_option=r_option, norm=norm).eval()
+                           rule=variant, norm=norm).eval()
 
 
 def _batches(data: Dataset, batch_size: int, device: torch.device):
@@ -184,9 +184,9 @@ def alpha_sweep(
     alphas = check_alphas(alphas)
     variants = check_variants(variants)
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise InputError(f"eps must be >= 0, got {eps}")
     if len(data) == 0:
-        raise ValueError("the data set is empty")
+        raise InputError("the data set is empty")
     std_model.eval()
     rob_model.eval()
     device = _model_device(std_model)

@@ -1,5 +1,36 @@
-"""Mixing: Eq. 3.4 and its variants, the fixed-alpha and the adaptive mixed classifiers."""
+"""Mixing: Eq. 3.4 and its variants (rules), the fixed-alpha and the adaptive mixed classifiers.
 
-from .fixed import R_OPTIONS, MixedClassifier, MixedModel, MixOutput, dual_norm, mix_log_probs, mix_logits
+A new mixing rule is one function registered in :data:`MIXING_RULES` (see :mod:`.rules`); put it in
+a new module here and import that module below so that the registration runs.
+"""
 
-__all__ = ["MixOutput", "MixedModel", "mix_log_probs", "mix_logits", "MixedClassifier", "R_OPTIONS", "dual_norm"]
+from .protocol import MixedModel, MixOutput
+from .rules import (
+    MIXING_RULES,
+    MixInputs,
+    MixingRule,
+    dual_norm,
+    hardmax,
+    mix_in_logit_space,
+    mix_log_probs,
+    mix_logits,
+    trust_weight,
+    trust_weighted_rule,
+)
+from .fixed import MixedClassifier
+
+__all__ = [
+    "MixOutput",
+    "MixedModel",
+    "MIXING_RULES",
+    "MixInputs",
+    "MixingRule",
+    "mix_log_probs",
+    "mix_logits",
+    "mix_in_logit_space",
+    "hardmax",
+    "dual_norm",
+    "trust_weight",
+    "trust_weighted_rule",
+    "MixedClassifier",
+]
