@@ -43,7 +43,7 @@ class EvaluateConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from ..evaluate.robustness import ATTACK_NAMES
+        from ..attacks import ATTACK_NAMES
 
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
@@ -78,7 +78,7 @@ def _attack_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluate.robustness import ATTACK_DESCRIPTIONS
+    from ..attacks import ATTACK_DESCRIPTIONS
 
     add_common(p, output_default="runs/evaluate.json")
     add_data(p)
