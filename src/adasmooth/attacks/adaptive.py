@@ -72,7 +72,7 @@ def _alpha_term(alpha_logit: torch.Tensor) -> torch.Tensor:
 def _as_weight(weight, like: torch.Tensor) -> torch.Tensor:
     w = torch.as_tensor(weight, device=like.device, dtype=like.dtype)
     if w.dim() == 1 and w.shape[0] != like.shape[0]:
-        raise ValueError(f"per-example weight has {w.shape[0]} entries for a batch of {like.shape[0]}")
+        raise InputError(f"per-example weight has {w.shape[0]} entries for a batch of {like.shape[0]}")
     return w
 
 
@@ -87,13 +87,13 @@ class AdaptiveAlphaLoss:
     def __init__(self, weight: float | torch.Tensor = 0.5, base="ce"):
         w = torch.as_tensor(weight)
         if torch.isnan(w).any() or (w < 0).any() or (w > 1).any():
-            raise ValueError(f"the adaptive weight must lie in [0, 1], got {weight}")
+            raise InputError(f"the adaptive weight must lie in [0, 1], got {weight}")
         if w.dim() > 1:
-            raise ValueError(f"the adaptive weight must be a scalar or (N,), got shape {tuple(w.shape)}")
+            raise InputError(f"the adaptive weight must be a scalar or (N,), got shape {tuple(w.shape)}")
         if isinstance(base, str):
             get_loss(base)  # clear error for unknown names
         elif not callable(base):
-            raise ValueError(f"base must be a loss name or a function (logits, y) -> (N,), got {base!r}")
+            raise InputError(f"base must be a loss name or a function (logits, y) -> (N,), got {base!r}")
         self.weight = weight
         self.base = base
 
@@ -211,9 +211,11 @@ def build_white_box(model, eps, norm, seed, batch_size, pgd_steps: int = PGD_STE
 
 @ATTACKS.register("D", description="adaptive AutoAttack: APGD-CE and APGD-T with the alpha term "
                   "(1-w)*loss + w*BCE(alpha_logit, 1), plus minimum-margin adaptive APGD-DLR through a "
-                  "differentiable surrogate", mixed_only=True, options=("apgd_steps", "n_target_classes", "adaptive_weight"))
+                  "differentiable surrogate",
+                  mixed_only=True, options=("apgd_steps", "n_target_classes", "adaptive_weight"))
 def build_adaptive(model, eps, norm, seed, batch_size, apgd_steps: int = APGD_STEPS,
-                   n_target_classes: int = N_TARGET_CLASSES, adaptive_weight: float = ADAPTIVE_WEIGHT) -> EnsembleAttack:
+                   n_target_classes: int = N_TARGET_CLASSES,
+                   adaptive_weight: float = ADAPTIVE_WEIGHT) -> EnsembleAttack:
     apgd = dict(eps=eps, norm=norm, steps=apgd_steps, seed=seed)
     surrogate = differentiable_surrogate(model)
     return EnsembleAttack(model, [

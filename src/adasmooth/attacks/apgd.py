@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attack, Norm, check_attack_args, make_generator, normalized_step, per_sample, project
+from ..core.errors import InputError
+from .base import Attack, Norm, check_attack_args, check_batch, make_generator, normalized_step, per_sample, project
 from .losses import (
     AttackLoss,
     TargetedLoss,
@@ -114,13 +115,13 @@ class APGD(Attack):
     ):
         check_attack_args(eps, norm, steps)
         if not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+            raise InputError(f"restarts must be a positive integer, got {restarts!r}")
         if not 0.0 < rho <= 1.0:
-            raise ValueError(f"rho must lie in (0, 1], got {rho}")
+            raise InputError(f"rho must lie in (0, 1], got {rho}")
         if not isinstance(eot_iter, int) or eot_iter < 1:
-            raise ValueError(f"eot_iter must be a positive integer, got {eot_iter!r}")
+            raise InputError(f"eot_iter must be a positive integer, got {eot_iter!r}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+            raise InputError(f"momentum must lie in [0, 1), got {momentum}")
         super().__init__(model, eps, norm, seed)
         self.steps = steps
         self.restarts = restarts
@@ -185,7 +186,7 @@ class APGD(Attack):
             with torch.set_grad_enabled(need_grad):
                 loss, logits = self._per_example_loss(self.model, xr, y, index)
                 if loss.shape != (xr.shape[0],):
-                    raise ValueError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
+                    raise InputError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
                 if need_grad:
                     (g,) = torch.autograd.grad(loss.sum(), xr)
                     grad += g
@@ -320,12 +321,9 @@ class APGD(Attack):
     # ------------------------------------------------------------------ public
 
     def _check_inputs(self, x, y):
-        if x.dim() < 2:
-            raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_batch(x, y)
         if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ValueError("inputs must lie in [0, 1]")
+            raise InputError("inputs must lie in [0, 1]")
 
     def _attack(self, x, y):
         """Run every (target, restart) of ``self._runs`` and merge: (x_adv, margins or None)."""
@@ -423,12 +421,12 @@ class APGDTargeted(APGD):
         attack_misclassified: bool = False,
     ):
         if not callable(loss) and loss not in ("dlr-targeted", "ce-targeted"):
-            raise ValueError(f"unknown targeted loss {loss!r}; use 'dlr-targeted', 'ce-targeted' or a callable")
+            raise InputError(f"unknown targeted loss {loss!r}; use 'dlr-targeted', 'ce-targeted' or a callable")
         if not isinstance(n_target_classes, int) or n_target_classes < 1:
-            raise ValueError(f"n_target_classes must be a positive integer, got {n_target_classes!r}")
+            raise InputError(f"n_target_classes must be a positive integer, got {n_target_classes!r}")
         w = torch.as_tensor(extra_weight)
         if (w < 0).any() or (w > 1).any():
-            raise ValueError(f"extra_weight must lie in [0, 1], got {extra_weight}")
+            raise InputError(f"extra_weight must lie in [0, 1], got {extra_weight}")
         super().__init__(model, eps, norm, steps, restarts, "ce", rho, seed, minimum_margin, eot_iter, momentum,
                          attack_misclassified)
         self.targeted_loss = loss
@@ -462,7 +460,7 @@ class APGDTargeted(APGD):
     def _runs(self, clean_logits, y):
         n_classes = clean_logits.shape[1]
         if self.targeted_loss == "dlr-targeted" and n_classes < 4:
-            raise ValueError(
+            raise InputError(
                 f"the targeted DLR loss needs at least 4 classes, the model has {n_classes}; use loss='ce-targeted'"
             )
         k = min(self.n_target_classes, n_classes - 1)

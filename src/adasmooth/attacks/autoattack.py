@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.errors import MissingDependencyError
+from ..core.errors import InputError, MissingDependencyError
 from .adaptive import LogitsOnly
 from .apgd import N_TARGET_CLASSES
 from .base import Attack, AttackResult, is_mixed_model
@@ -103,23 +103,23 @@ def run_autoattack(
     Square (5000 in every version).
     """
     if norm not in _NORMS:
-        raise ValueError(f"unknown norm {norm!r}; use one of {tuple(_NORMS)}")
+        raise InputError(f"unknown norm {norm!r}; use one of {tuple(_NORMS)}")
     if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        raise InputError(f"eps must be a number >= 0, got {eps!r}")
     if version not in AUTOATTACK_VERSIONS:
-        raise ValueError(f"unknown AutoAttack version {version!r}; use one of {AUTOATTACK_VERSIONS}")
+        raise InputError(f"unknown AutoAttack version {version!r}; use one of {AUTOATTACK_VERSIONS}")
     if version == "custom":
         if not attacks:
-            raise ValueError("version='custom' needs a list of attacks")
+            raise InputError("version='custom' needs a list of attacks")
         unknown = [a for a in attacks if a not in AUTOATTACK_ATTACKS]
         if unknown:
-            raise ValueError(f"unknown AutoAttack attack(s) {unknown}; known: {AUTOATTACK_ATTACKS}")
+            raise InputError(f"unknown AutoAttack attack(s) {unknown}; known: {AUTOATTACK_ATTACKS}")
     elif attacks is not None:
-        raise ValueError(f"attacks can only be chosen with version='custom', not {version!r}")
+        raise InputError(f"attacks can only be chosen with version='custom', not {version!r}")
     if seed is None:
-        raise ValueError("AutoAttack needs an explicit seed (None would seed from the clock)")
+        raise InputError("AutoAttack needs an explicit seed (None would seed from the clock)")
     if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        raise InputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     device = torch.device(device) if device is not None else x.device
     AutoAttack = _import_autoattack()
 

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..core.errors import InputError
 from .losses import margin_from_logits
 
 Norm = Literal["linf", "l2"]
@@ -25,6 +26,7 @@ __all__ = [
     "random_init",
     "normalized_step",
     "check_attack_args",
+    "check_batch",
     "make_generator",
 ]
 
@@ -112,7 +114,7 @@ def per_sample(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"per-sample value must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
+        raise InputError(f"per-sample value must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
     return t.view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -149,12 +151,20 @@ def normalized_step(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def check_attack_args(eps, norm: str, steps: int | None = None) -> None:
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
+        raise InputError(f"unknown norm {norm!r}; use one of {NORMS}")
     e = torch.as_tensor(eps)
     if torch.isnan(e).any() or (e < 0).any():
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise InputError(f"eps must be >= 0, got {eps}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """A batch of inputs (N, ...) with one label each."""
+    if x.dim() < 2:
+        raise InputError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
+    if y.shape != (x.shape[0],):
+        raise InputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

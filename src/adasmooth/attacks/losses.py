@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import InputError
+
 __all__ = [
     "AttackLoss",
     "TargetedLoss",
@@ -65,11 +67,11 @@ def loss_for_rows(loss, index: torch.Tensor):
 def check_logits(out: torch.Tensor) -> None:
     """Reject outputs that look like probabilities: attacks on them suffer gradient masking."""
     if out.dim() != 2:
-        raise ValueError(f"model must return (N, C) logits, got shape {tuple(out.shape)}")
+        raise InputError(f"model must return (N, C) logits, got shape {tuple(out.shape)}")
     if out.shape[1] > 1 and bool(((out >= 0) & (out <= 1)).all()):
         sums = out.detach().sum(1)
         if torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-            raise ValueError(
+            raise InputError(
                 "the model returns probabilities (rows in [0, 1] summing to 1); attacks need logits. "
                 "Remove the final softmax (for probabilities p, pass log(p))."
             )
@@ -91,7 +93,7 @@ def margin_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def dlr_from_logits(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Difference-of-logits-ratio loss (Croce & Hein 2020), untargeted or targeted, to maximise."""
     if logits.shape[1] < 3:
-        raise ValueError("the DLR loss needs at least 3 classes (4 for the targeted version)")
+        raise InputError("the DLR loss needs at least 3 classes (4 for the targeted version)")
     sorted_z, _ = logits.sort(dim=1)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     if target is None:
@@ -101,7 +103,7 @@ def dlr_from_logits(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor 
         best_other = torch.where(is_top, second, top)
         return -(z_y - best_other) / (sorted_z[:, -1] - sorted_z[:, -3] + 1e-12)
     if logits.shape[1] < 4:
-        raise ValueError("the targeted DLR loss needs at least 4 classes")
+        raise InputError("the targeted DLR loss needs at least 4 classes")
     z_t = logits.gather(1, target[:, None]).squeeze(1)
     denom = sorted_z[:, -1] - 0.5 * (sorted_z[:, -3] + sorted_z[:, -4]) + 1e-12
     return -(z_y - z_t) / denom
@@ -113,7 +115,7 @@ LOSS_NAMES = tuple(_LOGIT_LOSSES)
 
 def _check_loss_name(name: str) -> None:
     if name not in _LOGIT_LOSSES:
-        raise ValueError(f"unknown attack loss {name!r}; known: {sorted(_LOGIT_LOSSES)} or a callable")
+        raise InputError(f"unknown attack loss {name!r}; known: {sorted(_LOGIT_LOSSES)} or a callable")
 
 
 def logit_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Attack, Norm, check_attack_args, make_generator, normalized_step, per_sample, project, random_init
+from ..core.errors import InputError
+from .base import (
+    Attack,
+    Norm,
+    check_attack_args,
+    check_batch,
+    make_generator,
+    normalized_step,
+    per_sample,
+    project,
+    random_init,
+)
 from .losses import AttackLoss, check_logits, get_loss
 from .registry import ATTACKS
 
@@ -40,7 +51,7 @@ class PGD(Attack):
     ):
         check_attack_args(eps, norm, steps)
         if restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {restarts}")
+            raise InputError(f"restarts must be >= 1, got {restarts}")
         super().__init__(model, eps, norm, seed)
         self.steps = steps
         self.step_size = step_size
@@ -70,10 +81,7 @@ class PGD(Attack):
         return x_adv, final_loss, fooled
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2:
-            raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_batch(x, y)
         x = x.detach()
         eps = per_sample(self.eps, x)
         step_size = self.step_size if self.step_size is not None else 2.5 * torch.as_tensor(self.eps) / self.steps
