@@ -17,9 +17,11 @@ from adasmooth.attacks import (
     adaptive_alpha_loss,
     alpha_bce_loss,
     differentiable_surrogate,
+    list_attacks,
+    make_attack,
 )
 from adasmooth.data.base import load_dataset
-from adasmooth.evaluate.robustness import ATTACK_NAMES, evaluate_robustness, make_attack, report_rows
+from adasmooth.evaluate.robustness import evaluate_robustness, report_rows
 from adasmooth.mixing.fixed import MixedClassifier, MixOutput, mix_logits
 
 from digits_models import train_digits_model
@@ -164,9 +166,22 @@ def test_cascade_only_attacks_survivors(toy, test_data):
     x, y = test_data[0][:40], test_data[1][:40]
     report = evaluate_robustness(toy, (x, y), attacks=["B", "apgd-ce"], eps=EPS, batch_size=20, progress=False,
                                  cascade=True, attack_options={"apgd_steps": 10})
+    correct = report.clean_correct
+    broken_by_b = [ok and report.robust["B"][i] is False for i, ok in enumerate(correct)]
+    survived_b = [ok and report.robust["B"][i] is True for i, ok in enumerate(correct)]
+    # the premise: B breaks some inputs (in both batches) and leaves others for apgd-ce
+    assert sum(broken_by_b[:20]) >= 1 and sum(broken_by_b[20:]) >= 1, report.robust["B"]
+    assert sum(survived_b) >= 1
     for i in range(report.n):
-        if report.robust["B"][i] is False and report.clean_correct[i]:
-            assert report.robust["apgd-ce"][i] is None
+        if not correct[i]:  # misclassified when clean: broken for every attack, nothing to skip
+            assert report.robust["B"][i] is False and report.robust["apgd-ce"][i] is False
+        elif broken_by_b[i]:  # skipped: exactly the inputs B broke
+            assert report.robust["apgd-ce"][i] is None and report.adv_pred["apgd-ce"][i] is None
+        else:  # B's survivors were attacked
+            assert isinstance(report.robust["apgd-ce"][i], bool) and report.adv_pred["apgd-ce"][i] is not None
+    # the worst case counts a skipped input as broken once, by B
+    assert report.worst_case() == [ok and not b and report.robust["apgd-ce"][i] for i, (ok, b) in
+                                   enumerate(zip(correct, broken_by_b))]
 
 
 def test_errors(models, toy, test_data):
@@ -184,4 +199,4 @@ def test_errors(models, toy, test_data):
         evaluate_robustness(nn.Sequential(std_model, nn.Softmax(dim=1)), (x, y), attacks=["pgd"], progress=False)
     with pytest.raises(ValueError, match="alpha"):
         adaptive_alpha_loss(0.3)(std_model, x, y)
-    assert set(ATTACK_NAMES) >= {"pgd", "apgd-ce", "apgd-t", "autoattack", "A", "B", "C", "D", "std", "rob"}
+    assert set(list_attacks()) >= {"pgd", "apgd-ce", "apgd-t", "autoattack", "A", "B", "C", "D", "std", "rob"}

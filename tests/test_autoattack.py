@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adasmooth.attacks import APGD, APGDTargeted, run_autoattack
+from adasmooth.attacks import APGD, APGDTargeted, AutoAttackAttack, run_autoattack
 from adasmooth.data.base import load_dataset
 
 from digits_models import robust_count
@@ -66,6 +66,23 @@ def test_square_flag_fires_on_gradient_masking(robust_model, test_data):
     assert result.unreliable
     assert any("Square" in f for f in result.flags)
     assert float(result.robust.float().mean() * 100) == pytest.approx(acc["square"], abs=0.01)  # the log rounds to 0.01 %
+
+
+def test_autoattack_attack_run_reports_flags_and_broken_inputs(robust_model, test_data):
+    x, y = test_data[0][:60], test_data[1][:60]
+    attack = AutoAttackAttack(Quantized(robust_model), EPS, version="custom", attacks=["apgd-ce", "square"], seed=0,
+                              batch_size=60, square_queries=200, apgd_restarts=1)
+    result = attack.run(x, y)
+    assert any("Square" in f for f in result.flags)  # the gradient masking of Quantized is reported
+    with torch.no_grad():
+        clean_ok = attack.model(x).argmax(1) == y
+        adv_pred = attack.model(result.x_adv).argmax(1)
+    assert torch.equal(result.predicted, adv_pred) and torch.equal(result.fooled, adv_pred != y)
+    broken = clean_ok & result.fooled
+    assert broken.any()
+    expected = ["clean" if not ok else ("autoattack-custom" if b else None)
+                for ok, b in zip(clean_ok.tolist(), broken.tolist())]
+    assert result.broken_by == expected
 
 
 def test_no_square_flag_seed_logged(robust_model, test_data):

@@ -51,15 +51,36 @@ def test_evaluate_fixed_mixture(checkpoints, tmp_path, capsys):
     assert payload["config"]["alpha"] == 0.7
 
 
-def test_evaluate_single_model_writes_partial_progress(checkpoints, tmp_path):
+def test_evaluate_single_model_writes_partial_progress(checkpoints, tmp_path, monkeypatch):
+    from adasmooth.evaluate import robustness
+
     out = tmp_path / "single.json"
+    partial: list[dict] = []
+    real = robustness.evaluate_robustness
+
+    def capture_after_each_batch(*args, on_batch=None, **kwargs):
+        def save_then_read(report):
+            on_batch(report)
+            partial.append(json.loads(out.read_text()))
+
+        return real(*args, on_batch=save_then_read, **kwargs)
+
+    monkeypatch.setattr(robustness, "evaluate_robustness", capture_after_each_batch)
     rc = main(["evaluate", "--model", str(checkpoints / "rob"), "--attacks", "apgd-ce,apgd-t", "--n-examples", "20",
                "--batch-size", "10", "--no-progress", "-o", str(out)])
     assert rc == 0
-    results = json.loads(out.read_text())["results"]
-    assert len(results["examples"]) == 20
-    # per-input outcomes match the model on the examples it calls robust
-    assert all(set(e["robust"]) == {"apgd-ce", "apgd-t"} for e in results["examples"])
+    final = json.loads(out.read_text())["results"]
+    assert final["summary"]["complete"] is True
+    assert len(final["examples"]) == 20
+    # after the first batch the file held exactly its 10 finished examples, marked incomplete
+    assert len(partial) == 2
+    first = partial[0]["results"]
+    assert first["summary"]["complete"] is False
+    assert [e["index"] for e in first["examples"]] == list(range(10))
+    assert first["examples"] == final["examples"][:10]
+    assert first["summary"]["n"] == 10
+    assert partial[1]["results"]["summary"]["complete"] is False  # still running until the loop ends
+    assert all(set(e["robust"]) == {"apgd-ce", "apgd-t"} for e in final["examples"])
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from adasmooth.evaluate.analysis import (
     gap_statistics,
     lipschitz_analysis,
 )
-from adasmooth.attacks import PGD
+from adasmooth.attacks import APGD, PGD, APGDTargeted
 from adasmooth.certify import lipschitz_radius
 from adasmooth.certify.lipschitz import estimate_local_lipschitz, estimated_radius
 from adasmooth.mixing.fixed import MixedClassifier
@@ -180,8 +180,7 @@ def test_gap_table_attacks_lower_accuracy_and_robust_model_keeps_margin():
 
 
 def test_autoattack_setting_returns_minimum_margin_points():
-    if "minimum-margin" not in autoattack_mode():
-        pytest.skip("the attacks module has no minimum-margin APGD")
+    assert "minimum-margin" in autoattack_mode()
     h, weight, x, _ = _setup(seed=7, n=16)
     with torch.no_grad():
         y = h(x).argmax(1)
@@ -192,6 +191,12 @@ def test_autoattack_setting_returns_minimum_margin_points():
     margin = lambda p: p.gather(1, y[:, None]).squeeze(1) - p.scatter(1, y[:, None], -1.0).max(1).values
     assert (margin(p_aa) <= margin(p_clean) + 1e-6).all()
     assert (margin(p_aa) < margin(p_clean) - 1e-3).float().mean() > 0.9
+    # the point of the smaller margin of the two APGD components is kept, per input
+    _, m_ce = APGD(h, 0.02, "linf", steps=20, seed=0, minimum_margin=True).attack_with_margins(x, y)
+    _, m_t = APGDTargeted(h, 0.02, "linf", steps=20, seed=0, minimum_margin=True,
+                          n_target_classes=3).attack_with_margins(x, y)
+    assert torch.allclose(margin(p_aa), torch.minimum(m_ce, m_t), atol=1e-6)
+    assert (m_t < m_ce - 1e-6).any() and (m_ce < m_t - 1e-6).any()  # each component wins somewhere
 
 
 def test_lipschitz_analysis_summary():

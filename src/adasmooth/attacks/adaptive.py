@@ -13,6 +13,9 @@ through alpha(x), the weight of the robust model. These pieces use it, or delibe
   form AutoAttack expects.
 - :func:`differentiable_surrogate`: for a mixture whose g is a hardmax (zero gradient), the same
   mixture with a softmax g, to take gradients through (MixedNUTS's adaptive attack).
+
+The named settings of Section 4.2 are registered here: ``A``, ``B``, ``D``, ``std`` and ``rob``
+(``C`` lives with AutoAttack in :mod:`adasmooth.attacks.autoattack`).
 """
 
 from __future__ import annotations
@@ -23,27 +26,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import AttackLoss, get_loss
+from ..core.errors import InputError
+from .apgd import APGD, APGD_STEPS, N_TARGET_CLASSES, APGDTargeted
+from .base import is_mixed_model
+from .ensemble import EnsembleAttack
+from .losses import AttackLoss, get_loss, logit_loss, loss_for_rows
+from .pgd import PGD, PGD_STEPS
+from .registry import ATTACKS
+from .transfer import TransferAttack
 
 __all__ = [
     "adaptive_alpha_loss",
     "alpha_bce_loss",
     "AdaptiveAlphaLoss",
+    "SurrogateLoss",
     "DetachedAlpha",
     "LogitsOnly",
     "differentiable_surrogate",
     "is_mixed_model",
+    "ADAPTIVE_WEIGHT",
 ]
 
-
-def is_mixed_model(model) -> bool:
-    """Whether ``model`` follows the mixed-model protocol (``mix(x, detach_alpha)`` -> MixOutput)."""
-    return callable(getattr(model, "mix", None))
+ADAPTIVE_WEIGHT = 0.25  # w of the alpha term in setting D unless the ``adaptive_weight`` option says otherwise
 
 
 def _require_mixed(model) -> None:
     if not is_mixed_model(model):
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} exposes no alpha(x): the adaptive loss needs a mixed model with "
             "mix(x, detach_alpha=False) -> MixOutput (see adasmooth.mixing)"
         )
@@ -63,7 +72,7 @@ def _alpha_term(alpha_logit: torch.Tensor) -> torch.Tensor:
 def _as_weight(weight, like: torch.Tensor) -> torch.Tensor:
     w = torch.as_tensor(weight, device=like.device, dtype=like.dtype)
     if w.dim() == 1 and w.shape[0] != like.shape[0]:
-        raise ValueError(f"per-example weight has {w.shape[0]} entries for a batch of {like.shape[0]}")
+        raise InputError(f"per-example weight has {w.shape[0]} entries for a batch of {like.shape[0]}")
     return w
 
 
@@ -78,21 +87,19 @@ class AdaptiveAlphaLoss:
     def __init__(self, weight: float | torch.Tensor = 0.5, base="ce"):
         w = torch.as_tensor(weight)
         if torch.isnan(w).any() or (w < 0).any() or (w > 1).any():
-            raise ValueError(f"the adaptive weight must lie in [0, 1], got {weight}")
+            raise InputError(f"the adaptive weight must lie in [0, 1], got {weight}")
         if w.dim() > 1:
-            raise ValueError(f"the adaptive weight must be a scalar or (N,), got shape {tuple(w.shape)}")
+            raise InputError(f"the adaptive weight must be a scalar or (N,), got shape {tuple(w.shape)}")
         if isinstance(base, str):
             get_loss(base)  # clear error for unknown names
         elif not callable(base):
-            raise ValueError(f"base must be a loss name or a function (logits, y) -> (N,), got {base!r}")
+            raise InputError(f"base must be a loss name or a function (logits, y) -> (N,), got {base!r}")
         self.weight = weight
         self.base = base
 
     def _base(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from .apgd import _logit_loss
-
         if isinstance(self.base, str):
-            return _logit_loss(self.base, logits, y)
+            return logit_loss(self.base, logits, y)
         return self.base(logits, y)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -171,3 +178,63 @@ def differentiable_surrogate(model: nn.Module) -> nn.Module:
     surrogate = copy.copy(model)
     surrogate.std_hardmax = False
     return surrogate
+
+
+class SurrogateLoss:
+    """An attack loss evaluated on a surrogate model (for its gradient), whatever model the attack holds."""
+
+    def __init__(self, loss: AttackLoss, surrogate: nn.Module):
+        self.loss = loss
+        self.surrogate = surrogate
+
+    def __call__(self, _model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.surrogate, x, y)
+
+    def select(self, index: torch.Tensor) -> "SurrogateLoss":
+        return SurrogateLoss(loss_for_rows(self.loss, index), self.surrogate)
+
+
+# ---------------------------------------------------------------------------- the named settings
+
+
+@ATTACKS.register("A", description="gray-box PGD-20: gradients of g and h, none through alpha(x); fixed (zero) start",
+                  mixed_only=True, options=("pgd_steps",))
+def build_gray_box(model, eps, norm, seed, batch_size, pgd_steps: int = PGD_STEPS) -> PGD:
+    return PGD(DetachedAlpha(model), eps, norm, steps=pgd_steps, random_start=False, seed=seed)
+
+
+@ATTACKS.register("B", description="white-box PGD-20: end-to-end gradient through alpha(x); fixed (zero) start",
+                  mixed_only=True, options=("pgd_steps",))
+def build_white_box(model, eps, norm, seed, batch_size, pgd_steps: int = PGD_STEPS) -> PGD:
+    return PGD(LogitsOnly(model), eps, norm, steps=pgd_steps, random_start=False, seed=seed)
+
+
+@ATTACKS.register("D", description="adaptive AutoAttack: APGD-CE and APGD-T with the alpha term "
+                  "(1-w)*loss + w*BCE(alpha_logit, 1), plus minimum-margin adaptive APGD-DLR through a "
+                  "differentiable surrogate",
+                  mixed_only=True, options=("apgd_steps", "n_target_classes", "adaptive_weight"))
+def build_adaptive(model, eps, norm, seed, batch_size, apgd_steps: int = APGD_STEPS,
+                   n_target_classes: int = N_TARGET_CLASSES,
+                   adaptive_weight: float = ADAPTIVE_WEIGHT) -> EnsembleAttack:
+    apgd = dict(eps=eps, norm=norm, steps=apgd_steps, seed=seed)
+    surrogate = differentiable_surrogate(model)
+    return EnsembleAttack(model, [
+        ("apgd-ce+alpha", APGD(model, loss=adaptive_alpha_loss(adaptive_weight, "ce"), **apgd)),
+        ("apgd-t+alpha", APGDTargeted(model, n_target_classes=n_target_classes, extra_loss=alpha_bce_loss,
+                                      extra_weight=adaptive_weight, **apgd)),
+        ("apgd-dlr+alpha-min-margin", APGD(
+            model, loss=SurrogateLoss(adaptive_alpha_loss(adaptive_weight, "dlr"), surrogate),
+            minimum_margin=True, **apgd)),
+    ], eps=eps, norm=norm, seed=seed)
+
+
+@ATTACKS.register("std", description="transfer PGD-20 crafted on the standard model g alone",
+                  mixed_only=True, options=("pgd_steps",))
+def build_transfer_from_std(model, eps, norm, seed, batch_size, pgd_steps: int = PGD_STEPS) -> TransferAttack:
+    return TransferAttack(model, PGD(model.std_model, eps, norm, steps=pgd_steps, seed=seed))
+
+
+@ATTACKS.register("rob", description="transfer PGD-20 crafted on the robust model h alone",
+                  mixed_only=True, options=("pgd_steps",))
+def build_transfer_from_rob(model, eps, norm, seed, batch_size, pgd_steps: int = PGD_STEPS) -> TransferAttack:
+    return TransferAttack(model, PGD(model.rob_model, eps, norm, steps=pgd_steps, seed=seed))

@@ -9,10 +9,10 @@ momentum of 0.75. Each restart begins at a random point on the surface of the ba
 Conventions shared with :class:`adasmooth.attacks.PGD`:
 
 - ``attack(x, y) -> x_adv`` with x, x_adv in [0, 1]; ``eps`` is a float or an (N,) tensor.
-- A loss is ``"ce"``, ``"dlr"``, ``"margin"`` or any callable ``(model, x, y) -> (N,)`` to maximise.
-  A callable that carries per-example state (e.g. an (N,) weight) may define ``select(index)``
-  returning the loss for a subset of the batch; APGD then only spends forward passes on
-  examples it is still attacking. Callables without ``select`` are run on the full batch.
+- A loss is ``"ce"``, ``"dlr"``, ``"margin"`` or any :class:`~adasmooth.attacks.losses.AttackLoss`
+  to maximise. APGD only spends forward passes on examples it is still attacking when the loss
+  allows subsets (``select`` or ``stateless``, see :mod:`adasmooth.attacks.losses`); other
+  callables are run on the full batch.
 - For each input the result is a misclassified iterate if one was found, otherwise the iterate
   with the highest loss (or, with ``minimum_margin=True``, the point with the smallest probability
   margin, the clean input included).
@@ -22,30 +22,28 @@ Conventions shared with :class:`adasmooth.attacks.PGD`:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Norm, check_attack_args, make_generator, normalized_step, per_sample, project
+from ..core.errors import InputError
+from .base import Attack, Norm, check_attack_args, check_batch, make_generator, normalized_step, per_sample, project
 from .losses import (
     AttackLoss,
-    ce_loss,
+    TargetedLoss,
+    can_subset,
     check_logits,
     dlr_from_logits,
-    dlr_loss,
     get_loss,
-    margin_from_logits,
-    margin_loss,
+    logit_loss,
+    loss_for_rows,
 )
+from .registry import ATTACKS
 
-__all__ = ["APGD", "APGDTargeted", "probability_margin", "TargetedLoss"]
+__all__ = ["APGD", "APGDTargeted", "probability_margin", "TargetedLoss", "APGD_STEPS", "N_TARGET_CLASSES"]
 
-# A targeted loss maps (model, x, y, target) to an (N,) tensor to maximise.
-TargetedLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-_STATELESS_LOSSES = (ce_loss, margin_loss, dlr_loss)
+APGD_STEPS = 100  # the steps of every named APGD attack unless the ``apgd_steps`` option says otherwise
+N_TARGET_CLASSES = 9  # AutoAttack's APGD-T default: the nine classes ranked highest after the label
 
 
 def probability_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -84,21 +82,13 @@ class _Recorder:
         return getattr(self._model, name)
 
 
-def _subsettable(loss) -> bool:
-    """Whether a loss may be evaluated on a subset of the batch: it says how (``select``) or is stateless.
-
-    A plain function can declare itself stateless (no per-example data) with ``fn.stateless = True``.
-    """
-    return hasattr(loss, "select") or getattr(loss, "stateless", False) is True or loss in _STATELESS_LOSSES
-
-
 def _select_weight(weight, index: torch.Tensor):
     if isinstance(weight, torch.Tensor) and weight.dim() > 0:
         return weight[index.to(weight.device)]
     return weight
 
 
-class APGD:
+class APGD(Attack):
     """Untargeted Auto-PGD. ``APGD(model, eps, ...)(x, y) -> x_adv``.
 
     Arguments beyond the loss: ``steps`` iterations per restart; ``restarts`` random restarts, each
@@ -125,20 +115,17 @@ class APGD:
     ):
         check_attack_args(eps, norm, steps)
         if not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+            raise InputError(f"restarts must be a positive integer, got {restarts!r}")
         if not 0.0 < rho <= 1.0:
-            raise ValueError(f"rho must lie in (0, 1], got {rho}")
+            raise InputError(f"rho must lie in (0, 1], got {rho}")
         if not isinstance(eot_iter, int) or eot_iter < 1:
-            raise ValueError(f"eot_iter must be a positive integer, got {eot_iter!r}")
+            raise InputError(f"eot_iter must be a positive integer, got {eot_iter!r}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        self.model = model
-        self.eps = eps
-        self.norm = norm
+            raise InputError(f"momentum must lie in [0, 1), got {momentum}")
+        super().__init__(model, eps, norm, seed)
         self.steps = steps
         self.restarts = restarts
         self.rho = rho
-        self.seed = seed
         self.minimum_margin = minimum_margin
         self.eot_iter = eot_iter
         self.momentum = momentum
@@ -160,13 +147,13 @@ class APGD:
         """(loss (m,), logits (m, C) or None) for rows ``index`` of the current call's batch."""
         if isinstance(self.loss, str):
             logits = model(x_adv)
-            return _logit_loss(self.loss, logits, y), logits
-        loss = self.loss.select(index) if hasattr(self.loss, "select") else self.loss
+            return logit_loss(self.loss, logits, y), logits
+        loss = loss_for_rows(self.loss, index)
         rec = _Recorder(model, x_adv)
         return loss(rec, x_adv, y), rec.logits
 
     def _can_subset(self) -> bool:
-        return isinstance(self.loss, str) or _subsettable(self.loss)
+        return isinstance(self.loss, str) or can_subset(self.loss)
 
     # ------------------------------------------------------------------ geometry
 
@@ -199,7 +186,7 @@ class APGD:
             with torch.set_grad_enabled(need_grad):
                 loss, logits = self._per_example_loss(self.model, xr, y, index)
                 if loss.shape != (xr.shape[0],):
-                    raise ValueError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
+                    raise InputError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
                 if need_grad:
                     (g,) = torch.autograd.grad(loss.sum(), xr)
                     grad += g
@@ -334,12 +321,9 @@ class APGD:
     # ------------------------------------------------------------------ public
 
     def _check_inputs(self, x, y):
-        if x.dim() < 2:
-            raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_batch(x, y)
         if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ValueError("inputs must lie in [0, 1]")
+            raise InputError("inputs must lie in [0, 1]")
 
     def _attack(self, x, y):
         """Run every (target, restart) of ``self._runs`` and merge: (x_adv, margins or None)."""
@@ -407,14 +391,6 @@ class APGD:
         return x_adv, margins
 
 
-def _logit_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if name == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
-    if name == "dlr":
-        return dlr_from_logits(logits, y)
-    return margin_from_logits(logits, y)
-
-
 class APGDTargeted(APGD):
     """Targeted Auto-PGD over the top-k classes other than the label (AutoAttack's APGD-T).
 
@@ -432,7 +408,7 @@ class APGDTargeted(APGD):
         eps: float | torch.Tensor,
         norm: Norm = "linf",
         steps: int = 100,
-        n_target_classes: int = 9,
+        n_target_classes: int = N_TARGET_CLASSES,
         loss: str | TargetedLoss = "dlr-targeted",
         rho: float = 0.75,
         seed: int | None = 0,
@@ -445,12 +421,12 @@ class APGDTargeted(APGD):
         attack_misclassified: bool = False,
     ):
         if not callable(loss) and loss not in ("dlr-targeted", "ce-targeted"):
-            raise ValueError(f"unknown targeted loss {loss!r}; use 'dlr-targeted', 'ce-targeted' or a callable")
+            raise InputError(f"unknown targeted loss {loss!r}; use 'dlr-targeted', 'ce-targeted' or a callable")
         if not isinstance(n_target_classes, int) or n_target_classes < 1:
-            raise ValueError(f"n_target_classes must be a positive integer, got {n_target_classes!r}")
+            raise InputError(f"n_target_classes must be a positive integer, got {n_target_classes!r}")
         w = torch.as_tensor(extra_weight)
         if (w < 0).any() or (w > 1).any():
-            raise ValueError(f"extra_weight must lie in [0, 1], got {extra_weight}")
+            raise InputError(f"extra_weight must lie in [0, 1], got {extra_weight}")
         super().__init__(model, eps, norm, steps, restarts, "ce", rho, seed, minimum_margin, eot_iter, momentum,
                          attack_misclassified)
         self.targeted_loss = loss
@@ -460,8 +436,8 @@ class APGDTargeted(APGD):
         self._targets: torch.Tensor | None = None  # (N,) target class of the current run, whole batch
 
     def _can_subset(self) -> bool:
-        main_ok = isinstance(self.targeted_loss, str) or _subsettable(self.targeted_loss)
-        return main_ok and (self.extra_loss is None or _subsettable(self.extra_loss))
+        main_ok = isinstance(self.targeted_loss, str) or can_subset(self.targeted_loss)
+        return main_ok and (self.extra_loss is None or can_subset(self.extra_loss))
 
     def _per_example_loss(self, model, x_adv, y, index):
         target = self._targets[index]
@@ -473,10 +449,9 @@ class APGDTargeted(APGD):
             else:
                 main = -F.cross_entropy(logits, target, reduction="none")
         else:
-            fn = self.targeted_loss.select(index) if hasattr(self.targeted_loss, "select") else self.targeted_loss
-            main = fn(rec, x_adv, y, target)
+            main = loss_for_rows(self.targeted_loss, index)(rec, x_adv, y, target)
         if self.extra_loss is not None:
-            extra = self.extra_loss.select(index) if hasattr(self.extra_loss, "select") else self.extra_loss
+            extra = loss_for_rows(self.extra_loss, index)
             w = _select_weight(self.extra_weight, index)
             w = torch.as_tensor(w, device=main.device, dtype=main.dtype)
             main = (1 - w) * main + w * extra(rec, x_adv, y)
@@ -485,7 +460,7 @@ class APGDTargeted(APGD):
     def _runs(self, clean_logits, y):
         n_classes = clean_logits.shape[1]
         if self.targeted_loss == "dlr-targeted" and n_classes < 4:
-            raise ValueError(
+            raise InputError(
                 f"the targeted DLR loss needs at least 4 classes, the model has {n_classes}; use loss='ce-targeted'"
             )
         k = min(self.n_target_classes, n_classes - 1)
@@ -498,3 +473,20 @@ class APGDTargeted(APGD):
                     self._targets = order[:, t]
                 yield prepare
         self._targets = None
+
+
+@ATTACKS.register("apgd-ce", description="APGD on cross-entropy (100 steps, 1 restart)", options=("apgd_steps",))
+def build_apgd_ce(model, eps, norm, seed, batch_size, apgd_steps: int = APGD_STEPS) -> APGD:
+    return APGD(model, eps, norm, steps=apgd_steps, loss="ce", seed=seed)
+
+
+@ATTACKS.register("apgd-dlr", description="APGD on the DLR loss (100 steps, 1 restart)", options=("apgd_steps",))
+def build_apgd_dlr(model, eps, norm, seed, batch_size, apgd_steps: int = APGD_STEPS) -> APGD:
+    return APGD(model, eps, norm, steps=apgd_steps, loss="dlr", seed=seed)
+
+
+@ATTACKS.register("apgd-t", description="targeted APGD-DLR over the top-9 other classes (100 steps each)",
+                  options=("apgd_steps", "n_target_classes"))
+def build_apgd_t(model, eps, norm, seed, batch_size, apgd_steps: int = APGD_STEPS,
+                 n_target_classes: int = N_TARGET_CLASSES) -> APGDTargeted:
+    return APGDTargeted(model, eps, norm, steps=apgd_steps, n_target_classes=n_target_classes, seed=seed)

@@ -18,7 +18,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..core.errors import InputError, MissingDependencyError
+from .adaptive import LogitsOnly
+from .apgd import N_TARGET_CLASSES
+from .base import Attack, AttackResult, is_mixed_model
 from .losses import check_logits
+from .registry import ATTACKS
 
 __all__ = ["AutoAttackResult", "AutoAttackAttack", "run_autoattack", "AUTOATTACK_VERSIONS", "AUTOATTACK_ATTACKS"]
 
@@ -53,7 +58,7 @@ def _import_autoattack():
     try:
         from pyautoattack import AutoAttack
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise MissingDependencyError(
             "AutoAttack needs the PyPI package 'pyautoattack' (pip install pyautoattack)"
         ) from err
     return AutoAttack
@@ -98,23 +103,23 @@ def run_autoattack(
     Square (5000 in every version).
     """
     if norm not in _NORMS:
-        raise ValueError(f"unknown norm {norm!r}; use one of {tuple(_NORMS)}")
+        raise InputError(f"unknown norm {norm!r}; use one of {tuple(_NORMS)}")
     if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        raise InputError(f"eps must be a number >= 0, got {eps!r}")
     if version not in AUTOATTACK_VERSIONS:
-        raise ValueError(f"unknown AutoAttack version {version!r}; use one of {AUTOATTACK_VERSIONS}")
+        raise InputError(f"unknown AutoAttack version {version!r}; use one of {AUTOATTACK_VERSIONS}")
     if version == "custom":
         if not attacks:
-            raise ValueError("version='custom' needs a list of attacks")
+            raise InputError("version='custom' needs a list of attacks")
         unknown = [a for a in attacks if a not in AUTOATTACK_ATTACKS]
         if unknown:
-            raise ValueError(f"unknown AutoAttack attack(s) {unknown}; known: {AUTOATTACK_ATTACKS}")
+            raise InputError(f"unknown AutoAttack attack(s) {unknown}; known: {AUTOATTACK_ATTACKS}")
     elif attacks is not None:
-        raise ValueError(f"attacks can only be chosen with version='custom', not {version!r}")
+        raise InputError(f"attacks can only be chosen with version='custom', not {version!r}")
     if seed is None:
-        raise ValueError("AutoAttack needs an explicit seed (None would seed from the clock)")
+        raise InputError("AutoAttack needs an explicit seed (None would seed from the clock)")
     if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        raise InputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     device = torch.device(device) if device is not None else x.device
     AutoAttack = _import_autoattack()
 
@@ -197,21 +202,35 @@ def run_autoattack(
     )
 
 
-class AutoAttackAttack:
-    """``attack(x, y) -> x_adv`` running the reference AutoAttack; the last result stays in ``last``."""
+class AutoAttackAttack(Attack):
+    """The reference AutoAttack as an :class:`Attack`.
+
+    ``run`` reports the package's reliability flags (and the Square check) in ``flags`` and credits
+    every input AutoAttack broke to ``autoattack-<version>`` in ``broken_by``: the package counts
+    successes per sub-attack but does not say which sub-attack broke which input. Further keyword
+    arguments go to :func:`run_autoattack`.
+    """
 
     def __init__(self, model: nn.Module, eps: float, norm: str = "linf", version: str = "standard",
                  attacks: Sequence[str] | None = None, seed: int = 0, batch_size: int = 250, **kwargs):
-        self.model = model
+        super().__init__(model, eps, norm, seed)
         self.kwargs = dict(eps=eps, norm=norm, version=version, attacks=attacks, seed=seed, batch_size=batch_size,
                            **kwargs)
-        self.results: list[AutoAttackResult] = []
-
-    @property
-    def last(self) -> AutoAttackResult | None:
-        return self.results[-1] if self.results else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return run_autoattack(self.model, x, y, **self.kwargs).x_adv
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         result = run_autoattack(self.model, x, y, **self.kwargs)
-        self.results.append(result)
-        return result.x_adv
+        return self.judge(result.x_adv, y, broken_by=result.broken_by, flags=result.flags)
+
+
+@ATTACKS.register("C", description="white-box AutoAttack (pyautoattack standard) on the end-to-end mixture",
+                  options=("n_target_classes",), requires="pyautoattack", mixed_only=True)
+@ATTACKS.register("autoattack", description="reference AutoAttack (pyautoattack), standard version",
+                  options=("n_target_classes",), requires="pyautoattack")
+def build_autoattack(model, eps, norm, seed, batch_size, n_target_classes: int = N_TARGET_CLASSES) -> AutoAttackAttack:
+    # AutoAttack expects a plain logits model; a mixed model is attacked end to end through alpha(x)
+    target = LogitsOnly(model) if is_mixed_model(model) else model
+    return AutoAttackAttack(target, eps=eps, norm=norm, version="standard", seed=seed, batch_size=batch_size,
+                            n_target_classes=n_target_classes)

@@ -1,15 +1,111 @@
-"""Shared pieces of every attack: threat-model geometry, argument checks, seeded generators."""
+"""Shared pieces of every attack: the :class:`Attack` interface and its :class:`AttackResult`,
+threat-model geometry, argument checks, seeded generators."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
+
+from ..core.errors import InputError
+from .losses import margin_from_logits
 
 Norm = Literal["linf", "l2"]
 NORMS = ("linf", "l2")
 
-__all__ = ["Norm", "NORMS", "per_sample", "project", "random_init", "normalized_step", "check_attack_args", "make_generator"]
+__all__ = [
+    "Attack",
+    "AttackResult",
+    "is_mixed_model",
+    "Norm",
+    "NORMS",
+    "per_sample",
+    "project",
+    "random_init",
+    "normalized_step",
+    "check_attack_args",
+    "check_batch",
+    "make_generator",
+]
+
+
+@dataclass
+class AttackResult:
+    """What one attack did to a batch, judged by one forward pass of the model at the final points.
+
+    - ``x_adv``: (N, ...) the points the attack returns, in [0, 1] and inside the eps-ball.
+    - ``predicted``: (N,) long, the model's class at ``x_adv``.
+    - ``fooled``: (N,) bool, ``predicted != y``.
+    - ``margin``: (N,) float, the CW margin ``max_{j != y} z_j - z_y`` of the logits at ``x_adv``;
+      > 0 iff misclassified (up to ties).
+    - ``broken_by``: per input, the component that broke it (ensembles: a component's name, or
+      "clean" for an input misclassified before any attack; AutoAttack: ``autoattack-<version>``);
+      None where nothing broke it or the attack has no components.
+    - ``flags``: reliability warnings, e.g. AutoAttack's check that Square did not find much more
+      than the gradient attacks (a sign of gradient masking).
+    """
+
+    x_adv: torch.Tensor
+    predicted: torch.Tensor
+    fooled: torch.Tensor
+    margin: torch.Tensor
+    broken_by: list[str | None]
+    flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_logits(cls, x_adv: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                    broken_by: list[str | None] | None = None, flags: list[str] | None = None) -> "AttackResult":
+        y = y.to(logits.device)
+        predicted = logits.argmax(1)
+        return cls(
+            x_adv=x_adv,
+            predicted=predicted,
+            fooled=predicted != y,
+            margin=margin_from_logits(logits, y),
+            broken_by=list(broken_by) if broken_by is not None else [None] * x_adv.shape[0],
+            flags=list(flags or []),
+        )
+
+
+class Attack:
+    """The interface of every attack: ``attack(x, y) -> x_adv`` and ``attack.run(x, y) -> AttackResult``.
+
+    An attack holds the ``model`` whose outcome is judged, the radius ``eps`` (a float or an (N,)
+    tensor), the ``norm`` of the threat model and a ``seed`` (None: torch's global generator).
+    Subclasses implement ``__call__``; the default ``run`` calls it and evaluates the model once on
+    the result. Attacks made of parts override ``run`` to fill ``AttackResult.broken_by`` and list
+    the parts' names in ``components`` (empty for a single attack), and attacks with reliability
+    checks fill ``AttackResult.flags``.
+    """
+
+    components: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, eps: float | torch.Tensor, norm: Norm = "linf", seed: int | None = None):
+        check_attack_args(eps, norm)
+        self.model = model
+        self.eps = eps
+        self.norm = norm
+        self.seed = seed
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(x, y) -> x_adv")
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        return self.judge(self(x, y), y)
+
+    def judge(self, x_adv: torch.Tensor, y: torch.Tensor, broken_by: list[str | None] | None = None,
+              flags: list[str] | None = None) -> AttackResult:
+        """The :class:`AttackResult` of ``x_adv`` from one forward pass of ``self.model``."""
+        with torch.no_grad():
+            logits = self.model(x_adv)
+        return AttackResult.from_logits(x_adv, logits, y, broken_by, flags)
+
+
+def is_mixed_model(model) -> bool:
+    """Whether ``model`` follows the mixed-model protocol (``mix(x, detach_alpha)`` -> MixOutput)."""
+    return callable(getattr(model, "mix", None))
 
 
 def per_sample(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +114,7 @@ def per_sample(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"per-sample value must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
+        raise InputError(f"per-sample value must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
     return t.view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -55,12 +151,20 @@ def normalized_step(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def check_attack_args(eps, norm: str, steps: int | None = None) -> None:
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
+        raise InputError(f"unknown norm {norm!r}; use one of {NORMS}")
     e = torch.as_tensor(eps)
     if torch.isnan(e).any() or (e < 0).any():
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise InputError(f"eps must be >= 0, got {eps}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """A batch of inputs (N, ...) with one label each."""
+    if x.dim() < 2:
+        raise InputError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
+    if y.shape != (x.shape[0],):
+        raise InputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -5,13 +5,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Norm, check_attack_args, make_generator, normalized_step, per_sample, project, random_init
+from ..core.errors import InputError
+from .base import (
+    Attack,
+    Norm,
+    check_attack_args,
+    check_batch,
+    make_generator,
+    normalized_step,
+    per_sample,
+    project,
+    random_init,
+)
 from .losses import AttackLoss, check_logits, get_loss
+from .registry import ATTACKS
 
-__all__ = ["PGD"]
+__all__ = ["PGD", "PGD_STEPS"]
+
+PGD_STEPS = 20  # the steps of every named PGD attack unless the ``pgd_steps`` option says otherwise
 
 
-class PGD:
+class PGD(Attack):
     """``PGD(model, eps, ...)(x, y) -> x_adv`` with x, x_adv in [0, 1].
 
     - ``eps`` is a float or a (N,) tensor (one radius per sample); ``step_size`` defaults to
@@ -37,16 +51,13 @@ class PGD:
     ):
         check_attack_args(eps, norm, steps)
         if restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {restarts}")
-        self.model = model
-        self.eps = eps
-        self.norm = norm
+            raise InputError(f"restarts must be >= 1, got {restarts}")
+        super().__init__(model, eps, norm, seed)
         self.steps = steps
         self.step_size = step_size
         self.random_start = random_start
         self.restarts = restarts
         self.loss = get_loss(loss)
-        self.seed = seed
 
     def _one_run(self, x, y, eps, step, generator):
         if self.random_start:
@@ -70,10 +81,7 @@ class PGD:
         return x_adv, final_loss, fooled
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2:
-            raise ValueError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_batch(x, y)
         x = x.detach()
         eps = per_sample(self.eps, x)
         step_size = self.step_size if self.step_size is not None else 2.5 * torch.as_tensor(self.eps) / self.steps
@@ -92,3 +100,8 @@ class PGD:
             best_loss = torch.where(better, loss, best_loss)
             best_fooled = best_fooled | fooled
         return best
+
+
+@ATTACKS.register("pgd", description="PGD-20, random start, end-to-end gradient", options=("pgd_steps",))
+def build_pgd(model, eps, norm, seed, batch_size, pgd_steps: int = PGD_STEPS) -> PGD:
+    return PGD(model, eps, norm, steps=pgd_steps, seed=seed)

@@ -4,16 +4,14 @@ estimates of h's probabilities (Appendix C.3).
 - ``confidence_gap_table``: for each model, on clean, PGD-20 and AutoAttack-style inputs (each
   model attacked on its own), the accuracy and the mean / median gap between the top two
   probabilities over correctly and over incorrectly predicted inputs. The AutoAttack inputs follow
-  Appendix D.2: the two APGD components (APGD-CE and targeted APGD-DLR) in minimum-margin mode,
-  keeping, per input, the point with the smallest probability margin. When the attacks module has
-  no minimum-margin APGD, a 100-step margin-loss PGD stands in and the result says so.
+  Appendix D.2: the two APGD components (APGD-CE and, with at least 4 classes, targeted APGD-DLR)
+  in minimum-margin mode, keeping, per input, the point with the smallest probability margin.
 - ``lipschitz_analysis``: Eq. C.1 per input and class, and how often Theorem 3.5's radius with these
   local constants reaches eps (for several alphas), among inputs h classifies correctly.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import PGD
+from ..attacks import APGD, PGD, APGDTargeted
+from ..attacks.apgd import N_TARGET_CLASSES
+from ..core.errors import ConfigError, InputError
 from ..core.plotting import pyplot, save_figure
 from ..certify.lipschitz import estimate_local_lipschitz, estimated_radius
 
@@ -44,7 +44,7 @@ SETTINGS = ("clean", "pgd20", "autoattack")
 def confidence_gap(logits: torch.Tensor) -> torch.Tensor:
     """p_(1) - p_(2): the gap between the two largest softmax probabilities, (N,)."""
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"expected (N, C) logits with C >= 2, got {tuple(logits.shape)}")
+        raise InputError(f"expected (N, C) logits with C >= 2, got {tuple(logits.shape)}")
     top2 = F.softmax(logits.float(), 1).topk(2, dim=1).values
     return (top2[:, 0] - top2[:, 1]).to(logits.dtype)
 
@@ -58,7 +58,7 @@ def _mean_median(values: np.ndarray) -> tuple[float | None, float | None]:
 def gap_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Accuracy (%) and mean / median confidence gap over correct and over incorrect predictions."""
     if labels.shape != (logits.shape[0],):
-        raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
+        raise InputError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
     gap = confidence_gap(logits).detach().cpu().numpy()
     correct = (logits.argmax(1) == labels.to(logits.device)).cpu().numpy()
     mean_ok, median_ok = _mean_median(gap[correct])
@@ -74,32 +74,12 @@ def gap_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]
     }
 
 
-def _label_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(logits.float(), 1)
-    p_y = p.gather(1, y[:, None]).squeeze(1)
-    return p_y - p.scatter(1, y[:, None], -1.0).max(1).values
-
-
-def _minimum_margin_apgd():
-    """(APGD, APGDTargeted or None) when the attacks module offers a minimum-margin mode, else None."""
-    try:
-        from ..attacks import apgd as apgd_module
-    except ImportError:
-        return None
-    apgd = getattr(apgd_module, "APGD", None)
-    if apgd is None or "minimum_margin" not in inspect.signature(apgd.__init__).parameters:
-        return None
-    targeted = getattr(apgd_module, "APGDTargeted", None)
-    if targeted is not None and "minimum_margin" not in inspect.signature(targeted.__init__).parameters:
-        targeted = None
-    return apgd, targeted
+AUTOATTACK_MODE = "APGD-CE + APGD-T (DLR), minimum-margin mode"
 
 
 def autoattack_mode() -> str:
-    found = _minimum_margin_apgd()
-    if found is None:
-        return "fallback: PGD-100 margin loss (no minimum-margin APGD in adasmooth.attacks)"
-    return "APGD-CE + APGD-T (DLR), minimum-margin mode" if found[1] is not None else "APGD-CE, minimum-margin mode"
+    """How the ``autoattack`` column is computed (recorded in the results)."""
+    return AUTOATTACK_MODE
 
 
 def attack_for_gap(
@@ -119,26 +99,18 @@ def attack_for_gap(
     if setting == "pgd20":
         return PGD(model, eps, norm, steps=20, loss="ce", seed=seed)(x, y)
     if setting != "autoattack":
-        raise ValueError(f"unknown setting {setting!r}; use one of {SETTINGS}")
-    found = _minimum_margin_apgd()
-    if found is None:
-        return PGD(model, eps, norm, steps=aa_steps, loss="margin", seed=seed)(x, y)
-    apgd, targeted = found
-    candidates = [apgd(model, eps, norm, steps=aa_steps, loss="ce", seed=seed, minimum_margin=True)(x, y)]
+        raise ConfigError(f"unknown setting {setting!r}; use one of {SETTINGS}")
+    x_adv, margin = APGD(model, eps, norm, steps=aa_steps, loss="ce", seed=seed,
+                         minimum_margin=True).attack_with_margins(x, y)
     with torch.no_grad():
         num_classes = model(x[:1]).shape[1]
-    if targeted is not None and num_classes >= 4:
-        candidates.append(targeted(model, eps, norm, steps=aa_steps, seed=seed, minimum_margin=True,
-                                   n_target_classes=min(9, num_classes - 1))(x, y))
-    best = candidates[0]
-    with torch.no_grad():
-        best_margin = _label_margin(model(best), y)
-        for cand in candidates[1:]:
-            margin = _label_margin(model(cand), y)
-            smaller = margin < best_margin
-            best = torch.where(smaller.view(-1, *([1] * (x.dim() - 1))), cand, best)
-            best_margin = torch.minimum(margin, best_margin)
-    return best
+    if num_classes < 4:  # the targeted DLR loss needs 4 classes
+        return x_adv
+    targeted = APGDTargeted(model, eps, norm, steps=aa_steps, seed=seed, minimum_margin=True,
+                            n_target_classes=min(N_TARGET_CLASSES, num_classes - 1))
+    x_t, margin_t = targeted.attack_with_margins(x, y)
+    smaller = margin_t < margin
+    return torch.where(smaller.view(-1, *([1] * (x.dim() - 1))), x_t, x_adv)
 
 
 def confidence_gap_table(
@@ -158,7 +130,7 @@ def confidence_gap_table(
 
     for s in settings:
         if s not in SETTINGS:
-            raise ValueError(f"unknown setting {s!r}; use one of {SETTINGS}")
+            raise ConfigError(f"unknown setting {s!r}; use one of {SETTINGS}")
     rows, raw = [], {}
     total = len(models) * len(settings) * math.ceil(x.shape[0] / batch_size)
     bar = tqdm(total=total, desc="confidence gap", disable=not progress, leave=False)

@@ -1,17 +1,12 @@
-"""Robustness evaluation: named attacks, per-input outcomes, the worst case over attacks.
+"""Robustness evaluation: per-input outcomes of named attacks, the worst case over attacks.
 
-Attack names (``make_attack``):
-
-- ``pgd``: PGD-20 with a random start, end to end. ``apgd-ce``, ``apgd-dlr``, ``apgd-t``: our APGD.
-- ``autoattack``: the reference AutoAttack (pyautoattack, standard version), end to end.
-- On mixed classifiers (paper Section 4.2): ``A`` gray-box PGD-20 (no gradient through alpha(x)),
-  ``B`` white-box PGD-20 (end to end), ``C`` white-box AutoAttack, ``D`` adaptive AutoAttack (APGD-CE
-  and APGD-T with the alpha term, and a minimum-margin adaptive APGD-DLR taking gradients through a
-  differentiable surrogate), ``std`` / ``rob`` transfer PGD-20 crafted on g / h alone.
+The attacks are those of ``adasmooth.attacks`` (``list_attacks()``, ``attack_description(name)``,
+``make_attack``): ``pgd``, ``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``autoattack`` on any model, and the
+settings ``A``, ``B``, ``C``, ``D``, ``std``, ``rob`` of paper Section 4.2 on mixed classifiers.
 
 ``evaluate_robustness`` runs each attack on the inputs the model classifies correctly, records for
 every input whether it survived each attack, takes the worst case over attacks, and says which
-attacks broke which inputs.
+attacks (and, for attacks made of parts, which part) broke which inputs.
 """
 
 from __future__ import annotations
@@ -25,163 +20,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks.adaptive import (
-    DetachedAlpha,
-    LogitsOnly,
-    adaptive_alpha_loss,
-    alpha_bce_loss,
-    differentiable_surrogate,
-    is_mixed_model,
-)
-from ..attacks.apgd import APGD, APGDTargeted
-from ..attacks.autoattack import AutoAttackAttack
+from ..attacks import Attack, attack_description, check_attack_requirements, list_attacks, make_attack
 from ..attacks.base import check_attack_args
 from ..attacks.losses import check_logits
-from ..attacks.pgd import PGD
+from ..core.errors import ConfigError, InputError
 from ..core.io import format_table, write_result
 
 __all__ = [
-    "ATTACK_NAMES",
-    "MIXED_ONLY_ATTACKS",
-    "make_attack",
-    "EnsembleAttack",
     "evaluate_robustness",
     "EvaluationReport",
     "report_rows",
     "write_report",
     "format_report",
 ]
-
-ATTACK_NAMES = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "autoattack", "A", "B", "C", "D", "std", "rob")
-MIXED_ONLY_ATTACKS = ("A", "B", "C", "D", "std", "rob")
-ATTACK_DESCRIPTIONS = {
-    "pgd": "PGD-20, random start, end-to-end gradient",
-    "apgd-ce": "APGD on cross-entropy (100 steps, 1 restart)",
-    "apgd-dlr": "APGD on the DLR loss (100 steps, 1 restart)",
-    "apgd-t": "targeted APGD-DLR over the top-9 other classes (100 steps each)",
-    "autoattack": "reference AutoAttack (pyautoattack), standard version",
-    "A": "gray-box PGD-20: gradients of g and h, none through alpha(x); fixed (zero) start",
-    "B": "white-box PGD-20: end-to-end gradient through alpha(x); fixed (zero) start",
-    "C": "white-box AutoAttack (pyautoattack standard) on the end-to-end mixture",
-    "D": "adaptive AutoAttack: APGD-CE and APGD-T with the alpha term (1-w)*loss + w*BCE(alpha_logit, 1), "
-         "plus minimum-margin adaptive APGD-DLR through a differentiable surrogate",
-    "std": "transfer PGD-20 crafted on the standard model g alone",
-    "rob": "transfer PGD-20 crafted on the robust model h alone",
-}
-
-
-class _TransferAttack:
-    """Craft on a source model; the evaluation measures the target model on the result."""
-
-    def __init__(self, source: nn.Module, **pgd_kwargs):
-        self.attack = PGD(source, **pgd_kwargs)
-
-    def __call__(self, x, y):
-        return self.attack(x, y)
-
-
-class _SurrogateLoss:
-    """An attack loss evaluated on a surrogate model (its gradient), whatever model APGD holds."""
-
-    def __init__(self, loss, surrogate: nn.Module):
-        self.loss = loss
-        self.surrogate = surrogate
-
-    def __call__(self, _model, x, y):
-        return self.loss(self.surrogate, x, y)
-
-    def select(self, index):
-        inner = self.loss.select(index) if hasattr(self.loss, "select") else self.loss
-        return _SurrogateLoss(inner, self.surrogate)
-
-
-class EnsembleAttack:
-    """Several attacks in turn, each on the inputs the previous ones left correctly classified.
-
-    Returns, per input, the first misclassified point found (else the last attack's output);
-    ``last_broken_by`` names the component that broke each input of the last call (None: none did).
-    """
-
-    def __init__(self, model: nn.Module, attacks: Sequence[tuple[str, Callable]]):
-        if not attacks:
-            raise ValueError("an ensemble needs at least one attack")
-        self.model = model
-        self.attacks = list(attacks)
-        self.last_broken_by: list[str | None] = []
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = x.detach()
-        result = x.clone()
-        with torch.no_grad():
-            robust = self.model(x).argmax(1) == y
-        broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
-        for name, attack in self.attacks:
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            x_adv = attack(x[idx], y[idx])
-            with torch.no_grad():
-                fooled = self.model(x_adv).argmax(1) != y[idx]
-            result[idx] = x_adv
-            robust[idx[fooled]] = False
-            for i in idx[fooled].tolist():
-                broken_by[i] = name
-        self.last_broken_by = broken_by
-        return result
-
-
-def make_attack(
-    name: str,
-    model: nn.Module,
-    eps: float,
-    norm: str = "linf",
-    seed: int = 0,
-    batch_size: int = 250,
-    adaptive_weight: float = 0.25,
-    pgd_steps: int = 20,
-    apgd_steps: int = 100,
-    n_target_classes: int = 9,
-):
-    """The attack called ``name`` (see ``ATTACK_NAMES``) against ``model``: a callable (x, y) -> x_adv."""
-    if name not in ATTACK_NAMES:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACK_NAMES)}")
-    check_attack_args(eps, norm)
-    mixed = is_mixed_model(model)
-    if name in MIXED_ONLY_ATTACKS and not mixed:
-        raise ValueError(
-            f"attack {name!r} needs a mixed classifier (a model with mix(x, detach_alpha) exposing alpha(x)); "
-            f"{type(model).__name__} is not one. Use pgd, apgd-ce, apgd-dlr, apgd-t or autoattack."
-        )
-    pgd = dict(eps=eps, norm=norm, steps=pgd_steps, seed=seed)
-    apgd = dict(eps=eps, norm=norm, steps=apgd_steps, seed=seed)
-    if name == "pgd":
-        return PGD(model, **pgd)
-    if name == "apgd-ce":
-        return APGD(model, loss="ce", **apgd)
-    if name == "apgd-dlr":
-        return APGD(model, loss="dlr", **apgd)
-    if name == "apgd-t":
-        return APGDTargeted(model, n_target_classes=n_target_classes, **apgd)
-    if name in ("autoattack", "C"):
-        target = LogitsOnly(model) if mixed else model
-        return AutoAttackAttack(target, eps=eps, norm=norm, version="standard", seed=seed, batch_size=batch_size,
-                                n_target_classes=n_target_classes)
-    if name == "A":
-        return PGD(DetachedAlpha(model), random_start=False, **pgd)
-    if name == "B":
-        return PGD(LogitsOnly(model), random_start=False, **pgd)
-    if name == "D":
-        surrogate = differentiable_surrogate(model)
-        return EnsembleAttack(model, [
-            ("apgd-ce+alpha", APGD(model, loss=adaptive_alpha_loss(adaptive_weight, "ce"), **apgd)),
-            ("apgd-t+alpha", APGDTargeted(model, n_target_classes=n_target_classes, extra_loss=alpha_bce_loss,
-                                          extra_weight=adaptive_weight, **apgd)),
-            ("apgd-dlr+alpha-min-margin", APGD(
-                model, loss=_SurrogateLoss(adaptive_alpha_loss(adaptive_weight, "dlr"), surrogate),
-                minimum_margin=True, **apgd)),
-        ])
-    source = model.std_model if name == "std" else model.rob_model
-    return _TransferAttack(source, **pgd)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -273,7 +124,7 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "attacks": {a: ATTACK_DESCRIPTIONS.get(a, a) for a in self.attacks},
+            "attacks": {a: attack_description(a) for a in self.attacks},
             "eps": self.eps,
             "norm": self.norm,
             "summary": self.summary(),
@@ -311,28 +162,35 @@ def evaluate_robustness(
     """
     attacks = list(attacks)
     if not attacks:
-        raise ValueError("give at least one attack")
-    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+        raise ConfigError("give at least one attack")
+    known = list_attacks()
+    unknown = [a for a in attacks if a not in known]
     if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}; known: {', '.join(ATTACK_NAMES)}")
+        raise ConfigError(f"unknown attack(s) {unknown}; known: {', '.join(known)}")
     if len(set(attacks)) != len(attacks):
-        raise ValueError(f"attack list has duplicates: {attacks}")
+        raise ConfigError(f"attack list has duplicates: {attacks}")
     check_attack_args(eps, norm)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_attack_requirements(attacks)
     x_all, y_all = _as_xy(data)
     if x_all.shape[0] != y_all.shape[0]:
-        raise ValueError(f"{x_all.shape[0]} inputs but {y_all.shape[0]} labels")
+        raise InputError(f"{x_all.shape[0]} inputs but {y_all.shape[0]} labels")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
     options = dict(attack_options or {})
-    built = {a: make_attack(a, model, eps, norm, seed=seed, batch_size=batch_size, **options) for a in attacks}
+
+    def build(name: str, attack_seed: int) -> Attack:
+        return make_attack(name, model, eps, norm, seed=attack_seed, batch_size=batch_size, **options)
+
+    # One attack per name and one seed for the whole run; per-example seeds would rebuild here per batch.
+    built = {a: build(a, seed) for a in attacks}
 
     report = EvaluationReport(attacks=attacks, eps=float(eps), norm=norm, seed=seed, cascade=cascade)
     for a in attacks:
         report.robust[a], report.adv_pred[a], report.seconds[a], report.flags[a] = [], [], 0.0, []
-        if isinstance(built[a], EnsembleAttack):
+        if built[a].components:
             report.component_broken_by[a] = []
 
     n = x_all.shape[0]
@@ -349,34 +207,7 @@ def evaluate_robustness(
             report.labels += yb.tolist()
             report.clean_pred += pred.tolist()
             for a in attacks:
-                robust_b: list[bool | None] = [False] * len(yb)
-                adv_b: list[int | None] = [None] * len(yb)
-                idx = alive.nonzero().squeeze(1)
-                if cascade:
-                    for i in (~alive & (pred == yb)).nonzero().squeeze(1).tolist():
-                        robust_b[i] = None
-                if idx.numel():
-                    t0 = time.perf_counter()
-                    x_adv = built[a](xb[idx], yb[idx])
-                    report.seconds[a] += time.perf_counter() - t0
-                    with torch.no_grad():
-                        adv_pred = model(x_adv).argmax(1)
-                    ok = adv_pred == yb[idx]
-                    for j, i in enumerate(idx.tolist()):
-                        robust_b[i] = bool(ok[j])
-                        adv_b[i] = int(adv_pred[j])
-                    if cascade:
-                        alive[idx[~ok]] = False
-                    last = getattr(built[a], "last", None)
-                    if last is not None:
-                        report.flags[a] += [f for f in last.flags if f not in report.flags[a]]
-                if a in report.component_broken_by:
-                    comp: list[str | None] = [None] * len(yb)
-                    for j, i in enumerate(idx.tolist()):
-                        comp[i] = built[a].last_broken_by[j]
-                    report.component_broken_by[a] += comp
-                report.robust[a] += robust_b
-                report.adv_pred[a] += adv_b
+                _run_on_batch(report, a, built[a], xb, yb, pred, alive, cascade)
                 bar.update(len(yb))
             if on_batch is not None:
                 on_batch(report)
@@ -384,6 +215,38 @@ def evaluate_robustness(
         bar.close()
     report.complete = len(report.labels) == n
     return report
+
+
+def _run_on_batch(report: EvaluationReport, name: str, attack: Attack, xb: torch.Tensor, yb: torch.Tensor,
+                  pred: torch.Tensor, alive: torch.Tensor, cascade: bool) -> None:
+    """Attack the ``alive`` inputs of one batch and append their outcomes to ``report``.
+
+    With ``cascade`` the inputs broken here leave ``alive`` (in place), and the inputs an earlier
+    attack broke are recorded as None (not run).
+    """
+    robust_b: list[bool | None] = [False] * len(yb)
+    adv_b: list[int | None] = [None] * len(yb)
+    comp_b: list[str | None] = [None] * len(yb)
+    idx = alive.nonzero().squeeze(1)
+    if cascade:
+        for i in (~alive & (pred == yb)).nonzero().squeeze(1).tolist():
+            robust_b[i] = None
+    if idx.numel():
+        t0 = time.perf_counter()
+        result = attack.run(xb[idx], yb[idx])
+        report.seconds[name] += time.perf_counter() - t0
+        ok = ~result.fooled.to(yb.device)
+        for j, i in enumerate(idx.tolist()):
+            robust_b[i] = bool(ok[j])
+            adv_b[i] = int(result.predicted[j])
+            comp_b[i] = result.broken_by[j]
+        if cascade:
+            alive[idx[~ok]] = False
+        report.flags[name] += [f for f in result.flags if f not in report.flags[name]]
+    if name in report.component_broken_by:
+        report.component_broken_by[name] += comp_b
+    report.robust[name] += robust_b
+    report.adv_pred[name] += adv_b
 
 
 def report_rows(report: EvaluationReport) -> list[dict[str, Any]]:

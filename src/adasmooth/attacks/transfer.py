@@ -1,0 +1,21 @@
+"""Transfer attacks: adversarial points crafted on one model, judged on another."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Attack
+
+__all__ = ["TransferAttack"]
+
+
+class TransferAttack(Attack):
+    """``crafter`` (an attack on a source model) makes the points; ``run`` judges them on ``model``, the target."""
+
+    def __init__(self, model: nn.Module, crafter: Attack):
+        super().__init__(model, crafter.eps, crafter.norm, crafter.seed)
+        self.crafter = crafter
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.crafter(x, y)
