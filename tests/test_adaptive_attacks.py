@@ -22,7 +22,7 @@ from adasmooth.attacks import (
 )
 from adasmooth.data.base import load_dataset
 from adasmooth.evaluate.robustness import evaluate_robustness, report_rows
-from adasmooth.mixing.fixed import MixedClassifier, MixOutput, mix_logits
+from adasmooth.mixing import MixedClassifier, MixOutput, mix_logits
 
 from digits_models import train_digits_model
 

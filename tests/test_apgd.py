@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adasmooth.attacks import APGD, PGD, APGDTargeted, probability_margin
-from adasmooth.data.base import load_dataset
 from adasmooth.models.base import create_model
 
 from digits_models import robust_count, train_digits_model

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from adasmooth.attacks import APGD, APGDTargeted, AutoAttackAttack, run_autoattack
-from adasmooth.data.base import load_dataset
 
 from digits_models import robust_count
 

@@ -67,7 +67,7 @@ def test_evaluate_single_model_writes_partial_progress(checkpoints, tmp_path, mo
 
     monkeypatch.setattr(robustness, "evaluate_robustness", capture_after_each_batch)
     rc = main(["evaluate", "--model", str(checkpoints / "rob"), "--attacks", "apgd-ce,apgd-t", "--n-examples", "20",
-               "--batch-size", "10", "--no-progress", "-o", str(out)])
+               "--batch-size", "10", "--eps", "0.1", "--no-progress", "-o", str(out)])
     assert rc == 0
     final = json.loads(out.read_text())["results"]
     assert final["summary"]["complete"] is True
@@ -87,8 +87,9 @@ def test_evaluate_single_model_writes_partial_progress(checkpoints, tmp_path, mo
     "extra, message",
     [
         (["--attacks", "apgd-ce,fgsm"], "unknown attack"),
-        (["--eps", "-0.5"], "eps must be >= 0"),
-        (["--attacks", "D"], "needs a mixed classifier"),
+        (["--eps", "-0.5"], "eps must be a finite number >= 0 and <= 1"),
+        (["--eps", "0.1", "--attacks", "D"], "needs a mixed classifier"),
+        ([], "records no eps; give --eps"),
     ],
 )
 def test_evaluate_clear_errors(checkpoints, tmp_path, capsys, extra, message):

@@ -13,12 +13,11 @@ from safetensors.torch import load_file
 from adasmooth.attacks import PGD
 from adasmooth.models.checkpoint import load_checkpoint, save_checkpoint
 from adasmooth.core.config import ConfigError, from_mapping
-from adasmooth.data.base import DATASET_STATS, Dataset, load_dataset
+from adasmooth.data.base import DATASET_STATS, load_dataset
 from adasmooth.mixing.adaptive import build_adaptive_classifier, load_adaptive_classifier
 from adasmooth.core.errors import CheckpointError
 from adasmooth.core.io import load_resume_state
 from adasmooth.evaluate.calibrate import (
-    CalibrateConfig,
     bisect_decreasing,
     calibrate_adaptive,
     calibrate_fixed_alpha,

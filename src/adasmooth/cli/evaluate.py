@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from ..core.checks import check_finite
 from ..core.config import (
     RunOptions,
     batch_size_option,
@@ -61,8 +62,7 @@ class EvaluateConfig(RunOptions):
     def validate(self) -> None:
         from ..attacks import ATTACK_NAMES
 
-        if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ValueError(f"eps must lie in [0, 1] (pixel units), got {self.eps}")
+        check_finite("eps", self.eps, 0, high=1)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_examples is not None and self.n_examples < 1:

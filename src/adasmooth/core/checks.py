@@ -15,8 +15,9 @@ __all__ = ["check_finite", "check_counts"]
 
 
 def check_finite(name: str, value: float | None, low: float | None = None, *, strict: bool = False,
-                 below: float | None = None) -> None:
-    """Unless ``value`` is None (unset): it must be finite, >= ``low`` (> with ``strict``) and < ``below``."""
+                 below: float | None = None, high: float | None = None) -> None:
+    """Unless ``value`` is None (unset): it must be finite, >= ``low`` (> with ``strict``), < ``below``
+    and <= ``high``."""
     if value is None:
         return
     ok = isinstance(value, (int, float)) and math.isfinite(value)
@@ -24,8 +25,11 @@ def check_finite(name: str, value: float | None, low: float | None = None, *, st
         ok = value > low if strict else value >= low
     if ok and below is not None:
         ok = value < below
+    if ok and high is not None:
+        ok = value <= high
     if not ok:
         bounds = ([] if low is None else [f"{'>' if strict else '>='} {low}"]) + ([] if below is None else [f"< {below}"])
+        bounds += [] if high is None else [f"<= {high}"]
         raise ConfigError(f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {value}")
 
 

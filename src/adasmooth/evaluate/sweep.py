@@ -18,7 +18,7 @@ alpha = 0 (alpha = 1) replays the STD (ROB) attack exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -26,6 +26,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import PGD
+from ..core.checks import check_finite
+from ..core.config import (
+    RunOptions,
+    batch_size_option,
+    data_dir_option,
+    dataset_option,
+    force_dataset_option,
+    n_examples_option,
+    option,
+    output_option,
+)
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..mixing import MIXING_RULES, MixedClassifier
@@ -50,35 +61,35 @@ def _default_alphas() -> list[float]:
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(RunOptions):
     """Everything ``adasmooth sweep`` needs; keys of a ``--config`` YAML file are these fields."""
 
-    std: str | None = None  # checkpoint of the standard model g
-    rob: str | None = None  # checkpoint of the robust model h
-    dataset: str | None = None  # default: the data set recorded in the checkpoints
-    data_dir: str | None = None
-    alphas: list[float] = field(default_factory=_default_alphas)
-    eps: float | None = None  # default: the robust model's training eps
-    norm: Literal["linf", "l2"] | None = None  # default: the robust model's training norm
-    steps: int = 20
-    step_size: float | None = None  # default 2.5 * eps / steps
-    variants: list[str] = field(default_factory=lambda: ["prob"])
-    n_examples: int | None = 1000  # first N test examples (None: all)
-    batch_size: int = 256
-    std_scale: float = 1.0
-    rob_scale: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    output: str = "runs/sweep"
-    progress: bool = True
+    std: str | None = option(None, help="checkpoint of the standard model g")
+    rob: str | None = option(None, help="checkpoint of the robust model h")
+    dataset: str | None = dataset_option()
+    force_dataset: bool = force_dataset_option()
+    data_dir: str | None = data_dir_option()
+    alphas: list[float] = option(default_factory=_default_alphas,
+                                 help="mixing weights of h, as 0,0.5,1 or start:stop:step")
+    eps: float | None = option(None, help="attack radius; none: the robust checkpoint's")
+    norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
+    steps: int = option(20, help="PGD steps of the STD, ROB and MIX attacks")
+    step_size: float | None = option(None, help="PGD step size; none: 2.5 * eps / steps")
+    variants: list[str] = option(default_factory=lambda: ["prob"],
+                                 help="mixing rules to sweep (see adasmooth.mixing.MIXING_RULES): "
+                                      "prob (Eq. 3.4), logit, grad_g, grad_max_g, grad_ratio")
+    n_examples: int | None = n_examples_option(1000)
+    batch_size: int = batch_size_option(256)
+    std_scale: float = option(1.0, help="logit scale s_g of the standard model")
+    rob_scale: float = option(1.0, help="logit scale s_h of the robust model")
+    output: str = output_option("runs/sweep", "output folder: sweep.json, sweep.csv and two PNGs")
 
     def validate(self) -> None:
         if self.dataset is not None and self.dataset not in DATASETS:
             raise ConfigError(f"unknown data set {self.dataset!r}; known: {', '.join(DATASETS)}")
         check_alphas(self.alphas)
         check_variants(self.variants)
-        if self.eps is not None and self.eps < 0:
-            raise ConfigError(f"eps must be >= 0, got {self.eps}")
+        check_finite("eps", self.eps, 0, high=1)
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:

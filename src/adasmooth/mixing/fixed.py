@@ -20,7 +20,6 @@ from torch import nn
 from ..core.errors import ConfigError, InputError
 from .protocol import MixedModel, MixOutput
 from .rules import MIXING_RULES, MixingRule, MixInputs
-from .rules import dual_norm, mix_log_probs, mix_logits  # noqa: F401  (their home before rules.py existed)
 
 __all__ = ["MixOutput", "MixedModel", "MixedClassifier"]
 
