@@ -74,8 +74,8 @@ def main() -> None:
         alpha_times.append(time.time())
         write_outputs(OUT, partial, cfg, cfg.seed, progress_note=f"partial: {len(partial.rows)} rows", plots=False)
 
-    result = alpha_sweep(g, h, data, cfg.alphas, cfg.eps, cfg.norm, cfg.steps, None, cfg.variants, cfg.batch_size,
-                         cfg.seed, progress=cfg.progress, on_alpha=checkpoint)
+    result = alpha_sweep(g, h, data, cfg.alphas, cfg.eps, norm=cfg.norm, steps=cfg.steps, variants=cfg.variants,
+                         batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, on_alpha=checkpoint)
     total = time.time() - t_start
     paths = write_outputs(OUT, result, cfg, cfg.seed, progress_note="complete")
 

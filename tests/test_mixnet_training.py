@@ -181,7 +181,7 @@ def test_training_resumes_from_the_epoch_checkpoint(digits_bases, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train_mixnet(cfg)
     resume = resume_path(cfg.output)
-    assert resume.is_file() and load_resume_state(resume, result_config(cfg))["epoch"] == 1
+    assert resume.is_file() and load_resume_state(resume, result_config(mt.resolve_recorded(cfg)))["epoch"] == 1
     monkeypatch.setattr(mt, "craft_training_attack", real)
     with pytest.raises(CheckpointError, match="different config.*lr"):
         train_mixnet(dataclasses.replace(cfg, lr=2e-3))

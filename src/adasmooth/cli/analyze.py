@@ -25,13 +25,8 @@ from ..core.config import (
     option,
     output_option,
 )
-from .common import (
-    check_input_shape,
-    check_outputs_not_inputs,
-    checkpoint_files,
-    recorded_dataset,
-    recorded_threat,
-)
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from .common import check_outputs_not_inputs, checkpoint_files
 
 
 @dataclass

@@ -23,8 +23,8 @@ from ..core.config import (
     option,
     output_option,
 )
-from .common import check_input_shape, check_outputs_not_inputs, checkpoint_files, recorded_dataset
-
+from ..models.checkpoint import check_input_shape, recorded_dataset
+from .common import check_outputs_not_inputs, checkpoint_files
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
 

@@ -7,13 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluate.sweep import SweepConfig
-from .common import (
-    check_input_shape,
-    checkpoint_files,
-    check_outputs_not_inputs,
-    recorded_dataset,
-    recorded_threat,
-)
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from .common import checkpoint_files, check_outputs_not_inputs
 
 CONFIG = SweepConfig
 
@@ -86,8 +81,9 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
         write_outputs(out_dir, partial, cfg, cfg.seed, progress_note=f"partial: {len(partial.rows)} rows",
                       plots=False)
 
-    result = alpha_sweep(g.to(device), h.to(device), data, cfg.alphas, cfg.eps, cfg.norm, cfg.steps, cfg.step_size,
-                         cfg.variants, cfg.batch_size, cfg.seed, cfg.std_scale, cfg.rob_scale, cfg.progress,
+    result = alpha_sweep(g.to(device), h.to(device), data, cfg.alphas, cfg.eps, norm=cfg.norm, steps=cfg.steps,
+                         step_size=cfg.step_size, variants=cfg.variants, batch_size=cfg.batch_size, seed=cfg.seed,
+                         std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, progress=cfg.progress,
                          on_alpha=save_partial)
     paths = write_outputs(out_dir, result, cfg, cfg.seed, progress_note="complete")
     ref = result.reference

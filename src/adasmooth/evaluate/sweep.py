@@ -175,6 +175,7 @@ def alpha_sweep(
     data: Dataset,
     alphas: Sequence[float],
     eps: float,
+    *,
     norm: Literal["linf", "l2"] = "linf",
     steps: int = 20,
     step_size: float | None = None,
@@ -188,7 +189,7 @@ def alpha_sweep(
 ) -> SweepResult:
     """Accuracy (%) of fixed-alpha mixtures of g = ``std_model`` and h = ``rob_model`` on ``data``.
 
-    Rows come in the order of ``alphas``, each alpha once per variant. ``on_alpha`` is called with
+    Everything after ``eps`` is keyword-only. Rows come in the order of ``alphas``, each alpha once per variant. ``on_alpha`` is called with
     the result so far after each alpha (write partial results from it). Both models are put in
     eval mode; the data is moved to the device of ``std_model``.
     """

@@ -17,7 +17,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +30,9 @@ from ..data import DATASETS, dataset_info
 from .base import ModelSpec, create_model
 
 __all__ = [
+    "recorded_dataset",
+    "check_input_shape",
+    "recorded_threat",
     "save_checkpoint",
     "load_checkpoint",
     "read_sidecar",
@@ -312,3 +315,51 @@ def sidecar_defaults(info: dict[str, Any]) -> dict[str, Any]:
         "norm": first(config.get("norm"), metrics.get("eval_norm")),
         "eps": first(config.get("eps"), metrics.get("eval_eps")),
     }
+
+
+# ---------------------------------------------------------------------------- sidecars are the truth:
+# what a command runs on defaults to what its checkpoints record
+
+
+def recorded_dataset(requested: str | None, infos: Mapping[str, Mapping[str, Any]], force: bool = False) -> str:
+    """The data set to run on: the one the checkpoints record, unless ``requested`` (with ``force``).
+
+    ``infos`` maps each checkpoint's path to its sidecar. Checkpoints recording different data sets,
+    or a requested data set other than the recorded one without ``force``, are a ConfigError naming both.
+    """
+    recorded = {path: info.get("dataset") for path, info in infos.items() if info.get("dataset")}
+    distinct = sorted(set(recorded.values()))
+    if len(distinct) > 1:
+        listing = ", ".join(f"{p} on {d}" for p, d in recorded.items())
+        raise ConfigError(f"the checkpoints were trained on different data sets: {listing}")
+    if requested is None:
+        if not distinct:
+            raise ConfigError("the checkpoints record no data set; give --dataset")
+        return distinct[0]
+    if distinct and requested != distinct[0] and not force:
+        path = next(iter(recorded))
+        raise ConfigError(f"--dataset {requested}, but {path} was trained on {distinct[0]}; leave --dataset out "
+                          f"to use {distinct[0]}, or add --force-dataset to run on {requested} anyway")
+    if distinct and requested != distinct[0]:
+        print(f"note: running models trained on {distinct[0]} on {requested} (--force-dataset)")
+    return requested
+
+
+def check_input_shape(infos: Mapping[str, Mapping[str, Any]], input_shape: Iterable[int], dataset: str) -> None:
+    """Data whose (C, H, W) differs from the shape a checkpoint was trained on is an error naming both
+    (also under --force-dataset: such a model cannot run on them)."""
+    shape = tuple(int(s) for s in input_shape)
+    for path, info in infos.items():
+        trained = trained_input_shape(dict(info))
+        if trained is not None and trained != shape:
+            raise ConfigError(f"{path} takes inputs of shape {trained} but {dataset} has {shape}")
+
+
+def recorded_threat(eps: float | None, norm: str | None, info: Mapping[str, Any], path: str) -> tuple[float, str]:
+    """eps and norm: as given, else what the robust checkpoint records (training, else evaluation values)."""
+    recorded = sidecar_defaults(dict(info))
+    norm = norm or recorded["norm"] or "linf"
+    eps = eps if eps is not None else recorded["eps"]
+    if eps is None:
+        raise ConfigError(f"{path} records no eps; give --eps")
+    return float(eps), norm

@@ -16,6 +16,7 @@ Calibration lives in :mod:`adasmooth.evaluate.calibrate`, the Table 2/3 report i
 from __future__ import annotations
 
 import collections
+import dataclasses
 import copy
 import math
 import time
@@ -31,13 +32,13 @@ from tqdm.auto import tqdm
 from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
-from ..core.config import data_dir_option, option, RunOptions
+from ..core.config import RunOptions, data_dir_option, dataset_option, force_dataset_option, option
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
-from ..models.checkpoint import load_checkpoint
+from ..models.checkpoint import load_checkpoint, read_sidecar, recorded_dataset, recorded_threat
 from ..core.checks import check_counts, check_finite
 from .loop import clean_accuracy, result_config, resume_path
 
@@ -90,7 +91,8 @@ def composite_loss(
 class MixnetTrainConfig(RunOptions):
     std: str = option("", help="checkpoint of the standard (accurate) base model g")
     rob: str = option("", help="checkpoint of the robust base model h")
-    dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100")
+    dataset: str | None = dataset_option()
+    force_dataset: bool = force_dataset_option()
     data_dir: str | None = data_dir_option()
     taps: list[str] | None = option(None, help="two module names tapped on both models "
                                                "(default: each model's first two stages)")
@@ -106,8 +108,8 @@ class MixnetTrainConfig(RunOptions):
     # the training-time adversary
     setting: Literal["A", "B", "C"] = option("B", help="training-time attack: A gray-box PGD, B white-box PGD, "
                                                        "C APGD-CE + APGD-T")
-    norm: Literal["linf", "l2"] = option("linf", help="threat model")
-    eps: float = option(8 / 255, help="attack radius in [0, 1] pixel units")
+    norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
+    eps: float | None = option(None, help="attack radius in [0, 1] pixel units; none: the robust checkpoint's")
     eps_low: float = option(0.4, help="per-sample radius = eps * U(eps_low, eps_high)")
     eps_high: float = option(1.1, help="per-sample radius = eps * U(eps_low, eps_high)")
     attack_steps: int = option(10, help="mean number of attack steps (a chi-squared draw)")
@@ -143,7 +145,7 @@ class MixnetTrainConfig(RunOptions):
             raise ConfigError("std and rob (the two base-model checkpoints) are required")
         if self.setting not in SETTINGS:
             raise ConfigError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
-        check_finite("eps", self.eps, 0, strict=True)
+        check_finite("eps", self.eps, 0, strict=True, high=1)
         check_finite("eps_low", self.eps_low, 0, strict=True)
         check_finite("eps_high", self.eps_high, self.eps_low)
         if self.taps is not None and len(self.taps) != 2:
@@ -301,10 +303,21 @@ def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device
     return model.to(device)
 
 
+def resolve_recorded(cfg: MixnetTrainConfig) -> MixnetTrainConfig:
+    """The config with data set, eps and norm taken from the base models' sidecars where not given."""
+    cfg.validate()
+    infos = {cfg.std: read_sidecar(cfg.std), cfg.rob: read_sidecar(cfg.rob)}
+    dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
+    eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[cfg.rob], cfg.rob)
+    resolved = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
+    resolved.validate()
+    return resolved
+
+
 def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                  eval_data: Dataset | None = None) -> dict[str, Any]:
     """Train the mixing network per ``cfg``; checkpoint every epoch; return the sidecar metadata."""
-    cfg.validate()
+    cfg = resolve_recorded(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if train_data is None:
