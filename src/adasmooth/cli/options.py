@@ -7,8 +7,8 @@ help text. A nested dataclass field becomes a group of prefixed flags (``catrs.m
 
 Types: int, float, str, Path; ``Literal[...]`` gives choices; ``bool`` gives ``--name`` when the default
 is False and ``--no-name`` when it is True; lists take one or more values, each possibly
-comma-separated (numbers also as ``start:stop:step``, stop included); an optional field also takes
-``none``. Values the user did not give stay unset, so that ``--config FILE`` values apply under
+comma-separated (numbers also as ``start:stop:step``, stop included); an optional field (default
+shown as ``none``) also takes ``none``. Values the user did not give stay unset, so that ``--config FILE`` values apply under
 command-line ones (see :func:`config_from_args`).
 """
 
@@ -171,7 +171,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if origin is dict or tp is dict:
             raise TypeError(f"config field {f.name!r} is a mapping: declare it with option(..., cli=False)")
         kwargs["type"] = _scalar_parser(tp, optional)
-        target.add_argument(*names, help=_help(f, "; 'none' unsets it" if optional else ""), **kwargs)
+        target.add_argument(*names, help=_help(f), **kwargs)
 
 
 class _FlattenList(argparse.Action):

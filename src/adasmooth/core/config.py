@@ -66,7 +66,7 @@ class RunOptions:
 
 
 def data_dir_option() -> Any:
-    return option(None, help="folder with the data files (default: $ADASMOOTH_DATA or ./data)")
+    return option(None, help="folder with the data files; none: $ADASMOOTH_DATA or ./data")
 
 
 def dataset_option(default: str | None = None) -> Any:

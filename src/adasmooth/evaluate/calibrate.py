@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from ..core.config import data_dir_option, option, RunOptions
+from ..core.config import data_dir_option, dataset_option, option, RunOptions
 from ..core.errors import ConfigError, InputError
 from ..core.runtime import resolve_device
 from ..data import Dataset, load_dataset
@@ -164,25 +164,25 @@ class CalibrateConfig(RunOptions):
     target_between: float | None = option(None, help="or: target = acc(h) + this fraction of acc(g) - acc(h)")
     param: Literal["shift", "alpha_min"] = option("shift", help="what to tune: the sigmoid shift, or alpha_min "
                                                                 "with a fixed range width")
-    scale: float | None = option(None, help="eval-time sigmoid scale (default: keep the stored one)")
+    scale: float | None = option(None, help="eval-time sigmoid scale; none: keep the stored one")
     alpha_range: list[float] | None = option(None, help="eval-time alpha range MIN,MAX")
     range_width: float | None = option(None, help="alpha_max - alpha_min with param alpha_min")
-    dataset: str | None = option(None, help="data set (default: the one recorded in the checkpoint)")
+    dataset: str | None = dataset_option()
     data_dir: str | None = data_dir_option()
     split: Literal["val", "test"] = option("val", help="calibration data: held-out part of the training set (val) "
                                                        "or a test slice")
     val_fraction: float = option(0.1, help="held-out part of the training set (split val)")
     calib_offset: int = option(0, help="first calibration example of the split")
-    calib_examples: int | None = option(None, help="number of calibration examples (default all)")
-    output: str | None = option(None, help="calibrated checkpoint (one input only; default "
-                                           "<checkpoint>-calibrated)", short="-o")
+    calib_examples: int | None = option(None, help="number of calibration examples; none: all")
+    output: str | None = option(None, help="calibrated checkpoint (one input only); "
+                                           "none: <checkpoint>-calibrated", short="-o")
     report: bool = option(False, help="also evaluate g, h, the adaptive and the fixed-alpha classifiers "
                                       "under settings A-D")
     report_settings: list[str] = option(help="columns of the report", default_factory=lambda: list(REPORT_SETTINGS))
     eval_examples: int = option(500, help="test examples in the report")
     eval_offset: int = option(0, help="first test example of the report")
-    eps: float | None = option(None, help="attack radius of the report (default: the training eps)")
-    norm: Literal["linf", "l2"] | None = option(None, help="threat model of the report (default: the training one)")
+    eps: float | None = option(None, help="attack radius of the report; none: the training eps")
+    norm: Literal["linf", "l2"] | None = option(None, help="threat model of the report; none: the training one")
     batch_size: int = option(250, help="batch size")
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.config import data_dir_option, option, RunOptions
+from ..core.config import data_dir_option, dataset_option, option, RunOptions
 from ..core.errors import CheckpointError, ConfigError, DataError, InputError
 from ..core.io import atomic_write, provenance, write_json
 from ..core.runtime import resolve_device
@@ -182,9 +182,9 @@ class CatrsTargetsConfig(RunOptions):
     model: str = option("", help="base model checkpoint whose smoothed predictions become the targets "
                                       "(a gaussian-trained one)")
     output: str = option("", help="artifact path: writes OUTPUT.safetensors and OUTPUT.json", short="-o")
-    dataset: str | None = option(None, help="training set (default: the one recorded in the checkpoint)")
+    dataset: str | None = dataset_option()
     data_dir: str | None = data_dir_option()
-    sigma: float | None = option(None, help="noise level (default: the checkpoint's sigma)")
+    sigma: float | None = option(None, help="noise level; none: the checkpoint's sigma")
     samples: int = option(10000, help="noise draws per training example (the authors use 10^4)")
     mode: Literal["votes", "softmax"] = option("votes", help="votes: class frequencies of the noisy predictions; "
                                                              "softmax: their mean softmax")

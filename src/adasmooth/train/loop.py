@@ -53,7 +53,7 @@ class TrainConfig(RunOptions):
     norm: Literal["linf", "l2"] = option("linf", help="threat model")
     eps: float = option(0.1, help="attack radius in [0, 1] pixel units")
     attack_steps: int = option(10, help="PGD steps of the training attack (pgd, trades)")
-    attack_step_size: float | None = option(None, help="PGD step of the training attack (default 2.5*eps/steps)")
+    attack_step_size: float | None = option(None, help="PGD step of the training attack; none: 2.5*eps/steps")
     trades_beta: float = option(6.0, help="weight of the KL term of TRADES")
     sigma: float = option(0.25, help="Gaussian noise level of gaussian and cat-rs training (pixel units)")
     catrs: CatrsOptions = option(help="CAT-RS options (method cat-rs)", default_factory=CatrsOptions)
@@ -68,7 +68,7 @@ class TrainConfig(RunOptions):
     n_train: int | None = option(None, help="use only the first N training examples")
     val_fraction: float = option(0.0, help="hold out this part of the training set (not trained on)")
     # held-out measurement written into the checkpoint
-    eval_examples: int | None = option(1000, help="test examples measured at the end (default 1000; all if unset)")
+    eval_examples: int | None = option(1000, help="test examples measured at the end; none: all")
     eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
     output: str = option("runs/model", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)", short="-o")
     resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
-from ..core.config import RunOptions, data_dir_option, dataset_option, force_dataset_option, option
+from ..core.config import data_dir_option, dataset_option, force_dataset_option, option, RunOptions
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
@@ -113,7 +113,7 @@ class MixnetTrainConfig(RunOptions):
     eps_low: float = option(0.4, help="per-sample radius = eps * U(eps_low, eps_high)")
     eps_high: float = option(1.1, help="per-sample radius = eps * U(eps_low, eps_high)")
     attack_steps: int = option(10, help="mean number of attack steps (a chi-squared draw)")
-    max_attack_steps: int | None = option(None, help="cap on the drawn number of steps (default 3 * attack_steps)")
+    max_attack_steps: int | None = option(None, help="cap on the drawn number of steps; none: 3 * attack_steps")
     step_factor: float = option(5.0, help="PGD step = step_factor * eps / steps (the reference code's)")
     adaptive_weight_max: float = option(0.4, help="w ~ U(0, this) weighs the attacker's alpha term")
     # Eq. 4.2 weights, paper Table 6 best

@@ -60,8 +60,8 @@ class CatrsOptions:
     """The ``catrs:`` block of a training config (used only by ``method: cat-rs``)."""
 
     m: int = option(4, help="noise draws per input")
-    lambda_: float | None = option(None, help="weight of the worst-case KL term (default 2*sigma: the authors' "
-                                              "0.5/1/2 for sigma 0.25/0.5/1)")
+    lambda_: float | None = option(None, help="weight of the worst-case KL term; none: 2*sigma (the "
+                                              "authors' 0.5/1/2 for sigma 0.25/0.5/1)")
     eps: float = option(1.0, help="l_2 radius of the worst-case noise search")
     steps: int = option(4, help="PGD steps of the worst-case noise search")
     warmup_epochs: int | None = option(None, help="from this (0-based) epoch on the radius is doubled "
