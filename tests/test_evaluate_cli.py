@@ -106,3 +106,26 @@ def test_evaluate_missing_mixnet_and_bad_combinations(checkpoints, tmp_path, cap
     rc = main(["evaluate", "--std", str(checkpoints / "std"), "--rob", str(checkpoints / "rob"), "--no-progress"])
     assert rc == 2
     assert "--alpha" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_data_of_another_data_set(checkpoints, tmp_path, capsys, data_dir):
+    """The silent wrong result of old: a digits model run on Fashion-MNIST. Now an error naming both."""
+    base = ["evaluate", "--model", str(checkpoints / "rob"), "--eps", "0.1", "--n-examples", "4", "--no-progress",
+            "--data-dir", str(data_dir), "-o", str(tmp_path / "x.json")]
+    assert main(base + ["--dataset", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset fashion-mnist" in err and "trained on digits" in err and err.count("\n") == 1
+    # overriding the data set visibly still cannot run an 8x8 model on 28x28 images
+    assert main(base + ["--dataset", "fashion-mnist", "--force-dataset"]) == 2
+    err = capsys.readouterr().err
+    assert "(1, 8, 8)" in err and "(1, 28, 28)" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_evaluate_output_may_not_overwrite_an_input(checkpoints, capsys):
+    sidecar = checkpoints / "rob.json"
+    before = sidecar.read_bytes()
+    assert main(["evaluate", "--model", str(checkpoints / "rob"), "--eps", "0.1", "--n-examples", "4",
+                 "--no-progress", "-o", str(sidecar)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert sidecar.read_bytes() == before
