@@ -15,28 +15,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from ..core.config import (
-    RunOptions,
-    batch_size_option,
-    data_dir_option,
-    dataset_option,
-    force_dataset_option,
-    n_examples_option,
-    option,
-    output_option,
-)
+from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
 from .common import check_outputs_not_inputs, checkpoint_files
 
 
 @dataclass
-class AnalyzeConfig(RunOptions):
+class AnalyzeConfig(CheckpointDataOptions):
     std: str | None = option(None, help="standard model checkpoint g")
     rob: str | None = option(None, help="robust model checkpoint h")
     what: Literal["gap", "lipschitz", "both"] = option("both", help="which analysis")
-    dataset: str | None = dataset_option()
-    force_dataset: bool = force_dataset_option()
-    data_dir: str | None = data_dir_option()
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius; none: the robust checkpoint's evaluation eps")

@@ -14,22 +14,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from ..core.config import (
-    RunOptions,
-    data_dir_option,
-    dataset_option,
-    force_dataset_option,
-    n_examples_option,
-    option,
-    output_option,
-)
+from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset
 from .common import check_outputs_not_inputs, checkpoint_files
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
 
 @dataclass
-class CertifyConfig(RunOptions):
+class CertifyConfig(CheckpointDataOptions):
     model: list[str] = option(default_factory=list,
                               help="smoothed base model checkpoint(s) h; the first is the frontier baseline")
     sigma: float | None = option(None, help="noise level (one model only); none: the checkpoint's sigma")
@@ -37,9 +29,6 @@ class CertifyConfig(RunOptions):
     alpha: list[float] = option(default_factory=list, help="mixing weight(s) of h to certify, e.g. 0.8,0.9")
     hardmax: bool = option(False, help="use a one-hot g (Appendix A.2)")
     std_scale: float = option(1.0, help="logit scale of g")
-    dataset: str | None = dataset_option()
-    force_dataset: bool = force_dataset_option()
-    data_dir: str | None = data_dir_option()
     split: Literal["train", "val", "test"] = option("test", help="data split")
     n0: int = option(100, help="selection draws per input")
     n: int = option(100_000, help="estimation draws per input")

@@ -16,22 +16,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.checks import check_finite
-from ..core.config import (
-    RunOptions,
-    batch_size_option,
-    data_dir_option,
-    dataset_option,
-    force_dataset_option,
-    n_examples_option,
-    option,
-    output_option,
-)
+from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
 from .common import check_file_output, check_outputs_not_inputs, checkpoint_files
 
 
 @dataclass
-class EvaluateConfig(RunOptions):
+class EvaluateConfig(CheckpointDataOptions):
     model: str | None = option(None, help="a single model checkpoint to attack")
     std: str | None = option(None, help="standard (accurate) base model checkpoint g of a fixed mixture")
     rob: str | None = option(None, help="robust base model checkpoint h of a fixed mixture")
@@ -39,9 +30,6 @@ class EvaluateConfig(RunOptions):
     mixnet: str | None = option(None, help="adaptive mixed classifier checkpoint (from train-mixnet / calibrate)")
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
-    dataset: str | None = dataset_option()
-    force_dataset: bool = force_dataset_option()
-    data_dir: str | None = data_dir_option()
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius in [0, 1] pixel units; none: the robust checkpoint's")

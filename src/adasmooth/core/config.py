@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "option",
     "RunOptions",
+    "CheckpointDataOptions",
     "data_dir_option",
     "dataset_option",
     "force_dataset_option",
@@ -88,6 +89,15 @@ def batch_size_option(default: int) -> Any:
 
 def output_option(default: str | None, what: str = "output path") -> Any:
     return option(default, help=what, short="-o")
+
+
+@dataclasses.dataclass
+class CheckpointDataOptions(RunOptions):
+    """Options of runs on checkpoints: by default they use the data set the checkpoints record."""
+
+    dataset: str | None = dataset_option()
+    force_dataset: bool = force_dataset_option()
+    data_dir: str | None = data_dir_option()
 
 T = TypeVar("T")
 

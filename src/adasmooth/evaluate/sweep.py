@@ -27,16 +27,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import PGD
 from ..core.checks import check_finite
-from ..core.config import (
-    RunOptions,
-    batch_size_option,
-    data_dir_option,
-    dataset_option,
-    force_dataset_option,
-    n_examples_option,
-    option,
-    output_option,
-)
+from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..mixing import MIXING_RULES, MixedClassifier
@@ -61,14 +52,11 @@ def _default_alphas() -> list[float]:
 
 
 @dataclass
-class SweepConfig(RunOptions):
+class SweepConfig(CheckpointDataOptions):
     """Everything ``adasmooth sweep`` needs; keys of a ``--config`` YAML file are these fields."""
 
     std: str | None = option(None, help="checkpoint of the standard model g")
     rob: str | None = option(None, help="checkpoint of the robust model h")
-    dataset: str | None = dataset_option()
-    force_dataset: bool = force_dataset_option()
-    data_dir: str | None = data_dir_option()
     alphas: list[float] = option(default_factory=_default_alphas,
                                  help="mixing weights of h, as 0,0.5,1 or start:stop:step")
     eps: float | None = option(None, help="attack radius; none: the robust checkpoint's")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
-from ..core.config import data_dir_option, dataset_option, force_dataset_option, option, RunOptions
+from ..core.config import CheckpointDataOptions, option
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
@@ -88,12 +88,9 @@ def composite_loss(
 
 
 @dataclass
-class MixnetTrainConfig(RunOptions):
+class MixnetTrainConfig(CheckpointDataOptions):
     std: str = option("", help="checkpoint of the standard (accurate) base model g")
     rob: str = option("", help="checkpoint of the robust base model h")
-    dataset: str | None = dataset_option()
-    force_dataset: bool = force_dataset_option()
-    data_dir: str | None = data_dir_option()
     taps: list[str] | None = option(None, help="two module names tapped on both models "
                                                "(default: each model's first two stages)")
     widths: list[int] = option(help="three widths of the mixing network", default_factory=lambda: [256, 512, 1024])
