@@ -150,21 +150,42 @@ def normalized_step(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 
 def check_attack_args(eps, norm: str, steps: int | None = None) -> None:
+    """Radius and norm of a threat model; runs once per attack object, never inside its iterations."""
     if norm not in NORMS:
         raise InputError(f"unknown norm {norm!r}; use one of {NORMS}")
-    e = torch.as_tensor(eps)
-    if torch.isnan(e).any() or (e < 0).any():
-        raise InputError(f"eps must be >= 0, got {eps}")
+    e = torch.as_tensor(eps, dtype=torch.float64)
+    if not torch.isfinite(e).all() or (e < 0).any():
+        raise InputError(f"eps must be a finite number >= 0, got {eps}")
+    # inputs live in [0, 1]: an l_inf radius above 1 covers the whole input space
+    if norm == "linf" and (e > 1).any():
+        raise InputError(f"an l_inf eps is in [0, 1] pixel units, got {eps}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise InputError(f"steps must be a positive integer, got {steps!r}")
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    """A batch of inputs (N, ...) with one label each."""
+    """A batch of inputs (N, ...) in [0, 1] with one integer label >= 0 each.
+
+    The value checks synchronise with the device once: call this at an attack's entry, never inside
+    its iterations. (Labels beyond the class count are caught by ``check_logits(logits, y)``.)
+    """
     if x.dim() < 2:
         raise InputError(f"expected a batch of inputs, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputError(f"inputs must be floating point in [0, 1], got dtype {x.dtype}")
     if y.shape != (x.shape[0],):
         raise InputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"labels must be integers, got dtype {y.dtype}")
+    if x.numel():
+        if not torch.isfinite(x).all():
+            raise InputError("inputs contain NaN or infinite values")
+        low, high = float(x.min()), float(x.max())
+        if low < 0 or high > 1:
+            raise InputError(f"inputs must lie in [0, 1] (normalisation belongs inside the model), got values "
+                             f"in [{low:.4g}, {high:.4g}]")
+    if y.numel() and int(y.min()) < 0:
+        raise InputError(f"labels must be >= 0, got {int(y.min())}")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -64,10 +64,16 @@ def loss_for_rows(loss, index: torch.Tensor):
     return loss.select(index) if hasattr(loss, "select") else loss
 
 
-def check_logits(out: torch.Tensor) -> None:
-    """Reject outputs that look like probabilities: attacks on them suffer gradient masking."""
+def check_logits(out: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """Reject outputs that look like probabilities (attacks on them suffer gradient masking), and
+    ``labels`` outside the model's ``C`` classes (an attack would silently report nonsense)."""
     if out.dim() != 2:
         raise InputError(f"model must return (N, C) logits, got shape {tuple(out.shape)}")
+    if labels is not None and labels.numel() and int(labels.max()) >= out.shape[1]:
+        raise InputError(f"labels must lie in [0, {out.shape[1] - 1}] for a model with {out.shape[1]} classes, "
+                         f"got {int(labels.max())}")
+    if torch.isnan(out).any():  # -inf is fine: a hardmax g at alpha = 0 gives it
+        raise InputError("the model returns NaN logits on these inputs")
     if out.shape[1] > 1 and bool(((out >= 0) & (out <= 1)).all()):
         sums = out.detach().sum(1)
         if torch.allclose(sums, torch.ones_like(sums), atol=1e-4):

@@ -88,7 +88,7 @@ class PGD(Attack):
         step = per_sample(step_size, x)
         generator = make_generator(self.seed, x.device)
         with torch.no_grad():
-            check_logits(self.model(x[:1]))
+            check_logits(self.model(x[:1]), y)
         best, best_loss, best_fooled = None, None, None
         for _ in range(self.restarts):
             x_adv, loss, fooled = self._one_run(x, y, eps, step, generator)

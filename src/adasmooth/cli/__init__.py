@@ -2,7 +2,8 @@
 
 Each sub-command is a module ``adasmooth.cli.<module>`` with ``CONFIG`` (its config dataclass: the options
 are generated from it, see :mod:`adasmooth.cli.options`), ``run(cfg) -> int`` and optionally
-``epilog() -> str`` (text shown after the options in ``--help``). Only the chosen module
+``epilog() -> str`` (text shown after the options in ``--help``) and ``files(cfg) -> (inputs, outputs)``
+(checked before the run: no output may overwrite an input, every output must be writable). Only the chosen module
 is imported. Every command also takes ``--config FILE`` (YAML/JSON with the same keys as the options;
 options given on the command line win) and ``--debug``.
 
@@ -16,6 +17,7 @@ import importlib
 import sys
 
 from ..core.errors import AdasmoothError
+from .common import check_run_files
 from .options import add_config_options, config_from_args
 
 __all__ = ["COMMANDS", "main", "build_parser"]
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     module = command_module(args.command)
     try:
         cfg = config_from_args(module.CONFIG, args, args.config)
+        if hasattr(module, "files"):
+            inputs, outputs = module.files(cfg)
+            check_run_files([*inputs, *([args.config] if args.config else [])], outputs)
         return int(module.run(cfg) or 0)
     except USER_ERRORS as err:
         if args.debug:

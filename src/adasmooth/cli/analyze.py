@@ -15,9 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
-from .common import check_outputs_not_inputs, checkpoint_files
+from .common import checkpoint_files
 
 
 @dataclass
@@ -42,8 +43,7 @@ class AnalyzeConfig(CheckpointDataOptions):
             raise ValueError("give --std CKPT and/or --rob CKPT")
         if self.what in ("lipschitz", "both") and self.rob is None:
             raise ValueError("the Lipschitz analysis needs --rob CKPT (the robust model h)")
-        if self.eps is not None and not 0 < self.eps <= 1:
-            raise ValueError(f"eps must lie in (0, 1], got {self.eps}")
+        check_eps(self.eps, self.norm)
         for name in ("batch_size", "aa_steps", "lipschitz_steps", "lipschitz_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -67,6 +67,11 @@ def _fmt_gap_rows(rows):
     return out
 
 
+def files(cfg: AnalyzeConfig) -> tuple[list, list]:
+    outputs = [f"{cfg.output}.json", f"{cfg.output}_gap.png", f"{cfg.output}_lipschitz.png"]
+    return checkpoint_files(cfg.std, cfg.rob), outputs
+
+
 def run(cfg: AnalyzeConfig) -> int:
     from ..evaluate.analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
     from ..models.checkpoint import load_checkpoint
@@ -75,7 +80,6 @@ def run(cfg: AnalyzeConfig) -> int:
     from ..core.runtime import resolve_device, seed_everything
 
     paths = {name: path for name, path in (("g", cfg.std), ("h", cfg.rob)) if path is not None}
-    check_outputs_not_inputs([f"{cfg.output}.json"], [f for p in paths.values() for f in checkpoint_files(p)])
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     models, infos = {}, {}

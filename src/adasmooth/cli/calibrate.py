@@ -6,8 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluate.calibrate import CalibrateConfig
+from .common import checkpoint_files
 
 CONFIG = CalibrateConfig
+
+
+def files(cfg: CalibrateConfig) -> tuple[list, list]:
+    from ..evaluate.calibrate import calibrated_output
+
+    outputs = checkpoint_files(*(calibrated_output(cfg, m) for m in cfg.mixnet))
+    if cfg.mixnet:
+        outputs.append(calibrated_output(cfg, cfg.mixnet[0]) + ".calibration.json")
+    return checkpoint_files(*cfg.mixnet), outputs
 
 
 def run(cfg: CalibrateConfig) -> int:

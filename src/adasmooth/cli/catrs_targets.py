@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 from ..train.catrs_targets import CatrsTargetsConfig
+from .common import checkpoint_files
 
 CONFIG = CatrsTargetsConfig
+
+
+def files(cfg: CatrsTargetsConfig) -> tuple[list, list]:
+    return checkpoint_files(cfg.model), checkpoint_files(cfg.output)
 
 
 def run(cfg: CatrsTargetsConfig) -> int:

@@ -14,9 +14,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from ..core.checks import check_finite
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset
-from .common import check_outputs_not_inputs, checkpoint_files
+from .common import checkpoint_files
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
 
@@ -44,8 +45,9 @@ class CertifyConfig(CheckpointDataOptions):
     def validate(self) -> None:
         if not self.model:
             raise ValueError("give at least one --model checkpoint (the smoothed base classifier)")
-        if self.sigma is not None and (self.sigma <= 0 or len(self.model) > 1):
-            raise ValueError("--sigma must be > 0 and can only be given with a single --model")
+        check_finite("sigma", self.sigma, 0, strict=True)
+        if self.sigma is not None and len(self.model) > 1:
+            raise ValueError("--sigma can only be given with a single --model (each sidecar records its own)")
         if self.alpha and self.std is None:
             raise ValueError("--alpha needs --std CKPT (the standard model g of the mixture)")
         for a in self.alpha:
@@ -57,13 +59,18 @@ class CertifyConfig(CheckpointDataOptions):
             raise ValueError(f"alpha_conf (failure probability) must lie in (0, 1), got {self.alpha_conf}")
         if self.n_examples is not None and self.n_examples < 1:
             raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
-        if not self.radii or any(r < 0 for r in self.radii):
+        if not self.radii:
             raise ValueError("radii must be a non-empty list of numbers >= 0")
-        if self.std_scale <= 0:
-            raise ValueError("std_scale must be > 0")
+        for radius in self.radii:
+            check_finite("each radius", radius, 0)
+        check_finite("std_scale", self.std_scale, 0, strict=True)
 
 
 CONFIG = CertifyConfig
+
+
+def files(cfg: CertifyConfig) -> tuple[list, list]:
+    return checkpoint_files(*cfg.model, cfg.std), [f"{cfg.output}.json"]
 
 
 def run(cfg: CertifyConfig) -> int:
@@ -73,8 +80,6 @@ def run(cfg: CertifyConfig) -> int:
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
 
-    inputs = [f for p in [*cfg.model, cfg.std] if p for f in checkpoint_files(p)]
-    check_outputs_not_inputs([f"{cfg.output}.json"], inputs)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     models, infos, num_classes = {}, {}, None

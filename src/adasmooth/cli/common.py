@@ -1,36 +1,46 @@
-"""What several commands share: the checks that no output overwrites an input, made before any work.
+"""What several commands share: the checks on a run's files, made before any work.
 
-(Defaults from the checkpoints' sidecars live in :mod:`adasmooth.models.checkpoint`.)"""
+Each command module may define ``files(cfg) -> (inputs, outputs)``; :func:`check_run_files` then
+refuses, up front, an output that would overwrite an input, an output that names an existing folder,
+and an output whose folder cannot be created or written. (Defaults read from the checkpoints'
+sidecars live in :mod:`adasmooth.models.checkpoint`.)
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
 from ..core.errors import ConfigError
 
-__all__ = ["check_outputs_not_inputs", "check_file_output", "checkpoint_files"]
+__all__ = ["check_run_files", "checkpoint_files"]
 
 
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The files that make up a checkpoint (weights and sidecar)."""
+def checkpoint_files(*paths: str | Path | None) -> list[Path]:
+    """The files that make up the given checkpoints (weights and sidecar); None entries are skipped."""
     from ..models.checkpoint import checkpoint_paths
 
-    return list(checkpoint_paths(path))
+    return [f for p in paths if p for f in checkpoint_paths(p)]
 
 
-def check_outputs_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
-    """No output of a run may overwrite one of its inputs; checked before any work."""
+def _writable_folder(path: Path) -> None:
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"output {path} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"output {path} cannot be written: no write permission in {folder}")
+
+
+def check_run_files(inputs: Iterable[str | Path], outputs: Iterable[str | Path]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input, name a folder, or cannot be written."""
     taken = {Path(p).resolve(): Path(p) for p in inputs}
-    for out in outputs:
-        resolved = Path(out).resolve()
+    for out in map(Path, outputs):
+        resolved = out.resolve()
         if resolved in taken:
             raise ConfigError(f"output {out} would overwrite the input {taken[resolved]}; choose another --output")
-
-
-def check_file_output(path: str | Path) -> Path:
-    """An output that must be a file: an existing folder there is an error (before any work)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"output {path} is an existing folder; give a file path")
-    return path
+        if out.is_dir():
+            raise ConfigError(f"output {out} is an existing folder; give a file path")
+        _writable_folder(resolved)

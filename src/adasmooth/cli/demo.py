@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..core.config import RunOptions, batch_size_option, data_dir_option, option, output_option
+from .common import checkpoint_files
 
 # Per data set: (eps, epochs, n_train, n_examples). Digits needs a larger eps than the usual 0.1:
 # at 0.1 its PGD-trained CNN is as accurate as the standard one and there is no trade-off to show,
@@ -85,6 +86,13 @@ class DemoConfig(RunOptions):
 
 
 CONFIG = DemoConfig
+
+
+def files(cfg: DemoConfig) -> tuple[list, list]:
+    from .sweep import OUTPUT_FILES
+
+    out = Path(cfg.output)
+    return [], [*checkpoint_files(out / "std", out / "rob"), *(out / name for name in OUTPUT_FILES)]
 
 
 def run(cfg: DemoConfig) -> int:

@@ -15,10 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from ..core.checks import check_finite
+from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
-from .common import check_file_output, check_outputs_not_inputs, checkpoint_files
+from .common import checkpoint_files
 
 
 @dataclass
@@ -44,7 +44,7 @@ class EvaluateConfig(CheckpointDataOptions):
     def validate(self) -> None:
         from ..attacks import ATTACK_NAMES
 
-        check_finite("eps", self.eps, 0, high=1)
+        check_eps(self.eps, self.norm)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_examples is not None and self.n_examples < 1:
@@ -79,6 +79,10 @@ def epilog() -> str:
     return "attacks:\n" + "\n".join(f"  {name:<11} {text}" for name, text in ATTACK_DESCRIPTIONS.items())
 
 
+def files(cfg: EvaluateConfig) -> tuple[list, list]:
+    return checkpoint_files(cfg.model, cfg.std, cfg.rob, cfg.mixnet), [cfg.output]
+
+
 def _load_model(cfg: EvaluateConfig, device):
     """(model, {checkpoint path: sidecar}, the robust (or only) checkpoint's path, source record)."""
     from ..mixing import MixedClassifier
@@ -107,9 +111,6 @@ def run(cfg: EvaluateConfig) -> int:
     from ..data import load_dataset
     from ..evaluate.robustness import evaluate_robustness, format_report, write_report
 
-    inputs = [f for p in (cfg.model, cfg.std, cfg.rob, cfg.mixnet) if p for f in checkpoint_files(p)]
-    check_outputs_not_inputs([cfg.output], inputs)
-    check_file_output(cfg.output)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model, infos, threat_source, source = _load_model(cfg, device)

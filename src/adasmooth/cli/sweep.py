@@ -8,9 +8,14 @@ from typing import Any
 
 from ..evaluate.sweep import SweepConfig
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
-from .common import checkpoint_files, check_outputs_not_inputs
+from .common import checkpoint_files
 
 CONFIG = SweepConfig
+OUTPUT_FILES = ("sweep.json", "sweep.csv", "accuracy_vs_alpha.png", "tradeoff.png")
+
+
+def files(cfg: SweepConfig) -> tuple[list, list]:
+    return checkpoint_files(cfg.std, cfg.rob), [Path(cfg.output) / name for name in OUTPUT_FILES]
 
 
 def load_pair(std_path: str, rob_path: str, device) -> tuple[Any, dict, Any, dict]:
@@ -60,8 +65,6 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
     if g is None or h is None:
         if not cfg.std or not cfg.rob:
             raise ValueError("give both checkpoints: --std CKPT (standard model g) and --rob CKPT (robust model h)")
-        check_outputs_not_inputs([Path(cfg.output) / "sweep.json", Path(cfg.output) / "sweep.csv"],
-                                 [f for p in (cfg.std, cfg.rob) for f in checkpoint_files(p)])
         g, g_info, h, h_info = load_pair(cfg.std, cfg.rob, device)
     infos = {cfg.std or "g": g_info or {}, cfg.rob or "h": h_info or {}}
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)

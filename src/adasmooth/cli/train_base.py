@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from ..train.loop import TrainConfig
+from .common import checkpoint_files
 
 CONFIG = TrainConfig
+
+
+def files(cfg: TrainConfig) -> tuple[list, list]:
+    from ..train.loop import resume_path
+
+    uses_targets = cfg.method == "cat-rs" and "cached" in (cfg.catrs.confidence, cfg.catrs.target)
+    inputs = checkpoint_files(cfg.catrs.target_path) if uses_targets else []
+    return inputs, [*checkpoint_files(cfg.output), resume_path(cfg.output)]
 
 
 def epilog() -> str:

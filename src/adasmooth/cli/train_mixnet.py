@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from ..train.mixnet import MixnetTrainConfig
+from .common import checkpoint_files
 
 CONFIG = MixnetTrainConfig
+
+
+def files(cfg: MixnetTrainConfig) -> tuple[list, list]:
+    from ..train.loop import resume_path
+
+    return checkpoint_files(cfg.std, cfg.rob), [*checkpoint_files(cfg.output), resume_path(cfg.output)]
 
 
 def run(cfg: MixnetTrainConfig) -> int:

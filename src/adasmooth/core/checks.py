@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 
-__all__ = ["check_finite", "check_counts"]
+__all__ = ["check_finite", "check_counts", "check_eps"]
 
 
 def check_finite(name: str, value: float | None, low: float | None = None, *, strict: bool = False,
@@ -39,3 +39,9 @@ def check_counts(cfg: Any, *names: str, low: int = 1, prefix: str = "") -> None:
         value = getattr(cfg, name)
         if value is not None and not value >= low:
             raise ConfigError(f"{prefix}{name} must be >= {low}, got {value}")
+
+
+def check_eps(eps: float | None, norm: str | None) -> None:
+    """An attack radius in [0, 1] pixel units: finite, >= 0, and <= 1 for l_inf (inputs live in [0, 1],
+    so a larger l_inf radius covers the whole input space)."""
+    check_finite("eps", eps, 0, high=1 if norm in (None, "linf") else None)

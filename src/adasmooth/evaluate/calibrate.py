@@ -23,7 +23,7 @@ from ..mixing import MixedClassifier, mix_logits
 from ..mixing.adaptive import AdaptiveMixedClassifier, load_adaptive_classifier, save_adaptive_classifier
 from ..mixing.network import ranged_alpha
 from ..models.checkpoint import checkpoint_paths
-from ..core.checks import check_counts, check_finite
+from ..core.checks import check_counts, check_eps, check_finite
 from ..train.loop import clean_accuracy
 from .tables import REPORT_SETTINGS, report_table
 
@@ -202,13 +202,18 @@ class CalibrateConfig(RunOptions):
         if self.range_width is not None and not 0 < self.range_width <= 1:
             raise ConfigError(f"range_width must be in (0, 1], got {self.range_width}")
         check_finite("scale", self.scale, 0, strict=True)
-        check_finite("eps", self.eps, 0)
+        check_eps(self.eps, self.norm)
         check_finite("val_fraction", self.val_fraction, 0, below=1)
         check_counts(self, "calib_offset", "eval_offset", low=0)
         check_counts(self, "eval_examples", "batch_size", "calib_examples")
         bad = [s for s in self.report_settings if s not in REPORT_SETTINGS]
         if bad:
             raise ConfigError(f"unknown report settings {bad}; use A, B, C, D")
+
+
+def calibrated_output(cfg: CalibrateConfig, mixnet: str) -> str:
+    """Where the calibrated copy of ``mixnet`` goes: ``cfg.output``, else ``<mixnet>-calibrated``."""
+    return cfg.output or str(checkpoint_paths(mixnet)[0].with_suffix("")) + "-calibrated"
 
 
 def _calibration_data(cfg: CalibrateConfig, dataset: str) -> Dataset:
@@ -239,7 +244,7 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
         summary = calibrate_adaptive(model, calib, target, cfg.param, cfg.scale,
                                      tuple(cfg.alpha_range) if cfg.alpha_range else None, cfg.range_width,
                                      batch_size=cfg.batch_size)
-        out = cfg.output or str(checkpoint_paths(path)[0].with_suffix("")) + "-calibrated"
+        out = calibrated_output(cfg, path)
         meta = {k: v for k, v in info.items() if k not in ("provenance", "eval_head", "mixing_net", "taps",
                                                            "std_scale", "rob_scale", "detach_features",
                                                            "format_version", "kind", "num_classes")}

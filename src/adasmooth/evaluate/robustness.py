@@ -21,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import Attack, attack_description, check_attack_requirements, list_attacks, make_attack
-from ..attacks.base import check_attack_args
+from ..attacks.base import check_batch, check_attack_args
 from ..attacks.losses import check_logits
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError
 from ..core.io import format_table, write_result
 
 __all__ = [
@@ -174,8 +174,7 @@ def evaluate_robustness(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     check_attack_requirements(attacks)
     x_all, y_all = _as_xy(data)
-    if x_all.shape[0] != y_all.shape[0]:
-        raise InputError(f"{x_all.shape[0]} inputs but {y_all.shape[0]} labels")
+    check_batch(x_all, y_all)  # values checked once here, on the host, before any attack runs
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import PGD
-from ..core.checks import check_finite
+from ..core.checks import check_eps, check_finite
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
@@ -77,15 +77,15 @@ class SweepConfig(CheckpointDataOptions):
             raise ConfigError(f"unknown data set {self.dataset!r}; known: {', '.join(DATASETS)}")
         check_alphas(self.alphas)
         check_variants(self.variants)
-        check_finite("eps", self.eps, 0, high=1)
+        check_eps(self.eps, self.norm)
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_examples is not None and self.n_examples < 1:
             raise ConfigError(f"n_examples must be >= 1, got {self.n_examples}")
-        if self.std_scale <= 0 or self.rob_scale <= 0:
-            raise ConfigError("std_scale and rob_scale must be > 0")
+        check_finite("std_scale", self.std_scale, 0, strict=True)
+        check_finite("rob_scale", self.rob_scale, 0, strict=True)
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:

@@ -25,7 +25,13 @@ __all__ = ["MixOutput", "MixedModel", "MixedClassifier"]
 
 
 def _check_alpha(value: float) -> float:
-    value = float(value)
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise InputError(f"a fixed mixture takes one alpha, got a tensor of shape {tuple(value.shape)}; "
+                         "for a per-input alpha(x) use AdaptiveMixedClassifier (or mix_log_probs directly)")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"alpha must be a number in [0, 1], got {value!r}") from None
     if not 0.0 <= value <= 1.0:  # also refuses NaN
         raise InputError(f"alpha must lie in [0, 1], got {value}")
     return value

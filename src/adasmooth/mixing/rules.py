@@ -59,7 +59,9 @@ def check_class_counts(std_out: torch.Tensor, rob_out: torch.Tensor) -> None:
 
 def _weight_tensor(weight: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """The mixing weight as (N, 1) or (N, C) on ``like``'s device and dtype, checked to lie in [0, 1]."""
-    w = torch.as_tensor(weight)
+    # A Python float goes through float64: torch.as_tensor would round it to float32 first, and
+    # 1 - alpha would then lose up to 1e-4 relative precision near alpha = 1 even in float64 runs.
+    w = weight if isinstance(weight, torch.Tensor) else torch.tensor(weight, dtype=torch.float64)
     n, c = like.shape
     if w.dim() == 1 and w.shape[0] != n or w.dim() == 2 and tuple(w.shape) != (n, c) or w.dim() > 2:
         raise InputError(f"alpha must be a scalar, shape ({n},) or ({n}, {c}), got {tuple(w.shape)}")

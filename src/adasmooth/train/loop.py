@@ -26,7 +26,7 @@ from ..core.runtime import resolve_device, seed_everything
 from ..data import DATASET_STATS, Dataset, load_dataset
 from ..models import create_model
 from ..models.checkpoint import checkpoint_paths, save_checkpoint
-from ..core.checks import check_counts, check_finite
+from ..core.checks import check_counts, check_eps, check_finite
 from .methods import TRAINING_METHODS, CatrsOptions, TrainContext
 
 __all__ = [
@@ -75,7 +75,7 @@ class TrainConfig(RunOptions):
 
     def validate(self) -> None:
         TRAINING_METHODS.get(self.method)  # an unknown name lists the known ones
-        check_finite("eps", self.eps, 0)
+        check_eps(self.eps, self.norm)
         check_finite("sigma", self.sigma, 0, strict=True)
         check_counts(self, "epochs", "batch_size", "attack_steps", "eval_pgd_steps", "n_train", "eval_examples")
         check_finite("attack_step_size", self.attack_step_size, 0, strict=True)

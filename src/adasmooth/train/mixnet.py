@@ -39,7 +39,7 @@ from ..core.runtime import resolve_device, seed_everything
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
 from ..models.checkpoint import load_checkpoint, read_sidecar, recorded_dataset, recorded_threat
-from ..core.checks import check_counts, check_finite
+from ..core.checks import check_counts, check_eps, check_finite
 from .loop import clean_accuracy, result_config, resume_path
 
 __all__ = [
@@ -142,7 +142,7 @@ class MixnetTrainConfig(CheckpointDataOptions):
             raise ConfigError("std and rob (the two base-model checkpoints) are required")
         if self.setting not in SETTINGS:
             raise ConfigError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
-        check_finite("eps", self.eps, 0, strict=True, high=1)
+        check_eps(self.eps, self.norm)
         check_finite("eps_low", self.eps_low, 0, strict=True)
         check_finite("eps_high", self.eps_high, self.eps_low)
         if self.taps is not None and len(self.taps) != 2:
