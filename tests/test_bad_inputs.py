@@ -456,3 +456,14 @@ def test_every_command_declares_its_files():
     from adasmooth.cli import COMMANDS, command_module
 
     assert all(hasattr(command_module(name), "files") for name, _, _ in COMMANDS)
+
+
+def test_a_missing_optional_package_is_found_before_any_work(ckpts, tmp_path, capsys, monkeypatch):
+    """pyautoattack missing: evaluate (autoattack) and calibrate --report (column C) stop before any attack."""
+    monkeypatch.setitem(__import__("sys").modules, "pyautoattack", None)  # any import of it now fails
+    rc, err = run_cli(evaluate_args(ckpts, tmp_path, "--eps", "0.1", "--attacks", "apgd-ce,autoattack"), capsys)
+    assert_clean_error(rc, err, "pip install pyautoattack")
+    assert not (tmp_path / "e.json").exists()
+    rc, err = run_cli(["calibrate", "--mixnet", ckpts / "rob", "--target-acc", "90", "--report",
+                       "-o", tmp_path / "cal"], capsys)
+    assert_clean_error(rc, err, "pip install pyautoattack")

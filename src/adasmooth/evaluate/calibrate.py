@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from ..attacks import check_attack_requirements
 from ..core.config import data_dir_option, dataset_option, option, RunOptions
 from ..core.errors import ConfigError, InputError
 from ..core.runtime import resolve_device
@@ -25,7 +26,7 @@ from ..mixing.network import ranged_alpha
 from ..models.checkpoint import checkpoint_paths
 from ..core.checks import check_counts, check_eps, check_finite
 from ..train.loop import clean_accuracy
-from .tables import REPORT_SETTINGS, report_table
+from .tables import REPORT_SETTINGS, report_attacks, report_table
 
 __all__ = [
     "calibrate_adaptive",
@@ -227,6 +228,8 @@ def _calibration_data(cfg: CalibrateConfig, dataset: str) -> Dataset:
 def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
     """Calibrate each adaptive classifier and the fixed-alpha counterpart; optionally the report table."""
     cfg.validate()
+    if cfg.report:  # AutoAttack (column C) needs pyautoattack: find out now, not after calibrating
+        check_attack_requirements(report_attacks(cfg.report_settings))
     device = resolve_device(cfg.device)
     loaded = [load_adaptive_classifier(p, device=device) for p in cfg.mixnet]
     first_model, first_info = loaded[0]

@@ -12,7 +12,7 @@ from ..core.errors import ConfigError
 from ..data import Dataset
 from .robustness import evaluate_robustness
 
-__all__ = ["REPORT_SETTINGS", "report_table"]
+__all__ = ["REPORT_SETTINGS", "report_table", "report_attacks"]
 
 REPORT_SETTINGS = ("A", "B", "C", "D")
 
@@ -20,6 +20,11 @@ REPORT_SETTINGS = ("A", "B", "C", "D")
 # and B columns are PGD-20, C the reference AutoAttack, and D the APGD-CE + APGD-T pair that
 # adaptive AutoAttack is built on (without the alpha term, which has nothing to act on).
 _BASE_ATTACKS = {"A": ["pgd"], "B": ["pgd"], "C": ["autoattack"], "D": ["apgd-ce", "apgd-t"]}
+
+
+def report_attacks(settings: Sequence[str]) -> list[str]:
+    """Every attack name a report with these columns runs (on base models and on mixtures)."""
+    return list(dict.fromkeys([*settings, *(a for s in settings for a in _BASE_ATTACKS.get(s, ()))]))
 
 
 def report_table(models: dict[str, nn.Module], data: Dataset, eps: float, norm: str = "linf",
