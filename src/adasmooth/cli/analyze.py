@@ -26,13 +26,15 @@ from ..core.config import (
     output_option,
 )
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.loader import model_dir_option
 from .common import check_outputs_not_inputs, checkpoint_files
 
 
 @dataclass
 class AnalyzeConfig(RunOptions):
-    std: str | None = option(None, help="standard model checkpoint g")
-    rob: str | None = option(None, help="robust model checkpoint h")
+    std: str | None = option(None, help="standard model g (any model spec: checkpoint path, robustbench:, python:, ...)")
+    rob: str | None = option(None, help="robust model h (any model spec)")
+    model_dir: str | None = model_dir_option()
     what: Literal["gap", "lipschitz", "both"] = option("both", help="which analysis")
     dataset: str | None = dataset_option()
     force_dataset: bool = force_dataset_option()
@@ -81,7 +83,7 @@ def _fmt_gap_rows(rows):
 
 def run(cfg: AnalyzeConfig) -> int:
     from ..evaluate.analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
-    from ..models.checkpoint import load_checkpoint
+    from ..models.loader import load_model
     from ..data import load_dataset
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
@@ -92,7 +94,7 @@ def run(cfg: AnalyzeConfig) -> int:
     seed_everything(cfg.seed)
     models, infos = {}, {}
     for name, path in paths.items():
-        models[name], infos[path] = load_checkpoint(path, device)
+        models[name], infos[path] = load_model(path, device, model_dir=cfg.model_dir)
     classes = {int(i["num_classes"]) for i in infos.values()}
     if len(classes) > 1:
         raise ValueError(f"the models disagree on the class count: {sorted(classes)}")

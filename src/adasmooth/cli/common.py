@@ -13,10 +13,10 @@ __all__ = ["check_outputs_not_inputs", "check_file_output", "checkpoint_files"]
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The files that make up a checkpoint (weights and sidecar)."""
-    from ..models.checkpoint import checkpoint_paths
+    """The files a model spec reads (a checkpoint's weights and sidecar, a RobustBench file, weights)."""
+    from ..models.loader import spec_files
 
-    return list(checkpoint_paths(path))
+    return spec_files(path)
 
 
 def check_outputs_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:

@@ -40,6 +40,7 @@ from ..core.config import (
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..mixing import MIXING_RULES, MixedClassifier
+from ..models.loader import model_dir_option
 
 __all__ = ["SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier",
            "variant_labels"]
@@ -64,8 +65,10 @@ def _default_alphas() -> list[float]:
 class SweepConfig(RunOptions):
     """Everything ``adasmooth sweep`` needs; keys of a ``--config`` YAML file are these fields."""
 
-    std: str | None = option(None, help="checkpoint of the standard model g")
-    rob: str | None = option(None, help="checkpoint of the robust model h")
+    std: str | None = option(None, help="standard model g: a checkpoint path, robustbench:, python:, timm: "
+                                        "or torchvision: spec")
+    rob: str | None = option(None, help="robust model h (any model spec, as --std)")
+    model_dir: str | None = model_dir_option()
     dataset: str | None = dataset_option()
     force_dataset: bool = force_dataset_option()
     data_dir: str | None = data_dir_option()
