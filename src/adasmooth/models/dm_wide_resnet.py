@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from .base import StagedModel, register_model
+from .wideresnet import wide_resnet_layout
 
 __all__ = ["DMWideResNet", "DMPreActResNet", "ACTIVATIONS", "same_pad", "global_pool"]
 
@@ -82,13 +83,8 @@ class DMWideResNet(StagedModel):
     def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 28, width: int = 10,
                  activation: str = "swish"):
         super().__init__()
-        if (depth - 4) % 6 != 0 or depth < 10:
-            raise ConfigError(f"DMWideResNet depth must be 6n+4 (e.g. 28, 70, 106), got {depth}")
-        if width < 1:
-            raise ConfigError(f"DMWideResNet width must be >= 1, got {width}")
         act = _activation(activation)
-        n = (depth - 4) // 6
-        widths = [16, 16 * width, 32 * width, 64 * width]
+        n, widths = wide_resnet_layout(depth, width)
         self.init_conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.layer = nn.Sequential(*[_BlockGroup(n, widths[i], widths[i + 1], 1 if i == 0 else 2, act)
                                      for i in range(3)])

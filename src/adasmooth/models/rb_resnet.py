@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
 from .base import StagedModel, register_model
 from .dm_wide_resnet import global_pool
 from .resnet import BasicBlock, make_stage
+from .wideresnet import wide_resnet_layout
 
 __all__ = ["RBWideResNet", "RBPreActResNet18", "RBResNet18"]
 
@@ -58,12 +58,7 @@ class RBWideResNet(StagedModel):
     def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 34, widen_factor: int = 10,
                  sub_block1: bool = False, bias_last: bool = True):
         super().__init__()
-        if (depth - 4) % 6 != 0 or depth < 10:
-            raise ConfigError(f"WideResNet depth must be 6n+4 (e.g. 28, 34, 70), got {depth}")
-        if widen_factor < 1:
-            raise ConfigError(f"widen_factor must be >= 1, got {widen_factor}")
-        n = (depth - 4) // 6
-        w = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        n, w = wide_resnet_layout(depth, widen_factor)
         self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
         self.block1 = _NetworkBlock(n, w[0], w[1], 1)
         if sub_block1:
