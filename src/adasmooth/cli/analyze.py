@@ -18,13 +18,15 @@ from typing import Literal
 from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.loader import model_dir_option
 from .common import checkpoint_files
 
 
 @dataclass
 class AnalyzeConfig(CheckpointDataOptions):
-    std: str | None = option(None, help="standard model checkpoint g")
-    rob: str | None = option(None, help="robust model checkpoint h")
+    std: str | None = option(None, help="standard model g (any model spec: checkpoint path, robustbench:, python:, ...)")
+    rob: str | None = option(None, help="robust model h (any model spec)")
+    model_dir: str | None = model_dir_option()
     what: Literal["gap", "lipschitz", "both"] = option("both", help="which analysis")
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
@@ -74,7 +76,7 @@ def files(cfg: AnalyzeConfig) -> tuple[list, list]:
 
 def run(cfg: AnalyzeConfig) -> int:
     from ..evaluate.analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
-    from ..models.checkpoint import load_checkpoint
+    from ..models.loader import load_model
     from ..data import load_dataset
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
@@ -84,7 +86,7 @@ def run(cfg: AnalyzeConfig) -> int:
     seed_everything(cfg.seed)
     models, infos = {}, {}
     for name, path in paths.items():
-        models[name], infos[path] = load_checkpoint(path, device)
+        models[name], infos[path] = load_model(path, device, model_dir=cfg.model_dir)
     classes = {int(i["num_classes"]) for i in infos.values()}
     if len(classes) > 1:
         raise ValueError(f"the models disagree on the class count: {sorted(classes)}")

@@ -17,7 +17,9 @@ from typing import Literal
 from ..core.checks import check_finite
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset
+from ..models.loader import model_dir_option
 from .common import checkpoint_files
+
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
 
@@ -26,7 +28,9 @@ class CertifyConfig(CheckpointDataOptions):
     model: list[str] = option(default_factory=list,
                               help="smoothed base model checkpoint(s) h; the first is the frontier baseline")
     sigma: float | None = option(None, help="noise level (one model only); none: the checkpoint's sigma")
-    std: str | None = option(None, help="standard model g: also certify the mixture (Theorems A.2 and 3.5)")
+    std: str | None = option(None, help="standard model g (any model spec): also certify the mixture "
+                                        "(Theorems A.2 and 3.5)")
+    model_dir: str | None = model_dir_option()
     alpha: list[float] = option(default_factory=list, help="mixing weight(s) of h to certify, e.g. 0.8,0.9")
     hardmax: bool = option(False, help="use a one-hot g (Appendix A.2)")
     std_scale: float = option(1.0, help="logit scale of g")
@@ -75,7 +79,7 @@ def files(cfg: CertifyConfig) -> tuple[list, list]:
 
 def run(cfg: CertifyConfig) -> int:
     from ..certify.report import certify_smoothed_models, summary_rows
-    from ..models.checkpoint import load_checkpoint, read_sidecar
+    from ..models.loader import load_model, model_info
     from ..data import load_dataset
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
@@ -84,20 +88,20 @@ def run(cfg: CertifyConfig) -> int:
     seed_everything(cfg.seed)
     models, infos, num_classes = {}, {}, None
     for path in cfg.model:
-        info = read_sidecar(path)
+        info = model_info(path, model_dir=cfg.model_dir)
         sigma = cfg.sigma if cfg.sigma is not None else info.get("sigma")
         if sigma is None:
             raise ValueError(f"{path} has no 'sigma' in its sidecar (not trained with noise?); give --sigma")
         if float(sigma) in models:
             raise ValueError(f"two models share sigma={sigma}")
-        model, infos[path] = load_checkpoint(path, device)
+        model, infos[path] = load_model(path, device, model_dir=cfg.model_dir)
         models[float(sigma)] = model
         if num_classes is not None and int(infos[path]["num_classes"]) != num_classes:
             raise ValueError("the models disagree on the class count")
         num_classes = int(infos[path]["num_classes"])
     std_model = None
     if cfg.std is not None:
-        std_model, infos[cfg.std] = load_checkpoint(cfg.std, device)
+        std_model, infos[cfg.std] = load_model(cfg.std, device, model_dir=cfg.model_dir)
         if int(infos[cfg.std]["num_classes"]) != num_classes:
             raise ValueError(f"g has {infos[cfg.std]['num_classes']} classes but h has {num_classes}")
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)

@@ -17,11 +17,12 @@ from ..core.errors import ConfigError
 __all__ = ["check_run_files", "checkpoint_files"]
 
 
-def checkpoint_files(*paths: str | Path | None) -> list[Path]:
-    """The files that make up the given checkpoints (weights and sidecar); None entries are skipped."""
-    from ..models.checkpoint import checkpoint_paths
+def checkpoint_files(*specs: str | Path | None) -> list[Path]:
+    """The files the given model specs read (a checkpoint's weights and sidecar, a RobustBench file,
+    weights); None entries are skipped."""
+    from ..models.loader import spec_files
 
-    return [f for p in paths if p for f in checkpoint_paths(p)]
+    return [f for spec in specs if spec for f in spec_files(spec)]
 
 
 def _writable_folder(path: Path) -> None:

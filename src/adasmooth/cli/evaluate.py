@@ -18,14 +18,16 @@ from typing import Literal
 from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.loader import SPEC_HELP, model_dir_option
 from .common import checkpoint_files
 
 
 @dataclass
 class EvaluateConfig(CheckpointDataOptions):
-    model: str | None = option(None, help="a single model checkpoint to attack")
-    std: str | None = option(None, help="standard (accurate) base model checkpoint g of a fixed mixture")
-    rob: str | None = option(None, help="robust base model checkpoint h of a fixed mixture")
+    model: str | None = option(None, help=f"a single model to attack: {SPEC_HELP}")
+    std: str | None = option(None, help="standard (accurate) base model g of a mixture (any model spec)")
+    rob: str | None = option(None, help="robust base model h of a mixture (any model spec)")
+    model_dir: str | None = model_dir_option()
     alpha: float | None = option(None, help="fixed mixing weight of h, in [0, 1]")
     mixnet: str | None = option(None, help="adaptive mixed classifier checkpoint (from train-mixnet / calibrate)")
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
@@ -87,13 +89,13 @@ def _load_model(cfg: EvaluateConfig, device):
     """(model, {checkpoint path: sidecar}, the robust (or only) checkpoint's path, source record)."""
     from ..mixing import MixedClassifier
     from ..mixing.adaptive import load_adaptive_classifier
-    from ..models.checkpoint import load_checkpoint
+    from ..models.loader import load_model
 
     if cfg.model is not None:
-        model, info = load_checkpoint(cfg.model, device)
+        model, info = load_model(cfg.model, device, model_dir=cfg.model_dir)
         return model, {cfg.model: info}, cfg.model, {"model": cfg.model}
-    std = load_checkpoint(cfg.std, device) if cfg.std else None
-    rob = load_checkpoint(cfg.rob, device) if cfg.rob else None
+    std = load_model(cfg.std, device, model_dir=cfg.model_dir) if cfg.std else None
+    rob = load_model(cfg.rob, device, model_dir=cfg.model_dir) if cfg.rob else None
     if cfg.mixnet is not None:
         model, info = load_adaptive_classifier(cfg.mixnet, std[0] if std else None, rob[0] if rob else None,
                                                device=device)

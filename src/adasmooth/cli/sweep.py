@@ -18,13 +18,13 @@ def files(cfg: SweepConfig) -> tuple[list, list]:
     return checkpoint_files(cfg.std, cfg.rob), [Path(cfg.output) / name for name in OUTPUT_FILES]
 
 
-def load_pair(std_path: str, rob_path: str, device) -> tuple[Any, dict, Any, dict]:
-    """Both checkpoints, after checking that they can be mixed."""
-    from ..models.checkpoint import load_checkpoint
+def load_pair(std_path: str, rob_path: str, device, model_dir: str | None = None) -> tuple[Any, dict, Any, dict]:
+    """Both models (any model spec), after checking that they can be mixed."""
+    from ..models.loader import load_model
 
-    g, g_info = load_checkpoint(std_path, device)
-    h, h_info = load_checkpoint(rob_path, device)
-    if g_info["num_classes"] != h_info["num_classes"]:
+    g, g_info = load_model(std_path, device, model_dir=model_dir)
+    h, h_info = load_model(rob_path, device, model_dir=model_dir)
+    if None not in (g_info["num_classes"], h_info["num_classes"]) and g_info["num_classes"] != h_info["num_classes"]:
         raise ValueError(f"the checkpoints disagree on the class count: {std_path} has {g_info['num_classes']}, "
                          f"{rob_path} has {h_info['num_classes']}")
     return g, g_info, h, h_info
@@ -65,14 +65,14 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
     if g is None or h is None:
         if not cfg.std or not cfg.rob:
             raise ValueError("give both checkpoints: --std CKPT (standard model g) and --rob CKPT (robust model h)")
-        g, g_info, h, h_info = load_pair(cfg.std, cfg.rob, device)
+        g, g_info, h, h_info = load_pair(cfg.std, cfg.rob, device, cfg.model_dir)
     infos = {cfg.std or "g": g_info or {}, cfg.rob or "h": h_info or {}}
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, h_info or {}, cfg.rob or "h")
     cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
     data = load_dataset(dataset, "test", cfg.data_dir).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
-    n_classes = (g_info or {}).get("num_classes", data.num_classes)
+    n_classes = (g_info or {}).get("num_classes") or data.num_classes
     if n_classes != data.num_classes:
         raise ValueError(f"{dataset} has {data.num_classes} classes but the checkpoints have {n_classes}")
     seed_everything(cfg.seed)

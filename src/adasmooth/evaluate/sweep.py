@@ -31,6 +31,7 @@ from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_o
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..mixing import MIXING_RULES, MixedClassifier
+from ..models.loader import model_dir_option
 
 __all__ = ["SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier",
            "variant_labels"]
@@ -55,8 +56,10 @@ def _default_alphas() -> list[float]:
 class SweepConfig(CheckpointDataOptions):
     """Everything ``adasmooth sweep`` needs; keys of a ``--config`` YAML file are these fields."""
 
-    std: str | None = option(None, help="checkpoint of the standard model g")
-    rob: str | None = option(None, help="checkpoint of the robust model h")
+    std: str | None = option(None, help="standard model g: a checkpoint path, robustbench:, python:, timm: "
+                                        "or torchvision: spec")
+    rob: str | None = option(None, help="robust model h (any model spec, as --std)")
+    model_dir: str | None = model_dir_option()
     alphas: list[float] = option(default_factory=_default_alphas,
                                  help="mixing weights of h, as 0,0.5,1 or start:stop:step")
     eps: float | None = option(None, help="attack radius; none: the robust checkpoint's")

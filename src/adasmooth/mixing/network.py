@@ -50,7 +50,9 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     if name not in modules or name == "":
         stages = getattr(model, "stage_names", None)
         hint = f"; its stages are {list(stages)}" if stages else ""
-        raise ConfigError(f"tap {name!r} is not a module of {type(model).__name__}{hint}")
+        children = [n for n, _ in model.named_children()]
+        raise ConfigError(f"tap {name!r} is not a module of {type(model).__name__}{hint}; its modules are "
+                          f"{', '.join(children) or 'none'} (and the dotted names below them, as in named_modules())")
     return modules[name]
 
 

@@ -21,5 +21,9 @@ from .base import (
 from .small import MLP, SmallCNN  # noqa: E402
 from .resnet import PreActResNet18, ResNet18  # noqa: E402
 from .wideresnet import WideResNet  # noqa: E402
+from .dm_wide_resnet import DMPreActResNet, DMWideResNet  # noqa: E402
+from .rb_resnet import RBPreActResNet18, RBResNet18, RBWideResNet  # noqa: E402
+from .loader import load_model, model_info  # noqa: E402
 
-__all__ = [*base.__all__, "SmallCNN", "MLP", "ResNet18", "PreActResNet18", "WideResNet"]
+__all__ = [*base.__all__, "SmallCNN", "MLP", "ResNet18", "PreActResNet18", "WideResNet", "DMWideResNet",
+           "DMPreActResNet", "RBWideResNet", "RBPreActResNet18", "RBResNet18", "load_model", "model_info"]

@@ -156,7 +156,12 @@ def create_model(
 
 
 class StagedModel(nn.Module):
-    """Base: ``forward`` = check the input shape, normalise, then run ``stage_names`` in order."""
+    """Base: ``forward`` = check the input shape, normalise, then run ``stage_names`` in order.
+
+    Architectures that keep a foreign state-dict layout (the RobustBench ones) override ``forward``
+    and list dotted module paths (``layer.0``) in ``stage_names``: there the names only say where
+    the mixing network may tap.
+    """
 
     stage_names: tuple[str, ...] = ()
     spec: ModelSpec | None = None  # set by create_model
@@ -165,14 +170,18 @@ class StagedModel(nn.Module):
         super().__init__()
         self.normalize: nn.Module = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked against the recorded input shape, then normalised: what the first stage sees."""
         if x.dim() != 4:
             raise InputError(f"expected input of shape (N, C, H, W), got {tuple(x.shape)}")
         expected = self.spec.input_shape if self.spec is not None else None
         if expected is not None and tuple(x.shape[1:]) != tuple(expected):
             raise InputError(f"{self.spec.name} expects inputs of shape (C, H, W) = {tuple(expected)}, "
                              f"got {tuple(x.shape[1:])}")
-        out = self.normalize(x)
+        return self.normalize(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.normalized(x)
         for name in self.stage_names:
             out = getattr(self, name)(out)
         return out

@@ -40,6 +40,7 @@ __all__ = [
     "write_weights_and_sidecar",
     "load_state_checked",
     "load_foreign_state_dict",
+    "strip_wrapper_prefixes",
     "checkpoint_paths",
     "check_data_matches",
     "sidecar_defaults",
@@ -209,11 +210,13 @@ def _refused_global(err: BaseException) -> str:
     return f" (it references {match.group(1)})" if match else ""
 
 
-def load_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_foreign_state_dict(
+    path: str | Path, containers: Sequence[str] = ("state_dict", "model_state_dict", "model")
+) -> dict[str, torch.Tensor]:
     """A state dict from a ``.pt``/``.pth`` file, without running pickled code.
 
     Strips the ``module.`` and ``model.`` prefixes that DataParallel and wrappers add, and unwraps
-    ``{"state_dict": ...}`` / ``{"model": ...}`` containers.
+    the ``containers`` (``{"state_dict": ...}``, ``{"model": ...}``), in that order.
     """
     path = Path(path)
     if not path.is_file():
@@ -228,7 +231,7 @@ def load_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # torch raises many types for truncated or foreign files
         detail = "" if "weights_only" in str(err) else f" ({_first_line(err)})"
         raise CheckpointError(f"{path} cannot be read as a torch state dict{detail}") from None
-    for key in ("state_dict", "model_state_dict", "model"):
+    for key in containers:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
@@ -236,8 +239,13 @@ def load_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f"{path} holds no state dict: the values of {_name_some(not_tensors)} are not tensors")
+    return strip_wrapper_prefixes(obj)
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the ``module.`` (DataParallel) and then ``model.`` (wrapper) prefixes."""
     out = {}
-    for k, v in obj.items():
+    for k, v in state.items():
         for prefix in ("module.", "model."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
@@ -301,10 +309,12 @@ def sidecar_defaults(info: dict[str, Any]) -> dict[str, Any]:
     """What a command defaults to for a checkpoint: ``dataset``, ``input_shape``, ``norm``, ``eps``.
 
     ``norm`` and ``eps`` come from the training config, else from the threat model the metrics were
-    measured under; each is None when the sidecar does not record it.
+    measured under, else from a recorded ``threat`` (RobustBench entries); each is None when the
+    sidecar does not record it.
     """
     config = (info.get("training") or {}).get("config") or {}
     metrics = info.get("metrics") or {}
+    threat = info.get("threat") or {}  # models from elsewhere (RobustBench) record their threat model here
 
     def first(*values):
         return next((v for v in values if v is not None), None)
@@ -312,8 +322,8 @@ def sidecar_defaults(info: dict[str, Any]) -> dict[str, Any]:
     return {
         "dataset": info.get("dataset"),
         "input_shape": trained_input_shape(info),
-        "norm": first(config.get("norm"), metrics.get("eval_norm")),
-        "eps": first(config.get("eps"), metrics.get("eval_eps")),
+        "norm": first(config.get("norm"), metrics.get("eval_norm"), threat.get("norm")),
+        "eps": first(config.get("eps"), metrics.get("eval_eps"), threat.get("eps")),
     }
 
 

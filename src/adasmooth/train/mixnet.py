@@ -38,7 +38,8 @@ from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
-from ..models.checkpoint import load_checkpoint, read_sidecar, recorded_dataset, recorded_threat
+from ..models.checkpoint import recorded_dataset, recorded_threat
+from ..models.loader import load_model, model_dir_option, model_info
 from ..core.checks import check_counts, check_eps, check_finite
 from .loop import clean_accuracy, result_config, resume_path
 
@@ -89,8 +90,10 @@ def composite_loss(
 
 @dataclass
 class MixnetTrainConfig(CheckpointDataOptions):
-    std: str = option("", help="checkpoint of the standard (accurate) base model g")
-    rob: str = option("", help="checkpoint of the robust base model h")
+    std: str = option("", help="standard (accurate) base model g: a checkpoint path, robustbench:, python:, "
+                               "timm: or torchvision: spec")
+    rob: str = option("", help="robust base model h (any model spec)")
+    model_dir: str | None = model_dir_option()
     taps: list[str] | None = option(None, help="two module names tapped on both models "
                                                "(default: each model's first two stages)")
     widths: list[int] = option(help="three widths of the mixing network", default_factory=lambda: [256, 512, 1024])
@@ -285,9 +288,9 @@ def _base_snapshot(model: AdaptiveMixedClassifier) -> dict[str, torch.Tensor]:
 
 
 def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device) -> AdaptiveMixedClassifier:
-    std_model, std_info = load_checkpoint(cfg.std, device)
-    rob_model, rob_info = load_checkpoint(cfg.rob, device)
-    if std_info["num_classes"] != rob_info["num_classes"]:
+    std_model, std_info = load_model(cfg.std, device, model_dir=cfg.model_dir)
+    rob_model, rob_info = load_model(cfg.rob, device, model_dir=cfg.model_dir)
+    if None not in (std_info["num_classes"], rob_info["num_classes"]) and std_info["num_classes"] != rob_info["num_classes"]:
         raise ValueError(f"base models disagree on the class count: g has {std_info['num_classes']}, "
                          f"h has {rob_info['num_classes']}")
     model = build_adaptive_classifier(
@@ -303,7 +306,7 @@ def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device
 def resolve_recorded(cfg: MixnetTrainConfig) -> MixnetTrainConfig:
     """The config with data set, eps and norm taken from the base models' sidecars where not given."""
     cfg.validate()
-    infos = {cfg.std: read_sidecar(cfg.std), cfg.rob: read_sidecar(cfg.rob)}
+    infos = {cfg.std: model_info(cfg.std, model_dir=cfg.model_dir), cfg.rob: model_info(cfg.rob, model_dir=cfg.model_dir)}
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[cfg.rob], cfg.rob)
     resolved = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
