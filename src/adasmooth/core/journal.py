@@ -1,0 +1,92 @@
+"""An append-only journal of finished work, so that a long run killed at any moment continues where it stopped.
+
+The journal is a JSON-lines file beside the run's output: a header line that records the config the
+run was started with, then one line per finished batch holding that batch's per-example records (each
+with its example ``index``). Every line is flushed and fsync'ed before the run moves on, so a SIGKILL
+loses at most the batch in flight; a torn last line (killed mid-write) is ignored on reading.
+
+A run started again with the same config skips the examples the journal holds; with another config it
+is refused (a CheckpointError naming what differs) unless ``restart`` is given, which starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import CheckpointError
+from .io import to_jsonable
+
+__all__ = ["Journal", "journal_path"]
+
+FORMAT = "adasmooth-journal"
+
+
+def journal_path(output: str | Path) -> Path:
+    """``<output>.journal``: where the journal of the run writing ``output`` lives."""
+    output = Path(output)
+    return output.with_name(output.name + ".journal")
+
+
+class Journal:
+    """``Journal(path, config, restart=False)``: ``done`` maps example index -> record; ``append(records)``."""
+
+    def __init__(self, path: str | Path, config: dict[str, Any], restart: bool = False):
+        self.path = Path(path)
+        self.config = to_jsonable(config)
+        self.done: dict[int, dict[str, Any]] = {}
+        if restart:
+            self.path.unlink(missing_ok=True)
+        if self.path.is_file():
+            self._read()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_line({"format": FORMAT, "config": self.config})
+
+    def _read(self) -> None:
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise CheckpointError(f"journal {self.path} is not an adasmooth journal; delete it or pass --restart")
+        if header.get("config") != self.config:
+            saved = header.get("config") or {}
+            changed = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+            raise CheckpointError(f"journal {self.path} was made with a different config (differs in: "
+                                  f"{', '.join(changed)}); pass --restart to start over")
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the run was killed while writing its last line
+                    break
+                raise CheckpointError(f"journal {self.path} is damaged at line {number}; pass --restart") from None
+            for record in entry.get("records", []):
+                self.done[int(record["index"])] = record
+
+    def _write_line(self, payload: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(to_jsonable(payload), allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Record finished examples (each a dict with an ``index``) durably, in one line."""
+        records = [to_jsonable(r) for r in records]
+        if not records:
+            return
+        self._write_line({"records": records})
+        for record in records:
+            self.done[int(record["index"])] = record
+
+    def pending(self, indices: Iterable[int]) -> list[int]:
+        """The given example indices the journal does not hold yet, in order."""
+        return [i for i in indices if i not in self.done]
+
+    def remove(self) -> None:
+        """Delete the journal (once the run's final output is written)."""
+        self.path.unlink(missing_ok=True)
