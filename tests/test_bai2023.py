@@ -179,3 +179,25 @@ def test_a_composite_exports_and_runs_as_torchscript(tmp_path):
     with torch.no_grad():
         assert torch.allclose(exported(x), model(x), atol=1e-5, rtol=0)
     assert info["mixing_net"] == "Bai2023MixingNet" and info["eval_head"]["alpha_min"] == pytest.approx(0.84)
+
+
+def test_a_composite_calibrates_in_place_and_refuses_our_file_format(tmp_path):
+    """calibrate_adaptive works on the authors' head (same eval-head interface); saving in our format is refused."""
+    from adasmooth.data import Dataset
+    from adasmooth.evaluate.calibrate import calibrate_adaptive
+    from adasmooth.mixing.adaptive import save_adaptive_classifier
+
+    torch.manual_seed(0)
+    model = build_bai2023("Bai2023Improving_trades", "cifar100", {"units": (1, 1, 1, 1), "width_factor": 1},
+                          {"depth": 10, "width": 1}, {"widths": [8, 8, 8], "blocks": 1})
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model.std_model(x).argmax(1)  # labels g gets right: the target needs alpha low enough for g
+    summary = calibrate_adaptive(model, Dataset(x, y, 100, "cifar100", "val"), target_acc=100.0, alpha_range=(0.0, 1.0))
+    assert summary["reached"] and summary["clean_acc"] == 100.0
+    assert float(model.mixing_net.eval_shift) == pytest.approx(summary["value"]) != pytest.approx(1.0)
+    assert model.mixing_net.eval_head()["alpha_min"] == 0.0
+    with torch.no_grad():
+        assert bool((model(x).argmax(1) == y).all())
+    with pytest.raises(ConfigError, match="Bai2023MixingNet"):
+        save_adaptive_classifier(model, tmp_path / "m")

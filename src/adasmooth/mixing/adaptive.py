@@ -244,6 +244,10 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
     classifier's ``std_checkpoint``/``rob_checkpoint`` attributes), relative to the sidecar's folder,
     so the folder holding both can move.
     """
+    if not isinstance(model.mixing_net, MixingNetwork):
+        # e.g. the authors' composites: they load from their own files (mixing.bai2023.load_bai2023)
+        raise ConfigError(f"only adasmooth's MixingNetwork is saved in this format, not a "
+                          f"{type(model.mixing_net).__name__}")
     metadata = dict(metadata or {})
     std_ckpt = metadata.pop("std_checkpoint", None) or model.std_checkpoint
     rob_ckpt = metadata.pop("rob_checkpoint", None) or model.rob_checkpoint

@@ -22,7 +22,6 @@ The constants (logit scales, gamma scale/shift, alpha ranges) are those of Robus
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from ..core.errors import CheckpointError, ConfigError, InputError
 from ..models.bai2023_wrn import DMWideResNetLite, dm_wrn_config_from_state_dict
 from ..models.bit_resnet import BitResNetV2, bit_config_from_state_dict
 from .adaptive import AdaptiveMixedClassifier
-from .network import ranged_alpha
+from .network import MixingNetwork, ranged_alpha
 
 __all__ = [
     "Bai2023MixingNetConfig",
@@ -151,26 +150,9 @@ class Bai2023MixingNet(nn.Module):
         self.register_buffer("alpha_min", torch.tensor(float(config.alpha_range[0])))
         self.register_buffer("alpha_max", torch.tensor(float(config.alpha_range[1])))
 
-    def set_eval_head(self, scale: float | None = None, shift: float | None = None,
-                      alpha_range: tuple[float, float] | None = None) -> None:
-        if scale is not None:
-            if not scale > 0:
-                raise ConfigError(f"scale must be > 0, got {scale}")
-            self.eval_scale.fill_(float(scale))
-        if shift is not None:
-            if not math.isfinite(shift):
-                raise ConfigError(f"shift must be finite, got {shift}")
-            self.eval_shift.fill_(float(shift))
-        if alpha_range is not None:
-            lo, hi = (float(v) for v in alpha_range)
-            if not 0.0 <= lo < hi <= 1.0:
-                raise ConfigError(f"alpha range must satisfy 0 <= min < max <= 1, got ({lo}, {hi})")
-            self.alpha_min.fill_(lo)
-            self.alpha_max.fill_(hi)
-
-    def eval_head(self) -> dict[str, float]:
-        return {"scale": float(self.eval_scale), "shift": float(self.eval_shift),
-                "alpha_min": float(self.alpha_min), "alpha_max": float(self.alpha_max)}
+    # the eval head is ours (same buffers), so its setters are ours too
+    set_eval_head = MixingNetwork.set_eval_head
+    eval_head = MixingNetwork.eval_head
 
     def gamma(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         out = self.layers[0](first) + self.conv1x1(second)
