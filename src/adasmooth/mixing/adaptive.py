@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -30,7 +29,7 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.io import atomic_write, provenance, write_json
 from ..models import default_taps
-from ..models.checkpoint import checkpoint_paths, load_checkpoint
+from ..models.checkpoint import checkpoint_paths
 from .network import (
     RESNET18_WIDTHS,
     FeatureTaps,
@@ -40,6 +39,8 @@ from .network import (
     pair_features,
     resolve_module,
 )
+from .bases import load_bases
+from .bases import relative_to as _relative_to
 from .protocol import MixOutput
 from .rules import mix_logits
 
@@ -234,17 +235,6 @@ def build_adaptive_classifier(
 # ---------------------------------------------------------------------------- save / load
 
 
-def _relative_to(path: str | Path | None, folder: Path) -> str | None:
-    """``path`` relative to ``folder`` (forward slashes), or absolute where no relative path exists."""
-    if not path:
-        return None
-    target = Path(path).resolve()
-    try:
-        return Path(os.path.relpath(target, folder.resolve())).as_posix()
-    except ValueError:  # another drive on Windows
-        return str(target)
-
-
 def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
                              metadata: dict[str, Any] | None = None) -> Path:
     """Write ``path.safetensors`` (mixing network, its buffers included) and ``path.json``.
@@ -254,6 +244,10 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
     classifier's ``std_checkpoint``/``rob_checkpoint`` attributes), relative to the sidecar's folder,
     so the folder holding both can move.
     """
+    if not isinstance(model.mixing_net, MixingNetwork):
+        # e.g. the authors' composites: they load from their own files (mixing.bai2023.load_bai2023)
+        raise ConfigError(f"only adasmooth's MixingNetwork is saved in this format, not a "
+                          f"{type(model.mixing_net).__name__}")
     metadata = dict(metadata or {})
     std_ckpt = metadata.pop("std_checkpoint", None) or model.std_checkpoint
     rob_ckpt = metadata.pop("rob_checkpoint", None) or model.rob_checkpoint
@@ -277,26 +271,6 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
     atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
     write_json(sidecar, info)
     return weights
-
-
-def _recorded_path(recorded: str | None, sidecar: Path) -> Path | None:
-    """A recorded base-model path as usable from here: relative ones are relative to the sidecar."""
-    if not recorded:
-        return None
-    p = Path(recorded)
-    return p if p.is_absolute() else sidecar.parent / p
-
-
-def _find_base(recorded: str | None, sidecar: Path, role: str) -> Path:
-    path = _recorded_path(recorded, sidecar)
-    if path is None:
-        raise CheckpointError(f"{sidecar} records no {role} base model path; pass {role}_model=")
-    # an absolute path from a folder that has since moved: the base model may sit beside the sidecar
-    for candidate in (path, sidecar.parent / path.name):
-        if checkpoint_paths(candidate)[0].is_file():
-            return candidate
-    raise CheckpointError(f"{role} base model checkpoint {checkpoint_paths(path)[0]} (recorded in {sidecar}) "
-                          f"not found; also looked in {sidecar.parent}")
 
 
 def _read_sidecar(weights: Path, sidecar: Path) -> dict[str, Any]:
@@ -324,16 +298,7 @@ def load_adaptive_classifier(path: str | Path, std_model: nn.Module | None = Non
     """
     weights, sidecar = checkpoint_paths(path)
     info = _read_sidecar(weights, sidecar)
-    bases: dict[str, str | None] = {}
-    models = {"std": std_model, "rob": rob_model}
-    for role in ("std", "rob"):
-        recorded = info.get(f"{role}_checkpoint")
-        if models[role] is None:
-            found = _find_base(recorded, sidecar, role)
-            models[role], _ = load_checkpoint(found, device)
-        else:
-            found = _recorded_path(recorded, sidecar)
-        bases[role] = str(found.resolve()) if found is not None else None
+    models, bases = load_bases(info, sidecar, {"std": std_model, "rob": rob_model}, device)
     net = MixingNetwork(MixingNetConfig(**info["mixing_net"]))
     net.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
     taps = (tuple(info["taps"]["std"]), tuple(info["taps"]["rob"]))

@@ -11,17 +11,25 @@ that carries alpha and the two base models.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, InputError
+from ..core.errors import CheckpointError, ConfigError, InputError
+from ..core.io import provenance, write_json
+from ..models.checkpoint import checkpoint_paths
+from .bases import load_bases, relative_to
 from .protocol import MixedModel, MixOutput
 from .rules import MIXING_RULES, MixingRule, MixInputs
 
-__all__ = ["MixOutput", "MixedModel", "MixedClassifier"]
+__all__ = ["MixOutput", "MixedModel", "MixedClassifier", "save_fixed_mixture", "load_fixed_mixture", "FIXED_KIND"]
+
+FIXED_KIND = "fixed-mixture"
+FORMAT_VERSION = 1
 
 
 def _check_alpha(value: float) -> float:
@@ -86,6 +94,9 @@ class MixedClassifier(nn.Module):
         self.std_hardmax = std_hardmax
         self.norm = norm
         self.differentiate_r = differentiate_r
+        # where the base models came from, recorded by save_fixed_mixture
+        self.std_checkpoint: str | None = None
+        self.rob_checkpoint: str | None = None
 
     @property
     def alpha(self) -> float:
@@ -116,3 +127,70 @@ class MixedClassifier(nn.Module):
             f"alpha={self.alpha}, rule={self.rule}, std_scale={self.std_scale}, rob_scale={self.rob_scale}, "
             f"std_hardmax={self.std_hardmax}"
         )
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def save_fixed_mixture(model: MixedClassifier, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``path.json`` (kind ``fixed-mixture``): alpha, rule, scales and the base models' checkpoints.
+
+    A fixed mixture has no weights of its own, so the sidecar is the whole file. The base models are
+    ``metadata["std_checkpoint"]``/``["rob_checkpoint"]``, else the classifier's ``std_checkpoint`` /
+    ``rob_checkpoint`` attributes, recorded relative to the sidecar's folder so that folder can move.
+    """
+    metadata = dict(metadata or {})
+    std_ckpt = metadata.pop("std_checkpoint", None) or model.std_checkpoint
+    rob_ckpt = metadata.pop("rob_checkpoint", None) or model.rob_checkpoint
+    if model.rule not in MIXING_RULES or MIXING_RULES.get(model.rule) is not model.rule_fn:
+        raise ConfigError(f"only mixtures with a registered rule can be saved; {model.rule!r} is not one "
+                          f"(known: {', '.join(MIXING_RULES.names())})")
+    if not std_ckpt or not rob_ckpt:
+        raise ConfigError("a fixed mixture is saved with its base models' checkpoint paths: set std_checkpoint "
+                          "and rob_checkpoint (attributes or metadata)")
+    _, sidecar = checkpoint_paths(path)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "kind": FIXED_KIND,
+        "alpha": model.alpha,
+        "rule": model.rule,
+        "std_scale": model.std_scale,
+        "rob_scale": model.rob_scale,
+        "std_hardmax": model.std_hardmax,
+        "norm": model.norm,
+        "differentiate_r": model.differentiate_r,
+        "std_checkpoint": relative_to(std_ckpt, sidecar.parent),
+        "rob_checkpoint": relative_to(rob_ckpt, sidecar.parent),
+        **metadata,
+        "provenance": provenance(),
+    }
+    return write_json(sidecar, info)
+
+
+def load_fixed_mixture(path: str | Path, std_model: nn.Module | None = None, rob_model: nn.Module | None = None,
+                       device: str | torch.device = "cpu") -> tuple[MixedClassifier, dict[str, Any]]:
+    """Rebuild a saved fixed mixture in eval mode; base models from the recorded paths unless given.
+
+    Returns (classifier, sidecar), the sidecar's base-model paths made absolute (where they were found).
+    """
+    _, sidecar = checkpoint_paths(path)
+    if not sidecar.is_file():
+        raise CheckpointError(f"fixed mixture file {sidecar} not found")
+    try:
+        info = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{sidecar} is not valid JSON ({err})") from None
+    if not isinstance(info, dict) or info.get("kind") != FIXED_KIND:
+        kind = info.get("kind") if isinstance(info, dict) else None
+        raise CheckpointError(f"{sidecar} is not a fixed mixture (kind {kind!r})")
+    missing = [k for k in ("alpha", "rule", "std_scale", "rob_scale") if k not in info]
+    if missing:
+        raise CheckpointError(f"{sidecar} lacks {missing}")
+    models, bases = load_bases(info, sidecar, {"std": std_model, "rob": rob_model}, device)
+    model = MixedClassifier(models["std"].to(device), models["rob"].to(device), info["alpha"],
+                            std_scale=info["std_scale"], rob_scale=info["rob_scale"],
+                            std_hardmax=info.get("std_hardmax", False), rule=info["rule"],
+                            norm=info.get("norm", "linf"), differentiate_r=info.get("differentiate_r", False))
+    model.std_checkpoint, model.rob_checkpoint = bases["std"], bases["rob"]
+    info["std_checkpoint"], info["rob_checkpoint"] = bases["std"], bases["rob"]
+    return model.eval(), info

@@ -1,0 +1,125 @@
+"""A mixed model as one self-contained file that plain PyTorch loads: deployment and submission elsewhere.
+
+:func:`export_mixture` writes a TorchScript file (``torch.jit.trace``) of any mixed model of adasmooth
+(fixed-alpha or adaptive, any base models); ``torch.jit.load(path)`` gives back a module whose
+``forward(x)`` returns the same logits, with adasmooth not installed. The file also carries
+``adasmooth.json`` (kind, input shape, alpha or the mixing network's eval head, provenance), readable
+with ``torch.jit.load(path, _extra_files={"adasmooth.json": ""})``.
+
+Why TorchScript tracing and not ``torch.export``: tracing records the tensor operations the model
+runs on an example input, so the library's Python-level checks (alpha within [0, 1], input shapes,
+the ``frozen()`` context and the forward hooks that tap the base models' features) run once while
+tracing and leave plain tensor graphs behind. ``torch.export`` refuses exactly those checks (a
+data-dependent ``bool(tensor)`` / ``float(buffer)`` is a guard it cannot keep), for both kinds.
+Shapes stay symbolic in the trace, so the exported model takes any batch size; every export is
+verified on a fresh input of another batch size before it is written.
+
+Rules that differentiate inside the forward pass (the gradient-based trust weights R_i of
+Eq. 3.3) cannot be traced; they are refused with a ConfigError.
+
+:func:`load_mixture` loads a saved mixture of either kind from its sidecar's ``kind``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import CheckpointError, ConfigError, InputError
+from ..core.io import atomic_write, provenance
+from ..models.checkpoint import checkpoint_paths
+from .adaptive import KIND as ADAPTIVE_KIND
+from .adaptive import AdaptiveMixedClassifier, load_adaptive_classifier
+from .fixed import FIXED_KIND, MixedClassifier, load_fixed_mixture
+
+__all__ = ["export_mixture", "load_mixture", "mixture_input_shape", "EXPORT_TOLERANCE", "TRACEABLE_RULES"]
+
+EXPORT_TOLERANCE = 1e-5  # max |logit difference| between the exported file and the library
+TRACEABLE_RULES = ("prob", "logit")  # the others take input gradients inside forward
+
+
+def load_mixture(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A saved fixed (``kind: fixed-mixture``) or adaptive mixture, by the kind its sidecar records."""
+    _, sidecar = checkpoint_paths(path)
+    if not sidecar.is_file():
+        raise CheckpointError(f"mixture file {sidecar} not found")
+    try:
+        kind = json.loads(sidecar.read_text()).get("kind")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{sidecar} is not a JSON object") from None
+    if kind == FIXED_KIND:
+        return load_fixed_mixture(path, device=device)
+    if kind == ADAPTIVE_KIND:
+        return load_adaptive_classifier(path, device=device)
+    raise CheckpointError(f"{sidecar} is not a saved mixture (kind {kind!r}; expected {FIXED_KIND} or {ADAPTIVE_KIND})")
+
+
+def mixture_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """The (C, H, W) the base models record (their ``spec.input_shape``), or None."""
+    for part in (getattr(model, "std_model", None), getattr(model, "rob_model", None)):
+        shape = getattr(getattr(part, "spec", None), "input_shape", None)
+        if shape:
+            return tuple(int(v) for v in shape)  # type: ignore[return-value]
+    return None
+
+
+def _describe(model: nn.Module) -> dict[str, Any]:
+    if isinstance(model, MixedClassifier):
+        return {"kind": FIXED_KIND, "alpha": model.alpha, "rule": model.rule,
+                "std_scale": model.std_scale, "rob_scale": model.rob_scale}
+    if isinstance(model, AdaptiveMixedClassifier):
+        head = model.mixing_net.eval_head() if hasattr(model.mixing_net, "eval_head") else None
+        return {"kind": ADAPTIVE_KIND, "mixing_net": type(model.mixing_net).__name__, "eval_head": head,
+                "std_scale": model.std_scale, "rob_scale": model.rob_scale}
+    return {"kind": type(model).__name__}
+
+
+def export_mixture(model: nn.Module, path: str | Path, input_shape: Sequence[int],
+                   metadata: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Trace ``model`` (in eval mode) to TorchScript, verify it, and write it to ``path`` atomically.
+
+    The example inputs are uniform in [0, 1] of shape (2, *input_shape) for the trace and
+    (3, *input_shape) for the check, on the model's device. Returns the recorded description with
+    ``max_abs_diff`` (exported vs library logits on the check input). The model's own training
+    flag is restored afterwards.
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if isinstance(model, MixedClassifier) and (model.rule not in TRACEABLE_RULES or model.differentiate_r):
+        raise ConfigError(f"rule {model.rule!r} takes input gradients inside forward and cannot be exported; "
+                          f"exportable rules: {', '.join(TRACEABLE_RULES)}")
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.rand((2, *shape), generator=gen).to(device)
+    check = torch.rand((3, *shape), generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer warns about each Python-level check it runs once; those are the point
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example, check_trace=False)
+            expected, got = model(check), traced(check)
+    finally:
+        model.train(was_training)
+    if got.shape != expected.shape:
+        raise ConfigError(f"the traced model returns {tuple(got.shape)} for a batch of 3, the library "
+                          f"{tuple(expected.shape)}: it cannot be exported by tracing")
+    diff = float((got - expected).abs().max())
+    if not diff <= EXPORT_TOLERANCE:
+        raise ConfigError(f"the traced model differs from the library by {diff:.3g} on a fresh input: it has "
+                          "input-dependent Python control flow and cannot be exported by tracing")
+    info = {**_describe(model), "input_shape": list(shape), "format": "torchscript",
+            "max_abs_diff": diff, **(metadata or {}), "provenance": provenance()}
+    extra = {"adasmooth.json": json.dumps(info, default=str)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's, see the module docstring
+        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+    return info
