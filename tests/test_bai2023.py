@@ -201,3 +201,29 @@ def test_a_composite_calibrates_in_place_and_refuses_our_file_format(tmp_path):
         assert bool((model(x).argmax(1) == y).all())
     with pytest.raises(ConfigError, match="Bai2023MixingNet"):
         save_adaptive_classifier(model, tmp_path / "m")
+
+
+@needs_peer
+def test_evaluate_runs_on_a_released_composite(peer, tmp_path, capsys):
+    """`adasmooth evaluate --mixnet robustbench:.../Bai2023Improving_edm`: the paper's own model under attack B,
+    with data set and eps taken from the entry (cifar10, 8/255)."""
+    import json
+
+    from test_load_model import _fake_cifar10
+
+    from adasmooth.cli import main
+    from adasmooth.mixing.export import load_mixture
+
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    wrapper = _save_peer_composite(peer, "Bai2023Improving_edm", "cifar10", tmp_path / "zoo", x)
+    spec = "robustbench:cifar10/Linf/Bai2023Improving_edm"
+    model, info = load_mixture(spec, model_dir=tmp_path / "zoo")
+    with torch.no_grad():
+        assert torch.allclose(model(x), wrapper.comp_model(x)[0], atol=1e-4, rtol=0)
+    _fake_cifar10(tmp_path / "data", n=4)
+    out = tmp_path / "eval.json"
+    rc = main(["evaluate", "--mixnet", spec, "--model-dir", str(tmp_path / "zoo"), "--data-dir", str(tmp_path / "data"),
+               "--attacks", "B", "--n-examples", "4", "--no-progress", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads(out.read_text())["config"]
+    assert config["dataset"] == "cifar10" and config["eps"] == pytest.approx(8 / 255)

@@ -31,6 +31,7 @@ SHRINK = {
     "calibrate": ["--calib-examples", "64", "--eval-examples", "6", "--batch-size", "64"],
     "certify": ["--n", "64", "--n0", "8", "--n-examples", "2", "--batch-size", "64"],
     "analyze": ["--n-examples", "6", "--aa-steps", "3", "--lipschitz-steps", "2"],
+    "export": [],
 }
 
 

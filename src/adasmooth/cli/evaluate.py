@@ -29,7 +29,8 @@ class EvaluateConfig(CheckpointDataOptions):
     rob: str | None = option(None, help="robust base model h of a mixture (any model spec)")
     model_dir: str | None = model_dir_option()
     alpha: float | None = option(None, help="fixed mixing weight of h, in [0, 1]")
-    mixnet: str | None = option(None, help="adaptive mixed classifier checkpoint (from train-mixnet / calibrate)")
+    mixnet: str | None = option(None, help="a saved mixture (from train-mixnet / calibrate, or a fixed one) or a "
+                                           "released one: robustbench:<dataset>/Linf/Bai2023Improving_*")
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
     split: Literal["train", "val", "test"] = option("test", help="data split")
@@ -82,13 +83,17 @@ def epilog() -> str:
 
 
 def files(cfg: EvaluateConfig) -> tuple[list, list]:
-    return checkpoint_files(cfg.model, cfg.std, cfg.rob, cfg.mixnet), [cfg.output]
+    from ..mixing.export import mixture_files
+
+    mixture = mixture_files(cfg.mixnet, cfg.model_dir) if cfg.mixnet else []
+    return [*checkpoint_files(cfg.model, cfg.std, cfg.rob), *mixture], [cfg.output]
 
 
 def _load_model(cfg: EvaluateConfig, device):
     """(model, {checkpoint path: sidecar}, the robust (or only) checkpoint's path, source record)."""
     from ..mixing import MixedClassifier
     from ..mixing.adaptive import load_adaptive_classifier
+    from ..mixing.export import load_mixture
     from ..models.loader import load_model
 
     if cfg.model is not None:
@@ -97,8 +102,11 @@ def _load_model(cfg: EvaluateConfig, device):
     std = load_model(cfg.std, device, model_dir=cfg.model_dir) if cfg.std else None
     rob = load_model(cfg.rob, device, model_dir=cfg.model_dir) if cfg.rob else None
     if cfg.mixnet is not None:
-        model, info = load_adaptive_classifier(cfg.mixnet, std[0] if std else None, rob[0] if rob else None,
-                                               device=device)
+        if std or rob:  # base models given explicitly replace the recorded ones
+            model, info = load_adaptive_classifier(cfg.mixnet, std[0] if std else None, rob[0] if rob else None,
+                                                   device=device)
+        else:
+            model, info = load_mixture(cfg.mixnet, device, cfg.model_dir)
         infos = {cfg.std or cfg.mixnet: std[1] if std else info}
         if rob:
             infos[cfg.rob] = rob[1]

@@ -17,7 +17,7 @@ from typing import Literal
 
 from ..core.config import RunOptions, option, output_option
 from ..core.errors import ConfigError
-from .common import check_file_output, check_outputs_not_inputs, checkpoint_files
+from .common import checkpoint_files
 
 
 @dataclass
@@ -49,23 +49,24 @@ class ExportConfig(RunOptions):
 CONFIG = ExportConfig
 
 
+def files(cfg: ExportConfig) -> tuple[list, list]:
+    return checkpoint_files(cfg.mixnet, cfg.std, cfg.rob), [cfg.output]
+
+
 def run(cfg: ExportConfig) -> int:
     from ..core.runtime import resolve_device
     from ..mixing import MixedClassifier
     from ..mixing.export import export_mixture, load_mixture, mixture_input_shape
-    from ..models.checkpoint import load_checkpoint
+    from ..models.loader import load_model
 
     cfg.validate()
-    inputs = [f for p in (cfg.mixnet, cfg.std, cfg.rob) if p for f in checkpoint_files(p)]
-    check_outputs_not_inputs([cfg.output], inputs)
-    check_file_output(cfg.output)
     device = resolve_device(cfg.device)
     if cfg.mixnet is not None:
         model, _ = load_mixture(cfg.mixnet, device)
         source = {"mixture": cfg.mixnet}
     else:
-        g, _ = load_checkpoint(cfg.std, device)
-        h, _ = load_checkpoint(cfg.rob, device)
+        g, _ = load_model(cfg.std, device)
+        h, _ = load_model(cfg.rob, device)
         model = MixedClassifier(g, h, cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, rule=cfg.rule)
         source = {"std": cfg.std, "rob": cfg.rob}
     shape = cfg.input_shape or mixture_input_shape(model)

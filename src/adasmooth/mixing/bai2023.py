@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, InputError
-from ..models.bai2023_wrn import DMWideResNetLite, dm_wrn_config_from_state_dict
+from ..models import create_model
+from ..models.dm_wide_resnet import dm_wrn_config_from_state_dict
 from ..models.bit_resnet import BitResNetV2, bit_config_from_state_dict
 from .adaptive import AdaptiveMixedClassifier
 from .network import MixingNetwork, ranged_alpha
@@ -271,8 +272,8 @@ def build_bai2023(name: str, dataset: str, std_arch: Mapping[str, Any] | None = 
     std_kw = {"units": (3, 8, 36, 3), "width_factor": 2, **(std_arch or {})}
     rob_kw = {"depth": 70, "width": 16, **(rob_arch or {})}
     g = BitResNetV2(num_classes=num_classes, input_size=STD_INPUT_SIZE, dataset=dataset, **std_kw)
-    h = DMWideResNetLite(num_classes=num_classes, activation=entry.rob_activation, mean=mean, std=std,
-                         dataset=dataset, **rob_kw)
+    h = create_model(f"dm-wrn-{rob_kw['depth']}-{rob_kw['width']}", num_classes, mean=mean, std=std,
+                     input_shape=(3, 32, 32), dataset=dataset, activation=entry.rob_activation)
     wf, width = int(std_kw["width_factor"]), int(rob_kw["width"])
     first = 256 * wf + 16 * width  # BiT block1 + WRN layer.0 channels
     net_kw = {"first_channels": first, "second_channels": 2 * first, **(mixnet_arch or {})}
@@ -306,6 +307,8 @@ def load_bai2023(name: str, dataset: str, model_dir: str | Path = "models",
     model = build_bai2023(entry_name, dataset, bit, wrn, _mixnet_config_from_state(net_state, str(files[2])))
     # the eval-head buffers are ours (their constants live in comp_model.py, not in the file)
     net_state.update({k: v for k, v in model.mixing_net.state_dict().items() if k in _HEAD_BUFFERS})
+    # our WideResNet keeps its normalisation as buffers; RobustBench's file has none (the table's values)
+    rob_state.update({k: v for k, v in model.rob_model.state_dict().items() if k.startswith("normalize.")})
     for module, state, f in ((model.std_model, std_state, files[0]), (model.rob_model, rob_state, files[1]),
                              (model.mixing_net, net_state, files[2])):
         _load_strict(module, state, f)

@@ -3,7 +3,9 @@
 Shared by the fixed-alpha (:mod:`.fixed`) and adaptive (:mod:`.adaptive`) mixture files. A base model
 is recorded by its checkpoint path relative to the sidecar's folder, so a results folder holding the
 mixture and its base models can move; an absolute path recorded by an older version still loads,
-and a base model found beside the sidecar is used when the recorded place is gone.
+and a base model found beside the sidecar is used when the recorded place is gone. A base model that
+came from elsewhere (``robustbench:``, ``python:``, ... specs, see :func:`adasmooth.models.load_model`)
+is recorded by its spec.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import os
 from pathlib import Path
 
 from ..core.errors import CheckpointError
-from ..models.checkpoint import checkpoint_paths, load_checkpoint
+from ..models.checkpoint import checkpoint_paths
+from ..models.loader import load_model, spec_kind
 
 __all__ = ["relative_to", "recorded_path", "find_base", "load_bases"]
 
@@ -21,6 +24,8 @@ def relative_to(path: str | Path | None, folder: Path) -> str | None:
     """``path`` relative to ``folder`` (forward slashes), or absolute where no relative path exists."""
     if not path:
         return None
+    if spec_kind(str(path)) != "checkpoint":
+        return str(path)
     target = Path(path).resolve()
     try:
         return Path(os.path.relpath(target, folder.resolve())).as_posix()
@@ -28,9 +33,13 @@ def relative_to(path: str | Path | None, folder: Path) -> str | None:
         return str(target)
 
 
+def _is_spec(recorded: str | None) -> bool:
+    return bool(recorded) and spec_kind(str(recorded)) != "checkpoint"
+
+
 def recorded_path(recorded: str | None, sidecar: Path) -> Path | None:
     """A recorded base-model path as usable from here: relative ones are relative to the sidecar."""
-    if not recorded:
+    if not recorded or _is_spec(recorded):
         return None
     p = Path(recorded)
     return p if p.is_absolute() else sidecar.parent / p
@@ -52,15 +61,19 @@ def find_base(recorded: str | None, sidecar: Path, role: str) -> Path:
 def load_bases(info: dict, sidecar: Path, given: dict, device) -> tuple[dict, dict]:
     """The two base models of a saved mixture: ``given[role]`` where not None, else loaded from the record.
 
-    Returns ({"std": model, "rob": model}, {"std": absolute path or None, "rob": ...}); the paths are
-    where the base models were found (or would be, for given models), ready to be recorded again.
+    Returns ({"std": model, "rob": model}, {"std": absolute path, spec or None, "rob": ...}); the paths
+    are where the base models were found (or would be, for given models), ready to be recorded again.
     """
     models, paths = {}, {}
     for role in ("std", "rob"):
         recorded = info.get(f"{role}_checkpoint")
+        if _is_spec(recorded):
+            models[role] = given[role] if given.get(role) is not None else load_model(recorded, device)[0]
+            paths[role] = recorded
+            continue
         if given.get(role) is None:
             found = find_base(recorded, sidecar, role)
-            models[role], _ = load_checkpoint(found, device)
+            models[role], _ = load_model(str(found), device)
         else:
             found = recorded_path(recorded, sidecar)
             models[role] = given[role]

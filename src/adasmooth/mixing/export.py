@@ -17,7 +17,8 @@ verified on a fresh input of another batch size before it is written.
 Rules that differentiate inside the forward pass (the gradient-based trust weights R_i of
 Eq. 3.3) cannot be traced; they are refused with a ConfigError.
 
-:func:`load_mixture` loads a saved mixture of either kind from its sidecar's ``kind``.
+:func:`load_mixture` loads a saved mixture of either kind from its sidecar's ``kind``, or one of the
+authors' released composites from a ``robustbench:<dataset>/Linf/Bai2023Improving_*`` spec.
 """
 
 from __future__ import annotations
@@ -33,18 +34,23 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.io import atomic_write, provenance
 from ..models.checkpoint import checkpoint_paths
+from ..models.robustbench import PREFIX, parse_robustbench_spec, resolve_model_dir
 from .adaptive import KIND as ADAPTIVE_KIND
 from .adaptive import AdaptiveMixedClassifier, load_adaptive_classifier
 from .fixed import FIXED_KIND, MixedClassifier, load_fixed_mixture
 
-__all__ = ["export_mixture", "load_mixture", "mixture_input_shape", "EXPORT_TOLERANCE", "TRACEABLE_RULES"]
+__all__ = ["export_mixture", "load_mixture", "mixture_files", "mixture_input_shape", "EXPORT_TOLERANCE", "TRACEABLE_RULES"]
 
 EXPORT_TOLERANCE = 1e-5  # max |logit difference| between the exported file and the library
 TRACEABLE_RULES = ("prob", "logit")  # the others take input gradients inside forward
 
 
-def load_mixture(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A saved fixed (``kind: fixed-mixture``) or adaptive mixture, by the kind its sidecar records."""
+def load_mixture(path: str | Path, device: str | torch.device = "cpu",
+                 model_dir: str | Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A saved fixed (``kind: fixed-mixture``) or adaptive mixture, by the kind its sidecar records; or a
+    ``robustbench:<dataset>/Linf/<Bai2023 entry>`` composite read from ``model_dir``."""
+    if str(path).startswith(PREFIX):
+        return _load_released_composite(str(path), device, model_dir)
     _, sidecar = checkpoint_paths(path)
     if not sidecar.is_file():
         raise CheckpointError(f"mixture file {sidecar} not found")
@@ -57,6 +63,29 @@ def load_mixture(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if kind == ADAPTIVE_KIND:
         return load_adaptive_classifier(path, device=device)
     raise CheckpointError(f"{sidecar} is not a saved mixture (kind {kind!r}; expected {FIXED_KIND} or {ADAPTIVE_KIND})")
+
+
+def mixture_files(spec: str | Path, model_dir: str | Path | None = None) -> list[Path]:
+    """The files :func:`load_mixture` reads for ``spec`` (the mixture's own; a composite's three files)."""
+    if str(spec).startswith(PREFIX):
+        from .bai2023 import bai2023_files
+
+        dataset, threat, name = parse_robustbench_spec(str(spec))
+        return bai2023_files(name, dataset, resolve_model_dir(model_dir), threat)
+    return list(checkpoint_paths(spec))
+
+
+def _load_released_composite(spec: str, device, model_dir) -> tuple[nn.Module, dict[str, Any]]:
+    from .bai2023 import BAI2023_ENTRIES, load_bai2023
+
+    dataset, threat, name = parse_robustbench_spec(spec)
+    if (dataset, name) not in BAI2023_ENTRIES:
+        known = ", ".join(f"{PREFIX}{d}/Linf/{n}" for d, n in BAI2023_ENTRIES)
+        raise ConfigError(f"{spec} is not a released mixture; known: {known} (single models go to --model/--std/--rob)")
+    model = load_bai2023(name, dataset, resolve_model_dir(model_dir), device, threat)
+    info = {"kind": ADAPTIVE_KIND, "dataset": dataset, "input_shape": [3, 32, 32], "spec": spec,
+            "threat": {"norm": "linf", "eps": 8 / 255}}
+    return model, info
 
 
 def mixture_input_shape(model: nn.Module) -> tuple[int, int, int] | None:

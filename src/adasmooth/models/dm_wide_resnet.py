@@ -10,11 +10,14 @@ weights were trained that way, and symmetric padding changes every logit.
 
 from __future__ import annotations
 
+import re
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import CheckpointError, ConfigError
 from .base import StagedModel, register_model
 from .wideresnet import wide_resnet_layout
 
@@ -147,3 +150,19 @@ class DMPreActResNet(StagedModel):
         for i in range(4):
             out = getattr(self, f"layer_{i}")(out)
         return self.logits(global_pool(self.relu(self.batchnorm(out))))
+
+
+_BLOCK_KEY = re.compile(r"layer\.0\.block\.(\d+)\.")
+
+
+def dm_wrn_config_from_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict:
+    """``depth``, ``width`` and ``num_classes`` of the DM WideResNet whose weights are ``state``."""
+    try:
+        first = state["layer.0.block.0.conv_0.weight"]
+        logits = state["logits.weight"]
+    except KeyError as err:
+        raise CheckpointError(f"{source} is not a DeepMind WideResNet state dict (no {err.args[0]})") from None
+    if first.shape[0] % 16:
+        raise CheckpointError(f"{source}: layer.0 has {first.shape[0]} channels, not a multiple of 16")
+    n = 1 + max(int(m.group(1)) for m in map(_BLOCK_KEY.match, state) if m)
+    return {"depth": 6 * n + 4, "width": first.shape[0] // 16, "num_classes": logits.shape[0]}
