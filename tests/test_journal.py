@@ -69,3 +69,14 @@ def test_single_process_context_without_torchrun(monkeypatch):
     dist = init_distributed("cpu")
     assert not dist.active and dist.is_main and dist.gather("x") == ["x"] and dist.broadcast(5) == 5
     assert dist.device("cpu") == "cpu"
+
+
+def test_parts_of_several_processes_are_read_together(tmp_path):
+    path = tmp_path / "out.json.journal"
+    Journal(path, {"a": 1}, part="rank0").append([{"index": 0}, {"index": 2}], meta={"seconds": {"pgd": 1.0}})
+    Journal(path, {"a": 1}, part="rank1").append([{"index": 1}])
+    single = Journal(path, {"a": 1})  # resumed as one process
+    assert sorted(single.done) == [0, 1, 2] and single.metas == [{"seconds": {"pgd": 1.0}}]
+    assert len(single.files()) == 3
+    single.remove_all()
+    assert single.files() == []

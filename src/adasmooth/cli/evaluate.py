@@ -42,6 +42,7 @@ class EvaluateConfig(CheckpointDataOptions):
     batch_size: int = batch_size_option(250)
     cascade: bool = option(False, help="run each attack only on inputs that survived the earlier ones")
     adaptive_weight: float = option(0.25, help="weight w of the alpha term in attack D")
+    restart: bool = option(False, help="start over: delete the journal an earlier run with another config left")
     output: str = output_option("runs/evaluate.json", "result JSON (rewritten after every batch)")
 
     def validate(self) -> None:
@@ -116,12 +117,22 @@ def _load_model(cfg: EvaluateConfig, device):
                                                                       "alpha": cfg.alpha}
 
 
-def run(cfg: EvaluateConfig) -> int:
-    from ..core.runtime import resolve_device, seed_everything
-    from ..data import load_dataset
-    from ..evaluate.robustness import evaluate_robustness, format_report, write_report
+# Fields that do not change any example's outcome: a journal made under other values still resumes.
+NOT_RESULT_FIELDS = ("progress", "device", "batch_size", "restart", "output")
 
-    device = resolve_device(cfg.device)
+
+def run(cfg: EvaluateConfig) -> int:
+    """Evaluate; every finished batch goes to a journal beside the output, so a killed run started again
+    continues where it stopped; under torchrun each process takes a strided share of the examples and
+    rank 0 writes the one result file."""
+    from ..core.distributed import init_distributed, shard
+    from ..core.journal import Journal, journal_path
+    from ..core.runtime import resolve_device, seed_everything
+    from ..data import Dataset, load_dataset
+    from ..evaluate.robustness import evaluate_robustness, format_report, report_from_examples, write_report
+
+    dist = init_distributed(cfg.device)
+    device = resolve_device(dist.device(cfg.device))
     seed_everything(cfg.seed)
     model, infos, threat_source, source = _load_model(cfg, device)
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
@@ -130,16 +141,58 @@ def run(cfg: EvaluateConfig) -> int:
     data = load_dataset(dataset, cfg.split, cfg.data_dir).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
 
-    def save(report):
-        write_report(cfg.output, report, config={**dataclasses.asdict(cfg), "source": source})
+    fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_FIELDS}
+    fingerprint["source"] = source
+    path = journal_path(cfg.output)
+    if cfg.restart and dist.is_main:
+        Journal(path, fingerprint, restart=True).remove_all()
+    dist.barrier()
+    journal = Journal(path, fingerprint, part=f"rank{dist.rank}" if dist.active else None)
+    mine = shard(journal.pending(range(len(data))), dist)
+    if journal.done and dist.is_main:
+        print(f"resuming: {len(journal.done)} of {len(data)} examples already done ({path})")
+    config_record = {**dataclasses.asdict(cfg), "source": source}
 
-    report = evaluate_robustness(
-        model, data, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
-        progress=cfg.progress, device=device, cascade=cfg.cascade,
-        attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=save,
-    )
-    save(report)
-    print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}")
+    def final_report(records, complete: bool):
+        seconds: dict[str, float] = {}
+        flags: dict[str, list[str]] = {}
+        for meta in journal.metas:
+            for a, t in meta.get("seconds", {}).items():
+                seconds[a] = seconds.get(a, 0.0) + t
+            for a, msgs in meta.get("flags", {}).items():
+                flags[a] = flags.get(a, []) + [m for m in msgs if m not in flags.get(a, [])]
+        report = report_from_examples(records, cfg.attacks, eps, norm, cfg.seed, cfg.cascade, seconds, flags)
+        report.complete = complete
+        return report
+
+    state = {"written": 0, "seconds": {}, "flags": {}}
+
+    def on_batch(report):
+        report.indices = mine[: report.n]
+        new = report.examples()[state["written"]:]
+        seconds = {a: t - state["seconds"].get(a, 0.0) for a, t in report.seconds.items()}
+        flags = {a: [m for m in msgs if m not in state["flags"].get(a, [])] for a, msgs in report.flags.items()}
+        journal.append(new, meta={"seconds": seconds, "flags": {a: m for a, m in flags.items() if m}})
+        state.update(written=report.n, seconds=dict(report.seconds), flags={a: list(m) for a, m in report.flags.items()})
+        if not dist.active:  # one process: the result file shows the progress too
+            write_report(cfg.output, final_report(list(journal.done.values()), False), config=config_record)
+
+    if mine:
+        part = Dataset(data.x[mine], data.y[mine], data.num_classes, data.name, data.split)
+        evaluate_robustness(
+            model, part, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
+            progress=cfg.progress, device=device, cascade=cfg.cascade,
+            attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=on_batch,
+        )
+    dist.barrier()
+    if not dist.is_main:
+        return 0
+    journal = Journal(path, fingerprint, part="rank0" if dist.active else None)  # every process's records
+    report = final_report([journal.done[i] for i in range(len(data))], True)
+    write_report(cfg.output, report, config=config_record)
+    journal.remove_all()
+    print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}"
+          + (f", {dist.world_size} processes" if dist.active else ""))
     print(format_report(report))
     print(f"wrote {cfg.output}")
     return 0

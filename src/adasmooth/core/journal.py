@@ -7,6 +7,10 @@ loses at most the batch in flight; a torn last line (killed mid-write) is ignore
 
 A run started again with the same config skips the examples the journal holds; with another config it
 is refused (a CheckpointError naming what differs) unless ``restart`` is given, which starts over.
+
+Several processes of one run (torchrun) each append to their own file ``<journal>.<part>`` and read all
+of them, so a run resumed with another number of processes still finds every finished example.
+Besides records, a line may carry ``meta`` (e.g. seconds spent per attack), collected in ``metas``.
 """
 
 from __future__ import annotations
@@ -33,30 +37,37 @@ def journal_path(output: str | Path) -> Path:
 class Journal:
     """``Journal(path, config, restart=False)``: ``done`` maps example index -> record; ``append(records)``."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any], restart: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, config: dict[str, Any], restart: bool = False, part: str | None = None):
+        self.base = Path(path)
+        self.path = self.base if part is None else self.base.with_name(f"{self.base.name}.{part}")
         self.config = to_jsonable(config)
         self.done: dict[int, dict[str, Any]] = {}
+        self.metas: list[dict[str, Any]] = []
         if restart:
-            self.path.unlink(missing_ok=True)
-        if self.path.is_file():
-            self._read()
-        else:
+            self.remove_all()
+        for file in self.files():
+            self._read(file)
+        if not self.path.is_file():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write_line({"format": FORMAT, "config": self.config})
 
-    def _read(self) -> None:
-        lines = self.path.read_text().splitlines()
+    def files(self) -> list[Path]:
+        """Every part of this journal on disk (the single-process file and the per-process ones)."""
+        parts = sorted(self.base.parent.glob(f"{self.base.name}.*")) if self.base.parent.is_dir() else []
+        return ([self.base] if self.base.is_file() else []) + [p for p in parts if p.is_file()]
+
+    def _read(self, file: Path) -> None:
+        lines = file.read_text().splitlines()
         try:
             header = json.loads(lines[0]) if lines else None
         except json.JSONDecodeError:
             header = None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise CheckpointError(f"journal {self.path} is not an adasmooth journal; delete it or pass --restart")
+            raise CheckpointError(f"journal {file} is not an adasmooth journal; delete it or pass --restart")
         if header.get("config") != self.config:
             saved = header.get("config") or {}
             changed = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
-            raise CheckpointError(f"journal {self.path} was made with a different config (differs in: "
+            raise CheckpointError(f"journal {file} was made with a different config (differs in: "
                                   f"{', '.join(changed)}); pass --restart to start over")
         for number, line in enumerate(lines[1:], start=2):
             try:
@@ -64,9 +75,11 @@ class Journal:
             except json.JSONDecodeError:
                 if number == len(lines):  # the run was killed while writing its last line
                     break
-                raise CheckpointError(f"journal {self.path} is damaged at line {number}; pass --restart") from None
+                raise CheckpointError(f"journal {file} is damaged at line {number}; pass --restart") from None
             for record in entry.get("records", []):
                 self.done[int(record["index"])] = record
+            if entry.get("meta"):
+                self.metas.append(entry["meta"])
 
     def _write_line(self, payload: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -74,19 +87,22 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Record finished examples (each a dict with an ``index``) durably, in one line."""
+    def append(self, records: Iterable[dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
+        """Record finished examples (each a dict with an ``index``), and ``meta``, durably, in one line."""
         records = [to_jsonable(r) for r in records]
-        if not records:
+        if not records and not meta:
             return
-        self._write_line({"records": records})
+        self._write_line({"records": records, **({"meta": to_jsonable(meta)} if meta else {})})
         for record in records:
             self.done[int(record["index"])] = record
+        if meta:
+            self.metas.append(to_jsonable(meta))
 
     def pending(self, indices: Iterable[int]) -> list[int]:
         """The given example indices the journal does not hold yet, in order."""
         return [i for i in indices if i not in self.done]
 
-    def remove(self) -> None:
-        """Delete the journal (once the run's final output is written)."""
-        self.path.unlink(missing_ok=True)
+    def remove_all(self) -> None:
+        """Delete every part of the journal (once the run's final output is written, or to restart)."""
+        for file in self.files():
+            file.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ __all__ = [
     "report_rows",
     "write_report",
     "format_report",
+    "report_from_examples",
 ]
 
 
@@ -54,6 +55,8 @@ class EvaluationReport:
     component_broken_by: dict[str, list[str | None]] = field(default_factory=dict)
     cascade: bool = False
     complete: bool = False
+    # the example index of each input in the data set (None: 0, 1, 2, ...); set for a shard or a resumed run
+    indices: list[int] | None = None
 
     @property
     def n(self) -> int:
@@ -104,10 +107,11 @@ class EvaluationReport:
 
     def examples(self) -> list[dict[str, Any]]:
         worst, broken = self.worst_case(), self.broken_by()
+        indices = self.indices if self.indices is not None else range(self.n)
         rows = []
-        for i in range(self.n):
+        for i, index in zip(range(self.n), indices):
             row = {
-                "index": i,
+                "index": index,
                 "label": self.labels[i],
                 "clean_pred": self.clean_pred[i],
                 "clean_correct": self.clean_pred[i] == self.labels[i],
@@ -274,3 +278,24 @@ def format_report(report: EvaluationReport) -> str:
         for msg in msgs:
             text += f"\n[{attack}] flag: {msg}"
     return text
+
+
+def report_from_examples(examples: Sequence[dict[str, Any]], attacks: Sequence[str], eps: float, norm: str,
+                         seed: int, cascade: bool = False, seconds: dict[str, float] | None = None,
+                         flags: dict[str, list[str]] | None = None) -> EvaluationReport:
+    """The report holding these per-example records (``EvaluationReport.examples()`` rows, from any
+    number of batches, shards or resumed runs), in example-index order."""
+    rows = sorted(examples, key=lambda r: int(r["index"]))
+    report = EvaluationReport(attacks=list(attacks), eps=float(eps), norm=norm, seed=seed, cascade=cascade,
+                              complete=True, indices=[int(r["index"]) for r in rows])
+    report.labels = [int(r["label"]) for r in rows]
+    report.clean_pred = [int(r["clean_pred"]) for r in rows]
+    for a in attacks:
+        report.robust[a] = [r["robust"][a] for r in rows]
+        report.adv_pred[a] = [r["adv_pred"][a] for r in rows]
+        report.seconds[a] = float((seconds or {}).get(a, 0.0))
+        report.flags[a] = list((flags or {}).get(a, []))
+    with_components = sorted({a for r in rows for a in r.get("component", {})})
+    for a in with_components:
+        report.component_broken_by[a] = [r.get("component", {}).get(a) for r in rows]
+    return report

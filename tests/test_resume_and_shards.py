@@ -1,0 +1,75 @@
+"""Long runs survive a SIGKILL (the journal), and results do not depend on how inputs are split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from adasmooth.core.journal import journal_path
+from adasmooth.models.checkpoint import save_checkpoint
+
+from digits_models import train_digits_model
+
+
+@pytest.fixture(scope="module")
+def rob(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume")
+    save_checkpoint(train_digits_model(adversarial=True, epochs=1, seed=0), folder / "rob",
+                    {"dataset": "digits", "metrics": {"eval_eps": 0.1, "eval_norm": "linf"}})
+    return folder / "rob"
+
+
+def evaluate_cmd(rob: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "adasmooth", "evaluate", "--model", str(rob), "--attacks", "pgd,apgd-ce",
+            "--n-examples", "120", "--batch-size", "10", "--no-progress", "-o", str(out), *extra]
+
+
+def outcomes(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["results"]["examples"]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_evaluate_killed_mid_run_resumes_to_the_same_result(rob, tmp_path):
+    full = tmp_path / "full.json"
+    subprocess.run(evaluate_cmd(rob, full), check=True, env=env(), capture_output=True)
+    out = tmp_path / "killed.json"
+    journal = journal_path(out)
+    proc = subprocess.Popen(evaluate_cmd(rob, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:  # header + two finished batches
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(journal.read_text().splitlines()) - 1
+    assert 2 <= done_before < 12
+    partial = json.loads(out.read_text())["results"]
+    assert partial["summary"]["complete"] is False and len(partial["examples"]) < 120
+    resumed = subprocess.run(evaluate_cmd(rob, out), env=env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert outcomes(out) == outcomes(full)
+    assert not journal.exists()
+
+
+def test_a_changed_config_refuses_to_resume_unless_restarting(rob, tmp_path):
+    out = tmp_path / "e.json"
+    journal = journal_path(out)
+    journal.write_text(json.dumps({"format": "adasmooth-journal", "config": {"eps": 0.3}}) + "\n")
+    refused = subprocess.run(evaluate_cmd(rob, out), env=env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--restart" in refused.stderr and "different config" in refused.stderr
+    restarted = subprocess.run(evaluate_cmd(rob, out, "--restart"), env=env(), capture_output=True, text=True)
+    assert restarted.returncode == 0, restarted.stderr
+    assert len(outcomes(out)) == 120
