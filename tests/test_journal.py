@@ -46,8 +46,15 @@ def test_another_config_is_refused_unless_restarting(tmp_path):
     with pytest.raises(CheckpointError, match="differs in: eps"):
         Journal(path, {"eps": 0.2, "seed": 0})
     fresh = Journal(path, {"eps": 0.2, "seed": 0}, restart=True)
-    assert fresh.done == {}
+    assert fresh.done == {} and not path.exists()  # nothing on disk until the first finished work
+    fresh.append([{"index": 5}])
     assert json.loads(path.read_text().splitlines()[0])["config"] == {"eps": 0.2, "seed": 0}
+
+
+def test_a_journal_without_finished_work_never_blocks_another_config(tmp_path):
+    path = tmp_path / "j"
+    path.write_text(json.dumps({"format": "adasmooth-journal", "config": {"attacks": ["typo"]}}) + "\n")
+    assert Journal(path, {"attacks": ["pgd"]}).done == {}
 
 
 def test_a_foreign_file_is_refused(tmp_path):
@@ -77,6 +84,6 @@ def test_parts_of_several_processes_are_read_together(tmp_path):
     Journal(path, {"a": 1}, part="rank1").append([{"index": 1}])
     single = Journal(path, {"a": 1})  # resumed as one process
     assert sorted(single.done) == [0, 1, 2] and single.metas == [{"seconds": {"pgd": 1.0}}]
-    assert len(single.files()) == 3
+    assert len(single.files()) == 2  # the two parts; this process has written nothing yet
     single.remove_all()
     assert single.files() == []

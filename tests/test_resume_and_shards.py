@@ -67,7 +67,8 @@ def test_evaluate_killed_mid_run_resumes_to_the_same_result(rob, tmp_path):
 def test_a_changed_config_refuses_to_resume_unless_restarting(rob, tmp_path):
     out = tmp_path / "e.json"
     journal = journal_path(out)
-    journal.write_text(json.dumps({"format": "adasmooth-journal", "config": {"eps": 0.3}}) + "\n")
+    journal.write_text(json.dumps({"format": "adasmooth-journal", "config": {"eps": 0.3}}) + "\n"
+                       + json.dumps({"records": [{"index": 0}]}) + "\n")
     refused = subprocess.run(evaluate_cmd(rob, out), env=env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "--restart" in refused.stderr and "different config" in refused.stderr
     restarted = subprocess.run(evaluate_cmd(rob, out, "--restart"), env=env(), capture_output=True, text=True)

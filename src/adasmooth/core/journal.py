@@ -47,9 +47,6 @@ class Journal:
             self.remove_all()
         for file in self.files():
             self._read(file)
-        if not self.path.is_file():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_line({"format": FORMAT, "config": self.config})
 
     def files(self) -> list[Path]:
         """Every part of this journal on disk (the single-process file and the per-process ones)."""
@@ -64,7 +61,7 @@ class Journal:
             header = None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise CheckpointError(f"journal {file} is not an adasmooth journal; delete it or pass --restart")
-        if header.get("config") != self.config:
+        if header.get("config") != self.config and len(lines) > 1:
             saved = header.get("config") or {}
             changed = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
             raise CheckpointError(f"journal {file} was made with a different config (differs in: "
@@ -82,6 +79,11 @@ class Journal:
                 self.metas.append(entry["meta"])
 
     def _write_line(self, payload: dict[str, Any]) -> None:
+        if not self.path.is_file() or not self.path.stat().st_size:
+            # written with the first finished work: a run that fails before any leaves no journal behind
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            header = json.dumps({"format": FORMAT, "config": self.config}) + "\n"
+            self.path.write_text(header)
         with self.path.open("a") as f:
             f.write(json.dumps(to_jsonable(payload), allow_nan=False) + "\n")
             f.flush()
