@@ -23,7 +23,8 @@ from ..core.config import (
     option,
     output_option,
 )
-from ..models.checkpoint import check_input_shape, recorded_dataset
+from ..data.images import ImageOptions
+from ..models.checkpoint import check_input_shape, trained_input_shape, recorded_dataset
 from .common import check_outputs_not_inputs, checkpoint_files
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
@@ -40,6 +41,7 @@ class CertifyConfig(RunOptions):
     dataset: str | None = dataset_option()
     force_dataset: bool = force_dataset_option()
     data_dir: str | None = data_dir_option()
+    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
     split: Literal["train", "val", "test"] = option("test", help="data split")
     n0: int = option(100, help="selection draws per input")
     n: int = option(100_000, help="estimation draws per input")
@@ -107,8 +109,9 @@ def run(cfg: CertifyConfig) -> int:
         if int(infos[cfg.std]["num_classes"]) != num_classes:
             raise ValueError(f"g has {infos[cfg.std]['num_classes']} classes but h has {num_classes}")
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
-    cfg = dataclasses.replace(cfg, dataset=dataset)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir)
+    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    cfg = dataclasses.replace(cfg, dataset=dataset, image=image)
+    data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image)
     check_input_shape(infos, data.input_shape, dataset)
     results, _ = certify_smoothed_models(
         models, data, num_classes, std_model=std_model, alphas=cfg.alpha, n0=cfg.n0, n=cfg.n,

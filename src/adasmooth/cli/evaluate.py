@@ -26,7 +26,8 @@ from ..core.config import (
     option,
     output_option,
 )
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..data.images import ImageOptions
+from ..models.checkpoint import check_input_shape, trained_input_shape, recorded_dataset, recorded_threat
 from .common import check_file_output, check_outputs_not_inputs, checkpoint_files
 
 
@@ -42,6 +43,7 @@ class EvaluateConfig(RunOptions):
     dataset: str | None = dataset_option()
     force_dataset: bool = force_dataset_option()
     data_dir: str | None = data_dir_option()
+    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius in [0, 1] pixel units; none: the robust checkpoint's")
@@ -127,8 +129,9 @@ def run(cfg: EvaluateConfig) -> int:
     model, infos, threat_source, source = _load_model(cfg, device)
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[threat_source], threat_source)
-    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir).subset(cfg.n_examples)
+    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
+    data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
 
     def save(report):

@@ -8,9 +8,10 @@ centre crop of ``crop`` x ``crop`` (defaults 256 / 224, the usual ImageNet proto
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -54,11 +55,13 @@ class ImageOptions:
     def short_side(self) -> int:
         return self.resize if self.resize is not None else int(round(self.size * 256 / 224))
 
-    def fit(self, input_shape: Sequence[int] | None) -> "ImageOptions":
-        """These options with ``crop`` defaulting to the side of ``input_shape`` (a checkpoint's (C, H, W))."""
-        if self.crop is not None or not input_shape:
+    def fit(self, input_shapes: Iterable[Sequence[int] | None]) -> "ImageOptions":
+        """These options with ``crop`` defaulting to the side of the first known shape of ``input_shapes``
+        (the (C, H, W) the checkpoints were trained on): evaluation then needs no ``--image-crop``."""
+        shape = next((s for s in input_shapes if s), None)
+        if self.crop is not None or shape is None:
             return self
-        return ImageOptions(crop=int(input_shape[-1]), resize=self.resize, subset=self.subset, labels=self.labels)
+        return dataclasses.replace(self, crop=int(shape[-1]))
 
 
 def _pil():
