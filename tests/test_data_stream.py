@@ -3,8 +3,6 @@ with any number of worker processes, in-memory and image-folder data alike."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -88,38 +86,46 @@ def test_folder_stream_is_the_same_with_workers_and_resumes(image_folder, augmen
 # ---------------------------------------------------------------------------- training resumes mid-epoch
 
 
-@contextlib.contextmanager
-def _interrupt_at_call(method: str, call: int):
-    original, info = TRAINING_METHODS.get(method), TRAINING_METHODS.info(method)
-    calls = []
+@pytest.fixture
+def interruptible():
+    """Registers "interruptible-<method>": the method, raising KeyboardInterrupt at call ``state["stop"]``
+    (1-based, counted from the last reset of ``state["calls"]``)."""
+    state, added = {"stop": None, "calls": 0}, []
 
-    def interrupting(*args):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return original(*args)
+    def add(method: str) -> str:
+        original = TRAINING_METHODS.get(method)
 
-    TRAINING_METHODS.remove(method)
-    TRAINING_METHODS.add(method, interrupting, **info)
-    try:
-        yield
-    finally:
-        TRAINING_METHODS.remove(method)
-        TRAINING_METHODS.add(method, original, **info)
+        def interrupting(*args):
+            state["calls"] += 1
+            if state["calls"] == state["stop"]:
+                raise KeyboardInterrupt
+            return original(*args)
+
+        name = f"interruptible-{method}"
+        TRAINING_METHODS.add(name, interrupting, **TRAINING_METHODS.info(method))
+        added.append(name)
+        return name
+
+    yield add, state
+    for name in added:  # added last, removed: the built-in methods keep their order
+        TRAINING_METHODS.remove(name)
 
 
 @pytest.mark.parametrize("method", ["gaussian", "pgd"])
-def test_training_resumed_mid_epoch_gives_the_same_weights(tmp_path, capsys, digits_train, method):
+def test_training_resumed_mid_epoch_gives_the_same_weights(tmp_path, capsys, digits_train, interruptible, method):
     data = digits_train.subset(160)  # 5 steps per epoch
-    over = dict(dataset="digits", method=method, epochs=2, batch_size=32, attack_steps=2, eval_examples=20,
+    add, state = interruptible
+    over = dict(dataset="digits", method=add(method), epochs=2, batch_size=32, attack_steps=2, eval_examples=20,
                 eval_pgd_steps=1, seed=7, augment="crop-flip", save_every=2, progress=False,
                 model_kwargs={"width": 4})
     straight = TrainConfig(output=str(tmp_path / "straight"), **over)
     train_base(straight, train_data=data)
     cfg = TrainConfig(output=str(tmp_path / "resumed"), **over)
     # call 9 is step 4 of epoch 2 (index 3): the last resume file was written after step 2 of that epoch
-    with _interrupt_at_call(method, 9), pytest.raises(KeyboardInterrupt):
+    state.update(stop=9, calls=0)
+    with pytest.raises(KeyboardInterrupt):
         train_base(cfg, train_data=data)
+    state.update(stop=None)
     state = load_resume_state(tmp_path / "resumed.resume.pt", result_config(cfg))
     assert (state["epoch"], state["step"]) == (1, 2)
     capsys.readouterr()
