@@ -96,7 +96,7 @@ def test_sweep_bad_input(checkpoints, tmp_path, capsys):
     std, rob = map(str, checkpoints)
     out = str(tmp_path / "never")
     base = ["sweep", "--std", std, "--rob", rob, "--output", out, "--no-progress"]
-    _fails([*base, "--dataset", "imagenet"], capsys, "unknown data set", "imagenet")
+    _fails([*base, "--dataset", "no-such-set"], capsys, "unknown data set", "no-such-set")
     _fails([*base, "--alphas", "0,1.5"], capsys, "alpha", "1.5")
     _fails(["sweep", "--std", str(tmp_path / "nope"), "--rob", rob, "--output", out], capsys,
            "not found", "nope.safetensors")

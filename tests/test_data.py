@@ -60,7 +60,7 @@ def test_validation_split_is_deterministic_disjoint_and_covers_train(digits_trai
 
 def test_dataset_bad_arguments():
     with pytest.raises(ConfigError, match="unknown data set"):
-        load_dataset("imagenet", "train")
+        load_dataset("no-such-set", "train")
     with pytest.raises(ConfigError, match="split"):
         load_dataset("digits", "dev")
     with pytest.raises(ConfigError, match="val_fraction"):

@@ -16,6 +16,8 @@ BUILT_IN = {
     "cifar10": (10, (3, 32, 32)),
     "cifar100": (100, (3, 32, 32)),
 }
+# Read from image files: the class count (None: the folders decide) is registered, the shape is the crop's.
+IMAGE_FILES = {"folder": None, "imagenet": 1000}
 
 
 def _toy_arrays(split: str, n: int = 10, top_label: int = 2, shape=(2, 3, 3)):
@@ -65,25 +67,30 @@ def test_loader_output_is_checked(toy_datasets):
 
 
 def test_registry_entries_are_gone_after_the_fixture():
-    assert "toy" not in DATASETS and "toy" not in DATASET_STATS and len(DATASET_STATS) == len(BUILT_IN)
+    assert "toy" not in DATASETS and "toy" not in DATASET_STATS and len(DATASET_STATS) == len(BUILT_IN) + len(IMAGE_FILES)
 
 
 def test_built_in_facts():
-    assert list(DATASETS) == list(BUILT_IN) and list(DATASET_STATS) == list(BUILT_IN)
+    assert list(DATASETS) == list(BUILT_IN) + list(IMAGE_FILES) == list(DATASET_STATS)
     for name, (classes, shape) in BUILT_IN.items():
         info = dataset_info(name)
         assert (info["num_classes"], info["input_shape"]) == (classes, shape)
         mean, std = DATASET_STATS[name]
         assert len(mean) == len(std) == shape[0] and all(0 < s < 1 for s in std)
-    assert DATASET_STATS.get("imagenet", "absent") == "absent"
+    for name, classes in IMAGE_FILES.items():
+        info = dataset_info(name)
+        assert (info["num_classes"], info["input_shape"], info["files"]) == (classes, None, True)
+        assert DATASET_STATS[name] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert DATASET_STATS.get("no-such-set", "absent") == "absent"
 
 
 def test_unknown_names_and_splits_are_config_errors():
     with pytest.raises(ConfigError) as err:
-        load_dataset("imagenet", "train")
-    assert str(err.value) == "unknown data set 'imagenet'; known: digits, mnist, fashion-mnist, cifar10, cifar100"
-    with pytest.raises(ConfigError, match="imagenet"):
-        dataset_info("imagenet")
+        load_dataset("no-such-set", "train")
+    assert str(err.value) == ("unknown data set 'no-such-set'; known: digits, mnist, fashion-mnist, cifar10, "
+                              "cifar100, folder, imagenet")
+    with pytest.raises(ConfigError, match="no-such-set"):
+        dataset_info("no-such-set")
     with pytest.raises(ConfigError, match="split must be 'train', 'val' or 'test', got 'dev'"):
         load_dataset("digits", "dev")
     with pytest.raises(ConfigError, match="val_fraction"):

@@ -107,7 +107,7 @@ def digits_bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     train = load_dataset("digits", "train").subset(600)
     test = load_dataset("digits", "test")
-    cfg = TrainConfig(dataset="digits", arch="small-cnn", model_kwargs={"width": 4, "hidden": 16}, epochs=4, lr=0.1,
+    cfg = TrainConfig(dataset="digits", arch="small-cnn", model_kwargs={"width": 4, "hidden": 16}, epochs=8, lr=0.1,
                       batch_size=32, eval_examples=50, eval_pgd_steps=2, output=str(root / "g"), progress=False,
                       device="cpu")
     train_base(cfg, train_data=train, eval_data=test)

@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def models(tmp_path_factory):
     """A standard and a PGD-trained small CNN on digits (a few seconds of CPU)."""
     out = tmp_path_factory.mktemp("sweep-models")
-    common = dict(dataset="digits", model_kwargs={"width": 8}, eps=EPS, attack_steps=3, epochs=3, batch_size=64,
+    common = dict(dataset="digits", model_kwargs={"width": 8}, eps=EPS, attack_steps=3, epochs=5, batch_size=64,
                   lr=0.05, eval_examples=20, eval_pgd_steps=2, progress=False, resume=False)
     from adasmooth.models.checkpoint import load_checkpoint
 
@@ -164,7 +164,7 @@ def test_bad_input_is_refused(models, data):
     with pytest.raises(ConfigError, match="alpha"):
         from_mapping(SweepConfig, {"alphas": [-0.1, 0.5]})
     with pytest.raises(ConfigError, match="data set"):
-        from_mapping(SweepConfig, {"dataset": "imagenet"})
+        from_mapping(SweepConfig, {"dataset": "no-such-set"})
 
 
 def test_plots_write_valid_pngs(full_sweep, tmp_path):

@@ -16,7 +16,8 @@ from typing import Literal
 
 from ..core.checks import check_finite
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
-from ..models.checkpoint import check_input_shape, recorded_dataset
+from ..data.images import ImageOptions
+from ..models.checkpoint import check_input_shape, recorded_dataset, trained_input_shape
 from ..models.loader import model_dir_option
 from .common import checkpoint_files
 
@@ -34,6 +35,7 @@ class CertifyConfig(CheckpointDataOptions):
     alpha: list[float] = option(default_factory=list, help="mixing weight(s) of h to certify, e.g. 0.8,0.9")
     hardmax: bool = option(False, help="use a one-hot g (Appendix A.2)")
     std_scale: float = option(1.0, help="logit scale of g")
+    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
     split: Literal["train", "val", "test"] = option("test", help="data split")
     n0: int = option(100, help="selection draws per input")
     n: int = option(100_000, help="estimation draws per input")
@@ -105,8 +107,9 @@ def run(cfg: CertifyConfig) -> int:
         if int(infos[cfg.std]["num_classes"]) != num_classes:
             raise ValueError(f"g has {infos[cfg.std]['num_classes']} classes but h has {num_classes}")
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
-    cfg = dataclasses.replace(cfg, dataset=dataset)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir)
+    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    cfg = dataclasses.replace(cfg, dataset=dataset, image=image)
+    data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image)
     check_input_shape(infos, data.input_shape, dataset)
     results, _ = certify_smoothed_models(
         models, data, num_classes, std_model=std_model, alphas=cfg.alpha, n0=cfg.n0, n=cfg.n,

@@ -17,7 +17,8 @@ from typing import Literal
 
 from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..data.images import ImageOptions
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import SPEC_HELP, model_dir_option
 from .common import checkpoint_files
 
@@ -33,6 +34,7 @@ class EvaluateConfig(CheckpointDataOptions):
                                            "released one: robustbench:<dataset>/Linf/Bai2023Improving_*")
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
+    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius in [0, 1] pixel units; none: the robust checkpoint's")
@@ -128,7 +130,7 @@ def run(cfg: EvaluateConfig) -> int:
     from ..core.distributed import init_distributed, shard
     from ..core.journal import Journal, journal_path
     from ..core.runtime import resolve_device, seed_everything
-    from ..data import Dataset, load_dataset
+    from ..data import load_dataset
     from ..evaluate.robustness import evaluate_robustness, format_report, report_from_examples, write_report
 
     dist = init_distributed(cfg.device)
@@ -137,8 +139,9 @@ def run(cfg: EvaluateConfig) -> int:
     model, infos, threat_source, source = _load_model(cfg, device)
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[threat_source], threat_source)
-    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir).subset(cfg.n_examples)
+    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
+    data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
 
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_FIELDS}
@@ -178,7 +181,7 @@ def run(cfg: EvaluateConfig) -> int:
             write_report(cfg.output, final_report(list(journal.done.values()), False), config=config_record)
 
     if mine:
-        part = Dataset(data.x[mine], data.y[mine], data.num_classes, data.name, data.split)
+        part = data.select(mine)
         evaluate_robustness(
             model, part, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
             progress=cfg.progress, device=device, cascade=cfg.cascade,

@@ -1,7 +1,7 @@
 """Data sets as float tensors in [0, 1], shape (N, C, H, W), with int64 labels.
 
-Adding a data set: one new file that decorates its loader with ``@register_dataset(...)``, and
-one import line below.
+Adding a data set: one new file that decorates its loader with ``@register_dataset(...)`` (or
+``@register_image_files(...)`` for files decoded on demand), and one import line below.
 """
 
 from ..core.errors import DataError
@@ -15,11 +15,16 @@ from .base import (
     default_data_dir,
     load_dataset,
     register_dataset,
+    register_image_files,
 )
+from .augment import AUGMENTATIONS
+from .images import ImageOptions
 
 # Importing a data set's file registers it.
 from . import digits  # noqa: E402,F401
 from . import idx  # noqa: E402,F401
 from . import cifar  # noqa: E402,F401
+from . import folder  # noqa: E402,F401
+from .folder import ImageFolderDataset  # noqa: E402
 
-__all__ = list(base.__all__)
+__all__ = list(base.__all__) + ["AUGMENTATIONS", "ImageOptions", "ImageFolderDataset"]

@@ -9,6 +9,11 @@ with the facts about it:
 
 The loader gets ``split`` in {"train", "test"} and returns float32 images in [0, 1] of shape
 (N, C, H, W) and int64 labels; :func:`load_dataset` adds the validation split and the checks.
+
+Data sets too large for memory (image folders, ImageNet) register with :func:`register_image_files`
+instead: their loader returns a :class:`Dataset` subclass that decodes files on demand. Every data
+set streams through one interface, :meth:`Dataset.stream` (DataLoader workers, per-epoch order,
+mid-epoch resume, per-example augmentation).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 
 from ..core.errors import ConfigError, DataError
 from ..core.registry import Registry
+from .augment import augment_batch
+from .stream import stream_batches
 
 __all__ = [
     "Dataset",
@@ -31,6 +38,7 @@ __all__ = [
     "DATASETS",
     "DATASET_STATS",
     "register_dataset",
+    "register_image_files",
     "dataset_info",
     "load_dataset",
     "default_data_dir",
@@ -69,9 +77,25 @@ class Dataset:
             raise ValueError(f"need at least one example, got n={n}")
         return Dataset(self.x[:n], self.y[:n], self.num_classes, self.name, self.split)
 
+    def select(self, indices) -> "Dataset":
+        """The examples at ``indices``, in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return Dataset(self.x[idx], self.y[idx], self.num_classes, self.name, self.split)
+
     def batches(self, batch_size: int):
+        """``(x, y)`` in order, without augmentation (evaluation)."""
         for i in range(0, len(self), batch_size):
             yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+
+    def load(self, indices: torch.Tensor, augment: str = "none", seed: int = 0, epoch: int = 0):
+        """``(x, y)`` of the examples at ``indices``; example ``i`` augmented as seeded by (seed, epoch, i)."""
+        return augment_batch(self.x[indices], indices, augment, seed, epoch), self.y[indices]
+
+    def stream(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, start_batch: int = 0,
+               workers: int = 0, augment: str = "none", drop_last: bool = False, pin_memory: bool = False):
+        """``(x, y, idx)`` batches of epoch ``epoch`` from batch ``start_batch`` on (see :mod:`.stream`)."""
+        return stream_batches(self, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, start_batch=start_batch,
+                              workers=workers, augment=augment, drop_last=drop_last, pin_memory=pin_memory)
 
 
 DATASETS: Registry[Loader] = Registry("data set")
@@ -106,6 +130,27 @@ def register_dataset(
         std=tuple(float(v) for v in std),
         **info,
     )
+
+
+def register_image_files(
+    name: str,
+    *,
+    num_classes: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    **info: Any,
+) -> Callable[[Callable], Callable]:
+    """Decorator: register a data set read from image files, ``loader(split, data_dir, image_options) -> Dataset``.
+
+    ``num_classes`` is None when the files decide it (class folders); the input shape is set by the
+    image options (3, crop, crop), so the registry records none.
+    """
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"data set {name!r}: num_classes must be >= 2, got {num_classes}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"data set {name!r}: RGB images need 3 means and 3 stds")
+    return DATASETS.register(name, num_classes=num_classes, input_shape=None, files=True,
+                             mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), **info)
 
 
 def dataset_info(name: str) -> dict[str, Any]:
@@ -163,11 +208,14 @@ def load_dataset(
     data_dir: str | Path | None = None,
     val_fraction: float = 0.0,
     seed: int = 0,
+    image: Any = None,
 ) -> Dataset:
     """Load ``split`` in {"train", "val", "test"} of a registered data set.
 
     With ``val_fraction > 0`` a deterministic (by ``seed``) part of the training set is held out:
-    ``split="train"`` returns the rest and ``split="val"`` returns the held-out part.
+    ``split="train"`` returns the rest and ``split="val"`` returns the held-out part. ``image``
+    (:class:`~adasmooth.data.images.ImageOptions`) sets crop, resize, subset list and label file of
+    image-file data sets; the others ignore it.
     """
     loader = DATASETS.get(name)
     if split not in SPLITS:
@@ -179,6 +227,12 @@ def load_dataset(
     info = DATASETS.info(name)
     source_split = "test" if split == "test" else "train"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if info.get("files"):
+        data = loader(source_split, data_dir, image)
+        if source_split == "train" and val_fraction > 0:
+            data = data.select(_validation_indices(len(data), split, val_fraction, seed))
+        data.split = split
+        return data
     x, y = loader(source_split, data_dir)
     if tuple(x.shape[1:]) != info["input_shape"]:
         raise DataError(f"{name} {source_split} in {data_dir}: images of shape {tuple(x.shape[1:])}, "

@@ -118,12 +118,12 @@ def load_cifar(layout: _Layout, split: str, data_dir: Path) -> tuple[np.ndarray,
 
 
 @register_dataset("cifar10", num_classes=10, input_shape=(3, 32, 32),
-                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment="crop-flip")
 def load_cifar10(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_cifar(_CIFAR10, split, data_dir)
 
 
 @register_dataset("cifar100", num_classes=100, input_shape=(3, 32, 32),
-                  mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+                  mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop-flip")
 def load_cifar100(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_cifar(_CIFAR100, split, data_dir)

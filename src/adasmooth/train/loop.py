@@ -2,9 +2,13 @@
 
 :func:`train_base` trains one model with any method of ``TRAINING_METHODS`` (see
 :mod:`adasmooth.train.methods`), checkpoints every epoch to ``<output>.resume.pt`` and resumes from
-it, bit for bit, then measures clean and PGD accuracy on held-out data and writes the checkpoint.
+it, bit for bit (also from inside an epoch with ``save_every``), then measures clean and PGD accuracy on held-out data and writes the checkpoint.
 :class:`TrainConfig` holds the options every method shares; a method's own options are a nested
 block (``catrs:``) declared beside the method.
+
+Training data stream through :meth:`adasmooth.data.Dataset.stream`: the order of each epoch comes
+from (seed, epoch), the augmentation of each example from (seed, epoch, index), and both are applied
+before the method's loss, i.e. before its noise (gaussian, cat-rs) and attacks (pgd, trades).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..attacks import PGD
 from ..core.config import data_dir_option, option, RunOptions
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
-from ..data import DATASET_STATS, Dataset, load_dataset
+from ..data import DATASET_STATS, DATASETS, Dataset, ImageOptions, dataset_info, load_dataset
 from ..models import create_model
 from ..models.checkpoint import checkpoint_paths, save_checkpoint
 from ..core.checks import check_counts, check_eps, check_finite
@@ -38,13 +42,19 @@ __all__ = [
     "clean_accuracy",
     "resume_path",
     "result_config",
+    "training_augmentation",
 ]
 
 
 @dataclass
 class TrainConfig(RunOptions):
-    dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100")
+    dataset: str = option("digits", help="digits, mnist, fashion-mnist, cifar10, cifar100, folder, imagenet")
     data_dir: str | None = data_dir_option()
+    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
+    augment: Literal["auto", "none", "crop", "crop-flip", "resized-crop-flip"] = option(
+        "auto", help="training augmentation, seeded per example, applied before noise and attacks; auto: "
+                     "crop-flip for cifar10/cifar100, resized-crop-flip for folder/imagenet, none otherwise")
+    workers: int = option(0, help="data-loading worker processes (0: load in the main process)")
     arch: str = option("small-cnn", help="model name (small-cnn, mlp, resnet18, preact-resnet18, wrn-34-10, ...)")
     model_kwargs: dict = option(help="extra keyword arguments of the model constructor", default_factory=dict,
                                 cli=False)
@@ -72,12 +82,17 @@ class TrainConfig(RunOptions):
     eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
     output: str = option("runs/model", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)", short="-o")
     resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")
+    save_every: int | None = option(None, help="also write the resume file every N steps inside an epoch "
+                                               "(default: at the end of each epoch only)")
 
     def validate(self) -> None:
         TRAINING_METHODS.get(self.method)  # an unknown name lists the known ones
         check_eps(self.eps, self.norm)
         check_finite("sigma", self.sigma, 0, strict=True)
-        check_counts(self, "epochs", "batch_size", "attack_steps", "eval_pgd_steps", "n_train", "eval_examples")
+        check_counts(self, "epochs", "batch_size", "attack_steps", "eval_pgd_steps", "n_train", "eval_examples",
+                     "save_every")
+        check_counts(self, "workers", low=0)
+        self.image.validate()
         check_finite("attack_step_size", self.attack_step_size, 0, strict=True)
         check_finite("lr", self.lr, 0, strict=True)
         check_finite("momentum", self.momentum, 0)
@@ -142,7 +157,7 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_total: int):
 # ---------------------------------------------------------------------------- resume (shared with the mixnet trainer)
 
 # Fields that change how a run is watched or measured, not the weights it produces.
-_NOT_RESULT_FIELDS = ("progress", "resume", "device", "eval_examples", "eval_pgd_steps")
+_NOT_RESULT_FIELDS = ("progress", "resume", "device", "eval_examples", "eval_pgd_steps", "workers", "save_every")
 
 
 def resume_path(output: str | Path) -> Path:
@@ -159,6 +174,13 @@ def result_config(cfg: Any) -> dict:
     return d
 
 
+def training_augmentation(cfg: TrainConfig) -> str:
+    """The augmentation a run uses: ``cfg.augment``, with ``auto`` resolved by the data set's registry entry."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    return dataset_info(cfg.dataset).get("augment", "none") if cfg.dataset in DATASETS else "none"
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -171,19 +193,20 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
     if train_data is None:
-        train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed)
+        train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed, image=cfg.image)
     train_data = train_data.subset(cfg.n_train)
     if eval_data is None:
-        eval_data = load_dataset(cfg.dataset, "test", cfg.data_dir)
+        eval_data = load_dataset(cfg.dataset, "test", cfg.data_dir, image=cfg.image)
     eval_data = eval_data.subset(cfg.eval_examples)
+    augment = training_augmentation(cfg)
     mean, std = DATASET_STATS.get(cfg.dataset, ((0.0,), (1.0,)))
-    model = create_model(cfg.arch, train_data.num_classes, in_channels=train_data.x.shape[1],
+    model = create_model(cfg.arch, train_data.num_classes, in_channels=train_data.input_shape[0],
                          mean=mean, std=std, input_shape=train_data.input_shape, dataset=cfg.dataset,
                          **cfg.model_kwargs).to(device)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     ctx = TrainContext(num_epochs=cfg.epochs, generator=gen)
-    start_epoch, history = 0, []
+    start_epoch, start_step, partial, history = 0, 0, (0.0, 0), []
     resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
     state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
     if state is not None:
@@ -198,19 +221,31 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start_epoch, history = int(state["epoch"]), list(state["history"])
-        print(f"resuming {cfg.output} from epoch {start_epoch}")
+        start_step, partial = int(state.get("step", 0)), tuple(state.get("partial", (0.0, 0)))
+        where = f", step {start_step}" if start_step else ""
+        print(f"resuming {cfg.output} from epoch {start_epoch}{where}")
+
+    def save_state(epochs_done: int, step: int, partial: tuple[float, int]) -> None:
+        save_resume_state(resume_file, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "epoch": epochs_done, "step": step, "partial": list(partial), "history": history,
+        }, fingerprint)
+
     fn = TRAINING_METHODS.get(cfg.method)
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         ctx.epoch = epoch
         model.train()
-        perm = torch.randperm(len(train_data), generator=gen)
-        total, count = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x, y = train_data.x[idx].to(device), train_data.y[idx].to(device)
+        first = start_step if epoch == start_epoch else 0
+        total, count = partial if epoch == start_epoch else (0.0, 0)
+        batches = train_data.stream(cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first,
+                                    workers=cfg.workers, augment=augment, pin_memory=device.type == "cuda")
+        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", initial=first,
+                   total=steps_per_epoch, disable=not cfg.progress, leave=False)
+        for step, (x, y, idx) in enumerate(bar, start=first):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = fn(model, (x, y, idx), cfg, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
@@ -221,20 +256,18 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             total += loss.item() * len(idx)
             count += len(idx)
             bar.set_postfix(loss=f"{total / count:.4f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps_per_epoch:
+                save_state(epoch, step + 1, (total, count))
         history.append({"epoch": epoch + 1, "train_loss": total / count})
-        save_resume_state(resume_file, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            "epoch": epoch + 1, "history": history,
-        }, fingerprint)
+        save_state(epoch + 1, 0, (0.0, 0))
         if cfg.progress:
             print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {total / count:.4f}")
     train_seconds = time.time() - t0
     metrics = evaluate_accuracy(model, eval_data, cfg.eps, cfg.norm, cfg.eval_pgd_steps, device=device, seed=cfg.seed)
     meta = {
         "dataset": cfg.dataset,
-        "training": {"method": cfg.method, "config": asdict(cfg), "history": history, "seconds": train_seconds},
+        "training": {"method": cfg.method, "config": asdict(cfg), "augment": augment, "history": history,
+                     "seconds": train_seconds},
         "metrics": {**metrics, "eval_split": "test", "eval_examples": len(eval_data),
                     "eval_eps": cfg.eps, "eval_norm": cfg.norm},
     }
