@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..models import create_model
+from ..models.resnet import PreActConvs
 from ..models.dm_wide_resnet import dm_wrn_config_from_state_dict
 from ..models.bit_resnet import BitResNetV2, bit_config_from_state_dict
 from .adaptive import AdaptiveMixedClassifier
@@ -83,15 +84,11 @@ BAI2023_ENTRIES: dict[tuple[str, str], Bai2023Entry] = {
 # ---------------------------------------------------------------------------- their mixing network
 
 
-class _TheirPreActBlock(nn.Module):
+class _TheirPreActBlock(PreActConvs):
     """Pre-activation block whose shortcut (identity or 1x1 conv) takes the activated input."""
 
     def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        super().__init__(cin, cout, stride)
         # a Sequential either way: the reference keys are shortcut.0.weight
         self.shortcut = nn.Sequential(*([nn.Conv2d(cin, cout, 1, stride, bias=False)]
                                         if stride != 1 or cin != cout else []))

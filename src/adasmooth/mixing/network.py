@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, InputError
+from ..models.resnet import PreActBlock
 
 __all__ = [
     "FeatureTaps",
@@ -129,25 +130,8 @@ def pair_features(f_std: torch.Tensor, f_rob: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the network
 
 
-class _PreActResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
-
-
 def _group(cin: int, cout: int, n: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(*[_PreActResBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+    return nn.Sequential(*[PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
 
 
 @dataclass

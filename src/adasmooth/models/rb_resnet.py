@@ -15,19 +15,15 @@ from torch import nn
 
 from .base import StagedModel, register_model
 from .dm_wide_resnet import global_pool
-from .resnet import BasicBlock, make_stage
+from .resnet import BasicBlock, PreActConvs, make_stage
 from .wideresnet import wide_resnet_layout
 
 __all__ = ["RBWideResNet", "RBPreActResNet18", "RBResNet18"]
 
 
-class _WideBasicBlock(nn.Module):
+class _WideBasicBlock(PreActConvs):
     def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        super().__init__(cin, cout, stride)
         self.convShortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,21 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class PreActBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0):
+class PreActConvs(nn.Module):
+    """The layers of every pre-activation residual block, bn1 -> conv1 -> bn2 -> conv2 (3x3, the first
+    strided); subclasses add the shortcut under the name their reference code's state dicts use."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+
+
+class PreActBlock(PreActConvs):
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0):
+        super().__init__(cin, cout, stride)
         self.dropout = dropout
         self.shortcut = None
         if stride != 1 or cin != cout:
