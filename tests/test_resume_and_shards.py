@@ -74,3 +74,21 @@ def test_a_changed_config_refuses_to_resume_unless_restarting(rob, tmp_path):
     restarted = subprocess.run(evaluate_cmd(rob, out, "--restart"), env=env(), capture_output=True, text=True)
     assert restarted.returncode == 0, restarted.stderr
     assert len(outcomes(out)) == 120
+
+
+def test_an_inputs_smoothing_counts_do_not_depend_on_the_others(rob):
+    """Noise is seeded from (seed, example index): certifying input 7 alone, or after inputs 0-6, or on
+    another process, gives the same counts (what sharding and resuming rely on)."""
+    from adasmooth.certify.mixed import collect_counts
+    from adasmooth.certify.smoothing import Smooth
+    from adasmooth.data import load_dataset
+    from adasmooth.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(rob)
+    data = load_dataset("digits", "test").subset(8)
+    all_in_order = collect_counts(Smooth(model, 10, 0.25, seed=3), data, 10, 200, 64, progress=False)
+    alone = Smooth(model, 10, 0.25, seed=3).selection_and_estimation_counts(data.x[7], 10, 200, 64, index=7)
+    assert all_in_order.idx[7] == 7
+    assert (all_in_order.selection[7] == alone[0]).all() and (all_in_order.estimation[7] == alone[1]).all()
+    other_seed = Smooth(model, 10, 0.25, seed=4).selection_and_estimation_counts(data.x[7], 10, 200, 64, index=7)
+    assert not (other_seed[1] == alone[1]).all()

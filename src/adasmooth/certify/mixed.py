@@ -115,7 +115,7 @@ def collect_counts(
     try:
         for idx, x, label in examples:
             start = time.perf_counter()
-            selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size)
+            selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size, index=idx)
             if std_model is not None:
                 with torch.no_grad():
                     logits = std_model(x.unsqueeze(0))[0]

@@ -29,6 +29,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from ..core.errors import InputError
+from ..core.runtime import example_generator
 from ..core.io import write_text
 from .bounds import clopper_pearson_lower, cohen_radius
 
@@ -41,8 +42,11 @@ TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 class Smooth:
     """A Gaussian smoothed classifier around ``base_classifier`` (a module returning (N, C) scores).
 
-    ``seed`` makes the noise reproducible: each call draws from a generator on x's device seeded
-    from it (a fresh, stateful one per device); ``seed=None`` uses torch's global generator.
+    ``seed`` makes the noise reproducible. A call given the input's ``index`` in its data set draws
+    from a fresh generator seeded from (seed, index), so an input's certificate does not depend on
+    which inputs were certified before it (batching, sharding over processes, resuming); without an
+    index, calls draw in turn from one stateful generator per device. ``seed=None`` uses torch's
+    global generator.
     """
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None):
@@ -58,9 +62,11 @@ class Smooth:
 
     # ------------------------------------------------------------------ sampling
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
+    def _generator(self, device: torch.device, index: int | None = None) -> torch.Generator | None:
         if self.seed is None:
             return None
+        if index is not None:
+            return example_generator(self.seed, index, device)
         key = str(device)
         if key not in self._generators:
             gen = torch.Generator(device=device)
@@ -81,11 +87,12 @@ class Smooth:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
-    def sample_predictions(self, x: torch.Tensor, num: int, batch_size: int) -> torch.Tensor:
+    def sample_predictions(self, x: torch.Tensor, num: int, batch_size: int,
+                           index: int | None = None) -> torch.Tensor:
         """The base classifier's class on ``num`` noisy copies of x, in draw order: (num,) int64 on x's device."""
         self._check_single(x)
         self._check_draws(num, batch_size, "num")
-        gen = self._generator(x.device)
+        gen = self._generator(x.device, index)
         predictions = []
         remaining = num
         with torch.no_grad():
@@ -105,27 +112,28 @@ class Smooth:
     def _bincount(self, predictions: torch.Tensor) -> np.ndarray:
         return torch.bincount(predictions, minlength=self.num_classes).cpu().numpy()
 
-    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, index: int | None = None) -> np.ndarray:
         """How often the base classifier outputs each class on ``num`` noisy copies of x: (num_classes,) int64."""
-        return self._bincount(self.sample_predictions(x, num, batch_size))
+        return self._bincount(self.sample_predictions(x, num, batch_size, index))
 
     def selection_and_estimation_counts(
-        self, x: torch.Tensor, n0: int, n: int, batch_size: int
+        self, x: torch.Tensor, n0: int, n: int, batch_size: int, index: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Counts over n0 selection draws and n independent estimation draws, sampled in one stream
         (the first n0 draws select) so that small n0 batches cost no extra forward passes."""
         self._check_draws(n0, batch_size, "n0")
         self._check_draws(n, batch_size, "n")
-        predictions = self.sample_predictions(x, n0 + n, batch_size)
+        predictions = self.sample_predictions(x, n0 + n, batch_size, index)
         return self._bincount(predictions[:n0]), self._bincount(predictions[n0:])
 
     # ------------------------------------------------------------------ Cohen et al.'s algorithms
 
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> tuple[int, float]:
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                index: int | None = None) -> tuple[int, float]:
         """(prediction, l_2 radius); (-1, 0.0) on abstention. Sound with probability >= 1 - alpha."""
         if not 0 < alpha < 1:
             raise InputError(f"alpha (failure probability) must lie in (0, 1), got {alpha}")
-        selection, estimation = self.selection_and_estimation_counts(x, n0, n, batch_size)
+        selection, estimation = self.selection_and_estimation_counts(x, n0, n, batch_size, index)
         candidate = int(selection.argmax())
         p_lower = float(clopper_pearson_lower(int(estimation[candidate]), n, alpha))
         if p_lower < 0.5:
@@ -249,7 +257,7 @@ def certify_dataset(
     try:
         for idx, x, label in examples:
             start = time.perf_counter()
-            prediction, radius = smooth.certify(x, n0, n, alpha, batch_size)
+            prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, index=idx)
             elapsed = time.perf_counter() - start
             row = {
                 "idx": idx,
