@@ -18,7 +18,6 @@ from typing import Literal
 from ..core.checks import check_finite
 from ..core.config import (
     RunOptions,
-    batch_size_option,
     data_dir_option,
     dataset_option,
     force_dataset_option,
@@ -26,6 +25,7 @@ from ..core.config import (
     option,
     output_option,
 )
+from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
 from .common import check_file_output, check_outputs_not_inputs, checkpoint_files
 
@@ -48,7 +48,10 @@ class EvaluateConfig(RunOptions):
     attacks: list[str] = option(default_factory=lambda: ["apgd-ce", "apgd-t"],
                                 help="attacks to run (see the list below)")
     n_examples: int | None = n_examples_option(1000)
-    batch_size: int = batch_size_option(250)
+    batch_size: int | str = option(250, help="inputs per batch, or auto: the largest that fits in device memory")
+    precision: Precision = precision_option()
+    channels_last: bool = channels_last_option()
+    compile: bool = compile_option()
     cascade: bool = option(False, help="run each attack only on inputs that survived the earlier ones")
     adaptive_weight: float = option(0.25, help="weight w of the alpha term in attack D")
     output: str = output_option("runs/evaluate.json", "result JSON (rewritten after every batch)")
@@ -57,8 +60,7 @@ class EvaluateConfig(RunOptions):
         from ..attacks import ATTACK_NAMES
 
         check_finite("eps", self.eps, 0, high=1)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.batch_size = parse_batch_size(self.batch_size)
         if self.n_examples is not None and self.n_examples < 1:
             raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
         unknown = [a for a in self.attacks if a not in ATTACK_NAMES]
@@ -131,16 +133,26 @@ def run(cfg: EvaluateConfig) -> int:
     data = load_dataset(dataset, cfg.split, cfg.data_dir).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
 
+    if cfg.batch_size == "auto":
+        from ..core.precision import auto_batch_size, prepare_model
+
+        attacked = prepare_model(model, cfg.precision, cfg.channels_last)
+        cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(attacked, data.input_shape, device, gradients=True,
+                                                                  precision=cfg.precision, cpu_default=250))
+        print(f"batch size auto: {cfg.batch_size}")
+
     def save(report):
         write_report(cfg.output, report, config={**dataclasses.asdict(cfg), "source": source})
 
     report = evaluate_robustness(
         model, data, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
         progress=cfg.progress, device=device, cascade=cfg.cascade,
-        attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=save,
+        attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=save, precision=cfg.precision,
+        channels_last=cfg.channels_last, compile=cfg.compile,
     )
     save(report)
-    print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}")
+    print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}, "
+          f"attacks in {cfg.precision} (judged in fp32)")
     print(format_report(report))
     print(f"wrote {cfg.output}")
     return 0

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import nn
 
+from .config import option
 from .errors import ConfigError
 
 __all__ = [
@@ -35,6 +36,11 @@ __all__ = [
     "check_precision",
     "autocast_dtype",
     "numerics",
+    "autocast",
+    "precision_option",
+    "channels_last_option",
+    "compile_option",
+    "auto_batch_size",
     "PrecisionModel",
     "PrecisionMixedModel",
     "with_precision",
@@ -54,6 +60,18 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # gradient w.r.t. the logits is at most ~1 per entry, so 2**12 keeps fp16 gradients far above the
 # subnormal range while leaving a factor of 16 below fp16's maximum of 65504.
 FP16_GRAD_SCALE = 2.0**12
+
+
+def precision_option() -> Any:
+    return option("fp32", help="numeric precision: fp32, tf32 (CUDA TF32 matmuls), bf16 or fp16 (autocast)")
+
+
+def channels_last_option() -> Any:
+    return option(False, help="channels-last memory layout (faster convolutions on tensor-core GPUs)")
+
+
+def compile_option() -> Any:
+    return option(False, help="torch.compile the models (falls back to eager, with a message, where it fails)")
 
 
 def check_precision(name: str) -> str:
@@ -83,6 +101,19 @@ def numerics(precision: str) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device_type: str) -> Iterator[None]:
+    """Run the enclosed code at ``precision``: :func:`numerics` for fp32/tf32, torch's autocast for
+    bf16/fp16 (where training and attacks keep fp32 weights and take fp32 gradients)."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        with numerics(precision):
+            yield
+    else:
+        with torch.autocast(device_type, dtype=dtype):
+            yield
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -118,10 +149,7 @@ class PrecisionModel(nn.Module):
         self.grad_scale = FP16_GRAD_SCALE if precision == "fp16" else 1.0
 
     def _context(self, x: torch.Tensor):
-        dtype = _AUTOCAST.get(self.precision)
-        if dtype is None:
-            return numerics(self.precision)
-        return torch.autocast(x.device.type, dtype=dtype)
+        return autocast(self.precision, x.device.type)
 
     def _enter(self, x: torch.Tensor) -> torch.Tensor:
         x = _scale_grad(x, 1.0 / self.grad_scale)
@@ -294,3 +322,23 @@ def find_batch_size(probe: Callable[[int], Any], device: torch.device | str, *, 
             raise ConfigError("not even a batch of 1 fits in device memory")
         return find_batch_size(probe, device, start=1, limit=size // 2, headroom=headroom)
     return max(1, int(fits * headroom))
+
+
+def auto_batch_size(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str, *,
+                    gradients: bool, precision: str = "fp32", cpu_default: int = 256) -> int:
+    """:func:`find_batch_size` for a model on inputs of ``input_shape``: with ``gradients`` one
+    forward pass and input gradient (an attack step), else one forward pass under inference mode
+    (certification). ``model`` should be the form the job runs (see :func:`prepare_model`)."""
+    device = torch.device(device)
+
+    def probe(size: int) -> None:
+        x = torch.rand(size, *input_shape, device=device)
+        with numerics(precision):
+            if gradients:
+                x.requires_grad_(True)
+                torch.autograd.grad(model(x).float().sum(), x)
+            else:
+                with torch.inference_mode():
+                    model(x)
+
+    return find_batch_size(probe, device, cpu_default=cpu_default)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..attacks import PGD
 from ..core.config import data_dir_option, option, RunOptions
 from ..core.io import load_resume_state, save_resume_state
+from ..core.precision import Precision, autocast, grad_scaler, precision_option
 from ..core.runtime import resolve_device, seed_everything
 from ..data import DATASET_STATS, Dataset, load_dataset
 from ..models import create_model
@@ -65,6 +66,7 @@ class TrainConfig(RunOptions):
     schedule: Literal["cosine", "step", "constant"] = option("cosine", help="learning-rate schedule over all steps")
     epochs: int = option(10, help="training epochs")
     batch_size: int = option(128, help="training batch size")
+    precision: Precision = precision_option()
     n_train: int | None = option(None, help="use only the first N training examples")
     val_fraction: float = option(0.0, help="hold out this part of the training set (not trained on)")
     # held-out measurement written into the checkpoint
@@ -186,7 +188,10 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     start_epoch, history = 0, []
     resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
     state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
+    scaler = grad_scaler(cfg.precision, device)  # fp16 only; a disabled scaler changes nothing
     if state is not None:
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -211,12 +216,14 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = train_data.x[idx].to(device), train_data.y[idx].to(device)
-            loss = fn(model, (x, y, idx), cfg, ctx)
+            with autocast(cfg.precision, device.type):
+                loss = fn(model, (x, y, idx), cfg, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total += loss.item() * len(idx)
             count += len(idx)
@@ -226,7 +233,7 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            "epoch": epoch + 1, "history": history,
+            "epoch": epoch + 1, "history": history, **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
         }, fingerprint)
         if cfg.progress:
             print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {total / count:.4f}")
