@@ -48,6 +48,7 @@ __all__ = [
     "compile_model",
     "grad_scaler",
     "find_batch_size",
+    "largest_fitting",
     "parse_batch_size",
     "prepare_model",
 ]
@@ -307,20 +308,31 @@ def find_batch_size(probe: Callable[[int], Any], device: torch.device | str, *, 
     device = torch.device(device)
     if device.type != "cuda":
         return cpu_default
-    fits, size = 0, max(1, min(start, limit))
-    while size <= limit:
+
+    def attempt(size: int) -> None:
         try:
             probe(size)
             torch.cuda.synchronize(device)
-        except torch.cuda.OutOfMemoryError:
-            break
         finally:
             torch.cuda.empty_cache()
+
+    return largest_fitting(attempt, start, limit, headroom)
+
+
+def largest_fitting(attempt: Callable[[int], Any], start: int, limit: int, headroom: float = 0.8) -> int:
+    """Double from ``start`` while ``attempt(size)`` runs without ``torch.OutOfMemoryError`` (from
+    1 when ``start`` already fails), up to ``limit``; the largest size that ran, times ``headroom``."""
+    fits, size = 0, max(1, min(start, limit))
+    while size <= limit:
+        try:
+            attempt(size)
+        except torch.OutOfMemoryError:
+            break
         fits, size = size, size * 2
     if fits == 0:
         if size == 1:
             raise ConfigError("not even a batch of 1 fits in device memory")
-        return find_batch_size(probe, device, start=1, limit=size // 2, headroom=headroom)
+        return largest_fitting(attempt, 1, size // 2, headroom)
     return max(1, int(fits * headroom))
 
 
