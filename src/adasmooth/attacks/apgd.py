@@ -117,9 +117,10 @@ class APGD(Attack):
     ``seed`` makes the random starts reproducible (``None``: torch's global generator).
 
     The attribute ``sync_free`` (None: on every device but the CPU) runs the iterations without a
-    host-device synchronisation: broken inputs stay in the batch (masked) instead of being dropped,
-    which changes the cost, not the result. On the CPU, where dropping them saves work and a
-    "synchronisation" is free, they are dropped.
+    host-device synchronisation: broken inputs stay in the batch (masked) instead of being dropped.
+    That changes the cost, and which misclassified iterate is returned (the highest-loss one rather
+    than the first), never which inputs are broken. On the CPU, where dropping them saves work and
+    a "synchronisation" is free, they are dropped.
     """
 
     sync_free: bool | None = None
@@ -204,7 +205,7 @@ class APGD(Attack):
 
     def _value_and_grad(self, x_adv, y, index, need_grad: bool = True):
         """Per-example loss, logits and (unless ``need_grad`` is False) the input gradient, EOT-averaged."""
-        grad = torch.zeros_like(x_adv) if need_grad else None
+        grad = None
         loss_sum = None
         logits = None
         for _ in range(self.eot_iter):
@@ -215,7 +216,7 @@ class APGD(Attack):
                     raise InputError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
                 if need_grad:
                     (g,) = torch.autograd.grad(loss.sum(), xr)
-                    grad += g
+                    grad = g if grad is None else grad + g
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if logits is None:  # the loss did not evaluate the model on x_adv itself (e.g. a surrogate)
             with torch.no_grad():
@@ -265,6 +266,8 @@ class APGD(Attack):
         }
         if track_margin:
             st["min_margin"] = margin_out.clone()
+        if sync_free:
+            st["wrong_loss"] = torch.where(st["fooled"], loss, torch.full_like(loss, -torch.inf))
         hist = torch.empty(self.steps + 1, n, device=x.device, dtype=loss.dtype)
         hist[0] = loss
         hist_keep = None  # columns of hist still in use (hist is compacted lazily, at checkpoints)
@@ -332,9 +335,15 @@ class APGD(Attack):
                 interval = max(interval - self._interval_decrease, self._min_interval)
 
             if sync_free:
-                _put(point, st["rows"], newly, x_new, True)
-                fooled_out |= newly
-                st["fooled"] = st["fooled"] | newly
+                # Broken inputs stay in the batch, so keep the misclassified iterate with the highest
+                # loss (as the reference keeps its latest one) rather than the first: it lies deepest
+                # across the boundary, which matters when the model runs at a low precision and an
+                # fp32 pass judges the point.
+                deeper = wrong & (loss > st["wrong_loss"])
+                st["wrong_loss"] = torch.where(deeper, loss, st["wrong_loss"])
+                _put(point, st["rows"], deeper, x_new, True)
+                fooled_out |= wrong
+                st["fooled"] = st["fooled"] | wrong
             elif newly.any():
                 r = st["rows"][newly]
                 point[r] = x_new[newly]

@@ -268,10 +268,15 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
 def prepare_model(model: nn.Module, precision: str = "fp32", channels_last: bool = False,
                   compile: bool = False) -> nn.Module:
     """The model a run attacks or certifies: channels-last weights (in place), compiled, then under
-    ``precision`` (see :func:`with_precision`)."""
+    ``precision`` (see :func:`with_precision`).
+
+    Compiling freezes the parameters (``requires_grad=False``, in place): a compiled graph decides
+    once which gradients it computes, and attacks and certification never need the weights'.
+    """
     if channels_last:
         to_channels_last(model)
     if compile:
+        model.requires_grad_(False)
         model = compile_model(model)
     return with_precision(model, precision, channels_last)
 
