@@ -27,17 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import InputError
-from .base import (
-    Attack,
-    Norm,
-    check_attack_args,
-    check_batch,
-    make_generator,
-    normalized_step,
-    per_sample,
-    project,
-    tensor_like,
-)
+from .base import (Attack, Norm, check_attack_args, check_batch, make_generator, normalized_step, per_sample,
+                   project, tensor_like)
 from .losses import (
     AttackLoss,
     TargetedLoss,
