@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import InputError
+from ..core.precision import PrecisionModel
 from .apgd import APGD, APGD_STEPS, N_TARGET_CLASSES, APGDTargeted
-from .base import is_mixed_model
+from .base import is_mixed_model, tensor_like
 from .ensemble import EnsembleAttack
 from .losses import AttackLoss, get_loss, logit_loss, loss_for_rows
 from .pgd import PGD, PGD_STEPS
@@ -70,7 +71,7 @@ def _alpha_term(alpha_logit: torch.Tensor) -> torch.Tensor:
 
 
 def _as_weight(weight, like: torch.Tensor) -> torch.Tensor:
-    w = torch.as_tensor(weight, device=like.device, dtype=like.dtype)
+    w = tensor_like(weight, like)
     if w.dim() == 1 and w.shape[0] != like.shape[0]:
         raise InputError(f"per-example weight has {w.shape[0]} entries for a batch of {like.shape[0]}")
     return w
@@ -113,7 +114,10 @@ class AdaptiveAlphaLoss:
         w = self.weight
         if isinstance(w, torch.Tensor) and w.dim() == 1:
             w = w[index.to(w.device)]
-        return AdaptiveAlphaLoss(w, self.base)
+        # rows of a checked weight need no new check (on a GPU it would synchronise every step)
+        rows = object.__new__(AdaptiveAlphaLoss)
+        rows.weight, rows.base = w, self.base
+        return rows
 
     def __repr__(self) -> str:
         return f"AdaptiveAlphaLoss(weight={self.weight!r}, base={self.base!r})"
@@ -173,6 +177,8 @@ def differentiable_surrogate(model: nn.Module) -> nn.Module:
 
     The copy shares the base models (no weights are duplicated); only the flag differs.
     """
+    if isinstance(model, PrecisionModel):  # the surrogate of the model inside, at the same precision
+        return model.rewrap(differentiable_surrogate(model.model))
     if not getattr(model, "std_hardmax", False):
         return model
     surrogate = copy.copy(model)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import InputError
-from .base import Attack, Norm, check_attack_args, check_batch, make_generator, normalized_step, per_sample, project
+from .base import (Attack, Norm, check_attack_args, check_batch, make_generator, normalized_step, per_sample,
+                   project, tensor_like)
 from .losses import (
     AttackLoss,
     TargetedLoss,
@@ -88,6 +89,15 @@ def _select_weight(weight, index: torch.Tensor):
     return weight
 
 
+def _put(dst: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, sync_free: bool) -> None:
+    """``dst[rows[mask]] = src[mask]`` in place. Sync-free runs never drop rows (``rows`` is every
+    row in order), so a ``where`` does it without the host learning how many rows ``mask`` holds."""
+    if sync_free:
+        dst.copy_(torch.where(mask.view(-1, *([1] * (dst.dim() - 1))), src, dst))
+    else:
+        dst[rows[mask]] = src[mask]
+
+
 class APGD(Attack):
     """Untargeted Auto-PGD. ``APGD(model, eps, ...)(x, y) -> x_adv``.
 
@@ -96,7 +106,15 @@ class APGD(Attack):
     the paper; ``eot_iter`` gradient samples averaged per step (for randomised models);
     ``minimum_margin`` keeps the smallest-margin point for every input (paper App. D.2);
     ``seed`` makes the random starts reproducible (``None``: torch's global generator).
+
+    The attribute ``sync_free`` (None: on every device but the CPU) runs the iterations without a
+    host-device synchronisation: broken inputs stay in the batch (masked) instead of being dropped.
+    That changes the cost, and which misclassified iterate is returned (the highest-loss one rather
+    than the first), never which inputs are broken. On the CPU, where dropping them saves work and
+    a "synchronisation" is free, they are dropped.
     """
+
+    sync_free: bool | None = None
 
     def __init__(
         self,
@@ -178,7 +196,7 @@ class APGD(Attack):
 
     def _value_and_grad(self, x_adv, y, index, need_grad: bool = True):
         """Per-example loss, logits and (unless ``need_grad`` is False) the input gradient, EOT-averaged."""
-        grad = torch.zeros_like(x_adv) if need_grad else None
+        grad = None
         loss_sum = None
         logits = None
         for _ in range(self.eot_iter):
@@ -189,7 +207,7 @@ class APGD(Attack):
                     raise InputError(f"attack loss must return shape ({xr.shape[0]},), got {tuple(loss.shape)}")
                 if need_grad:
                     (g,) = torch.autograd.grad(loss.sum(), xr)
-                    grad += g
+                    grad = g if grad is None else grad + g
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if logits is None:  # the loss did not evaluate the model on x_adv itself (e.g. a surrogate)
             with torch.no_grad():
@@ -199,7 +217,7 @@ class APGD(Attack):
             grad = grad / self.eot_iter if need_grad else None
         return loss_sum, logits.detach(), grad
 
-    def _run(self, x, y, eps, index, generator, stop_early: bool):
+    def _run(self, x, y, eps, index, generator, stop_early: bool, sync_free: bool = False):
         """One APGD run from a random start on the rows of x (``index``: their rows in the call's batch).
 
         Returns (fooled (n,), point (n, ...), best_loss (n,), margin (n,) or None, margin_point or None):
@@ -207,8 +225,13 @@ class APGD(Attack):
 
         The per-example state is kept compact: with ``stop_early`` the rows of broken inputs are
         removed from every state tensor as soon as they break, so later steps cost nothing for them
-        and no step needs to gather or scatter rows.
+        and no step needs to gather or scatter rows. With ``sync_free`` (never together with
+        ``stop_early``) no step asks the host anything about tensor values: updates are ``where``s.
         """
+
+        def changed(mask: torch.Tensor) -> bool:  # skips an update that changes nothing, at a sync
+            return sync_free or bool(mask.any())
+
         n = x.shape[0]
         track_margin = self.minimum_margin
         x_adv = self._random_start(x, eps, generator)
@@ -234,6 +257,8 @@ class APGD(Attack):
         }
         if track_margin:
             st["min_margin"] = margin_out.clone()
+        if sync_free:
+            st["wrong_loss"] = torch.where(st["fooled"], loss, torch.full_like(loss, -torch.inf))
         hist = torch.empty(self.steps + 1, n, device=x.device, dtype=loss.dtype)
         hist[0] = loss
         hist_keep = None  # columns of hist still in use (hist is compacted lazily, at checkpoints)
@@ -244,10 +269,9 @@ class APGD(Attack):
                 st[key] = val[keep]
             hist_keep = keep.nonzero().squeeze(1) if hist_keep is None else hist_keep[keep]
 
-        if st["fooled"].any():
-            fooled_out[st["fooled"]] = True
-            if stop_early:
-                drop(~st["fooled"])
+        fooled_out |= st["fooled"]  # rows are still every row in order
+        if stop_early and st["fooled"].any():
+            drop(~st["fooled"])
         interval, since_check = self._first_interval, 0
         for i in range(self.steps):
             if st["rows"].numel() == 0:
@@ -273,13 +297,12 @@ class APGD(Attack):
             if track_margin:
                 m = probability_margin(logits, st["y"])
                 lower = m < st["min_margin"]
-                if lower.any():
+                if changed(lower):
                     st["min_margin"] = torch.where(lower, m, st["min_margin"])
-                    r = st["rows"][lower]
-                    margin_out[r] = m[lower]
-                    margin_point[r] = x_new[lower]
+                    _put(margin_out, st["rows"], lower, m, sync_free)
+                    _put(margin_point, st["rows"], lower, x_new, sync_free)
             better = loss > st["best_loss"]
-            if better.any():
+            if changed(better):
                 st["best_loss"] = torch.where(better, loss, st["best_loss"])
                 b = better.view(-1, *([1] * (x.dim() - 1)))
                 st["x_best"] = torch.where(b, x_new, st["x_best"])
@@ -294,7 +317,7 @@ class APGD(Attack):
                 reduce = oscillating | stalled
                 st["reduced_last"] = reduce
                 st["best_at_last_check"] = st["best_loss"].clone()
-                if reduce.any():
+                if changed(reduce):
                     r = reduce.view(-1, *([1] * (x.dim() - 1)))
                     st["step"] = torch.where(r, st["step"] / 2.0, st["step"])
                     st["x_adv"] = torch.where(r, st["x_best"], st["x_adv"])
@@ -302,7 +325,17 @@ class APGD(Attack):
                 since_check = 0
                 interval = max(interval - self._interval_decrease, self._min_interval)
 
-            if newly.any():
+            if sync_free:
+                # Broken inputs stay in the batch, so keep the misclassified iterate with the highest
+                # loss (as the reference keeps its latest one) rather than the first: it lies deepest
+                # across the boundary, which matters when the model runs at a low precision and an
+                # fp32 pass judges the point.
+                deeper = wrong & (loss > st["wrong_loss"])
+                st["wrong_loss"] = torch.where(deeper, loss, st["wrong_loss"])
+                _put(point, st["rows"], deeper, x_new, True)
+                fooled_out |= wrong
+                st["fooled"] = st["fooled"] | wrong
+            elif newly.any():
                 r = st["rows"][newly]
                 point[r] = x_new[newly]
                 fooled_out[r] = True
@@ -313,9 +346,11 @@ class APGD(Attack):
                     st["fooled"] = st["fooled"] | newly
 
         r = st["rows"]
-        best_loss_out[r] = st["best_loss"]
-        still = ~fooled_out[r]
-        point[r[still]] = st["x_best"][still]
+        if sync_free:
+            best_loss_out.copy_(st["best_loss"])
+        else:
+            best_loss_out[r] = st["best_loss"]
+        _put(point, r, ~fooled_out[r], st["x_best"], sync_free)
         return fooled_out, point, best_loss_out, margin_out, margin_point
 
     # ------------------------------------------------------------------ public
@@ -343,6 +378,7 @@ class APGD(Attack):
         best_loss = torch.full((n,), -torch.inf, device=x.device, dtype=x.dtype)
         margin = probability_margin(clean_logits, y) if self.minimum_margin else None
         subset_ok = self._can_subset()
+        sync_free = self.sync_free if self.sync_free is not None else x.device.type != "cpu"
 
         for prepare in self._runs(clean_logits, y):
             todo = all_rows if self.minimum_margin else all_rows[~found]
@@ -350,8 +386,9 @@ class APGD(Attack):
                 break
             run_rows = todo if subset_ok else all_rows
             prepare()
-            stop_early = subset_ok and not self.minimum_margin
-            f, pt, bl, mm, mp = self._run(x[run_rows], y[run_rows], eps[run_rows], run_rows, generator, stop_early)
+            stop_early = subset_ok and not self.minimum_margin and not sync_free
+            f, pt, bl, mm, mp = self._run(x[run_rows], y[run_rows], eps[run_rows], run_rows, generator, stop_early,
+                                          sync_free)
             if not subset_ok:  # the run covered every row; keep the rows it was meant for
                 f, pt, bl = f[todo], pt[todo], bl[todo]
                 if mm is not None:
@@ -450,8 +487,7 @@ class APGDTargeted(APGD):
             main = loss_for_rows(self.targeted_loss, index)(rec, x_adv, y, target)
         if self.extra_loss is not None:
             extra = loss_for_rows(self.extra_loss, index)
-            w = _select_weight(self.extra_weight, index)
-            w = torch.as_tensor(w, device=main.device, dtype=main.dtype)
+            w = tensor_like(_select_weight(self.extra_weight, index), main)
             main = (1 - w) * main + w * extra(rec, x_adv, y)
         return main, rec.logits
 

@@ -28,6 +28,7 @@ __all__ = [
     "check_attack_args",
     "check_batch",
     "make_generator",
+    "tensor_like",
 ]
 
 
@@ -116,6 +117,14 @@ def per_sample(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if t.shape != (x.shape[0],):
         raise InputError(f"per-sample value must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
     return t.view(-1, *([1] * (x.dim() - 1)))
+
+
+def tensor_like(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a number or tensor) as a tensor on ``like``'s device and dtype. A number is filled
+    on the device: ``torch.as_tensor`` would copy it from the host, a synchronisation on a GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return torch.full((), value, device=like.device, dtype=like.dtype)
 
 
 def project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:

@@ -93,24 +93,29 @@ class Smooth:
         self._check_single(x)
         self._check_draws(num, batch_size, "num")
         gen = self._generator(x.device, index)
-        predictions = []
-        remaining = num
-        with torch.no_grad():
-            while remaining > 0:
-                size = min(batch_size, remaining)
-                remaining -= size
-                batch = x.unsqueeze(0).expand(size, *x.shape)
-                noise = torch.randn(batch.shape, generator=gen, device=x.device, dtype=x.dtype) * self.sigma
-                scores = self.base_classifier(batch + noise)
+        predictions = torch.empty(num, dtype=torch.long, device=x.device)
+        # One noise buffer, drawn on x's device and overwritten in place batch after batch: the same
+        # values as (x + sigma * randn) without allocating and filling three tensors per batch.
+        buffer = torch.empty((min(batch_size, num), *x.shape), device=x.device, dtype=x.dtype)
+        with torch.inference_mode():
+            for start in range(0, num, batch_size):
+                size = min(batch_size, num - start)
+                noisy = buffer[:size]
+                torch.randn(noisy.shape, generator=gen, device=x.device, dtype=x.dtype, out=noisy)
+                noisy.mul_(self.sigma).add_(x)
+                scores = self.base_classifier(noisy)
                 if scores.dim() != 2 or scores.shape[1] != self.num_classes:
                     raise InputError(
                         f"base classifier returned shape {tuple(scores.shape)}; expected (N, {self.num_classes})"
                     )
-                predictions.append(scores.argmax(1))
-        return torch.cat(predictions)
+                torch.argmax(scores, 1, out=predictions[start : start + size])
+        return predictions
 
     def _bincount(self, predictions: torch.Tensor) -> np.ndarray:
-        return torch.bincount(predictions, minlength=self.num_classes).cpu().numpy()
+        # scatter_add, not bincount: on a GPU bincount reads the largest value back to the host
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=predictions.device)
+        counts.scatter_add_(0, predictions, torch.ones_like(predictions))
+        return counts.cpu().numpy()
 
     def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, index: int | None = None) -> np.ndarray:
         """How often the base classifier outputs each class on ``num`` noisy copies of x: (num_classes,) int64."""

@@ -16,6 +16,7 @@ from typing import Literal
 
 from ..core.checks import check_finite
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
+from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions
 from ..models.checkpoint import check_input_shape, recorded_dataset, trained_input_shape
 from ..models.loader import model_dir_option
@@ -40,7 +41,10 @@ class CertifyConfig(CheckpointDataOptions):
     n0: int = option(100, help="selection draws per input")
     n: int = option(100_000, help="estimation draws per input")
     alpha_conf: float = option(0.001, help="failure probability of every certificate")
-    batch_size: int = option(1000, help="noisy copies per forward pass")
+    batch_size: int | str = option(1000, help="noisy copies per forward pass, or auto: the most that fit in device memory")
+    precision: Precision = precision_option()
+    channels_last: bool = channels_last_option()
+    compile: bool = compile_option()
     n_examples: int | None = n_examples_option(500)
     skip: int = option(1, help="certify every k-th input")
     radii: list[float] = option(default_factory=lambda: list(DEFAULT_RADII), help="radii of the curves")
@@ -59,8 +63,9 @@ class CertifyConfig(CheckpointDataOptions):
         for a in self.alpha:
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"alpha must lie in [0, 1], got {a}")
-        if self.n0 < 1 or self.n < 1 or self.batch_size < 1 or self.skip < 1:
-            raise ValueError("n0, n, batch_size and skip must be >= 1")
+        self.batch_size = parse_batch_size(self.batch_size)
+        if self.n0 < 1 or self.n < 1 or self.skip < 1:
+            raise ValueError("n0, n and skip must be >= 1")
         if not 0.0 < self.alpha_conf < 1.0:
             raise ValueError(f"alpha_conf (failure probability) must lie in (0, 1), got {self.alpha_conf}")
         if self.n_examples is not None and self.n_examples < 1:
@@ -84,6 +89,7 @@ def run(cfg: CertifyConfig) -> int:
     from ..models.loader import load_model, model_info
     from ..data import load_dataset
     from ..core.io import format_table, write_result
+    from ..core.precision import auto_batch_size, numerics, prepare_model
     from ..core.runtime import resolve_device, seed_everything
 
     device = resolve_device(cfg.device)
@@ -111,12 +117,21 @@ def run(cfg: CertifyConfig) -> int:
     cfg = dataclasses.replace(cfg, dataset=dataset, image=image)
     data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image)
     check_input_shape(infos, data.input_shape, dataset)
-    results, _ = certify_smoothed_models(
-        models, data, num_classes, std_model=std_model, alphas=cfg.alpha, n0=cfg.n0, n=cfg.n,
-        alpha_conf=cfg.alpha_conf, batch_size=cfg.batch_size, radii=cfg.radii, frontier_alphas=cfg.frontier_alphas,
-        std_hardmax=cfg.hardmax, std_scale=cfg.std_scale, skip=cfg.skip, max_examples=cfg.n_examples,
-        prefix=cfg.output, seed=cfg.seed, device=device, progress=cfg.progress,
-    )
+    models = {s: prepare_model(m, cfg.precision, cfg.channels_last, cfg.compile) for s, m in models.items()}
+    if std_model is not None:
+        std_model = prepare_model(std_model, cfg.precision, cfg.channels_last, cfg.compile)
+    if cfg.batch_size == "auto":
+        cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(next(iter(models.values())), data.input_shape, device,
+                                                                  gradients=False, precision=cfg.precision,
+                                                                  cpu_default=1000))
+        print(f"batch size auto: {cfg.batch_size}")
+    with numerics(cfg.precision):
+        results, _ = certify_smoothed_models(
+            models, data, num_classes, std_model=std_model, alphas=cfg.alpha, n0=cfg.n0, n=cfg.n,
+            alpha_conf=cfg.alpha_conf, batch_size=cfg.batch_size, radii=cfg.radii, frontier_alphas=cfg.frontier_alphas,
+            std_hardmax=cfg.hardmax, std_scale=cfg.std_scale, skip=cfg.skip, max_examples=cfg.n_examples,
+            prefix=cfg.output, seed=cfg.seed, device=device, progress=cfg.progress,
+        )
     results["dataset"] = dataset
     out = write_result(f"{cfg.output}.json", results, cfg, cfg.seed)
     show = [r for r in (0.0, 0.25, 0.5, 0.75, 1.0) if any(abs(r - x) < 1e-9 for x in cfg.radii)] or cfg.radii[:5]
@@ -124,6 +139,6 @@ def run(cfg: CertifyConfig) -> int:
     for m in results["models"]:
         print(f"sigma={m['sigma']:g}: {m['examples']} inputs, {m['noisy_samples_per_second']:.0f} noisy samples/s, "
               f"{m['images_per_second']:.2f} images/s")
-    print(f"n={cfg.n}, n0={cfg.n0}, confidence {100 * (1 - cfg.alpha_conf):.2f}% per certificate. {results['statistics']}")
+    print(f"n={cfg.n}, n0={cfg.n0}, {cfg.precision}, confidence {100 * (1 - cfg.alpha_conf):.2f}% per certificate. {results['statistics']}")
     print(f"wrote {out} (+ TSV / PNG beside it)")
     return 0

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.checks import check_eps
-from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
+from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
+from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import SPEC_HELP, model_dir_option
@@ -41,7 +42,10 @@ class EvaluateConfig(CheckpointDataOptions):
     attacks: list[str] = option(default_factory=lambda: ["apgd-ce", "apgd-t"],
                                 help="attacks to run (see the list below)")
     n_examples: int | None = n_examples_option(1000)
-    batch_size: int = batch_size_option(250)
+    batch_size: int | str = option(250, help="inputs per batch, or auto: the largest that fits in device memory")
+    precision: Precision = precision_option()
+    channels_last: bool = channels_last_option()
+    compile: bool = compile_option()
     cascade: bool = option(False, help="run each attack only on inputs that survived the earlier ones")
     adaptive_weight: float = option(0.25, help="weight w of the alpha term in attack D")
     restart: bool = option(False, help="start over: delete the journal an earlier run with another config left")
@@ -51,8 +55,7 @@ class EvaluateConfig(CheckpointDataOptions):
         from ..attacks import ATTACK_NAMES
 
         check_eps(self.eps, self.norm)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.batch_size = parse_batch_size(self.batch_size)
         if self.n_examples is not None and self.n_examples < 1:
             raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
         unknown = [a for a in self.attacks if a not in ATTACK_NAMES]
@@ -144,6 +147,15 @@ def run(cfg: EvaluateConfig) -> int:
     data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
 
+    if cfg.batch_size == "auto":
+        from ..core.precision import auto_batch_size, prepare_model
+
+        attacked = prepare_model(model, cfg.precision, cfg.channels_last)
+        cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(attacked, data.input_shape, device, gradients=True,
+                                                                  precision=cfg.precision, cpu_default=250))
+        print(f"batch size auto: {cfg.batch_size}")
+
+
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_FIELDS}
     fingerprint["source"] = source
     path = journal_path(cfg.output)
@@ -165,7 +177,7 @@ def run(cfg: EvaluateConfig) -> int:
             for a, msgs in meta.get("flags", {}).items():
                 flags[a] = flags.get(a, []) + [m for m in msgs if m not in flags.get(a, [])]
         report = report_from_examples(records, cfg.attacks, eps, norm, cfg.seed, cfg.cascade, seconds, flags)
-        report.complete = complete
+        report.complete, report.precision = complete, cfg.precision
         return report
 
     state = {"written": 0, "seconds": {}, "flags": {}}
@@ -185,7 +197,8 @@ def run(cfg: EvaluateConfig) -> int:
         evaluate_robustness(
             model, part, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
             progress=cfg.progress, device=device, cascade=cfg.cascade,
-            attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=on_batch,
+            attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=on_batch, precision=cfg.precision,
+            channels_last=cfg.channels_last, compile=cfg.compile,
         )
     dist.barrier()
     if not dist.is_main:
@@ -194,8 +207,8 @@ def run(cfg: EvaluateConfig) -> int:
     report = final_report([journal.done[i] for i in range(len(data))], True)
     write_report(cfg.output, report, config=config_record)
     journal.remove_all()
-    print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}"
-          + (f", {dist.world_size} processes" if dist.active else ""))
+    print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}, "
+          f"attacks in {cfg.precision} (judged in fp32)" + (f", {dist.world_size} processes" if dist.active else ""))
     print(format_report(report))
     print(f"wrote {cfg.output}")
     return 0

@@ -21,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import Attack, attack_description, check_attack_requirements, list_attacks, make_attack
-from ..attacks.base import check_batch, check_attack_args
+from ..attacks.base import AttackResult, check_attack_args, check_batch
 from ..attacks.losses import check_logits
 from ..core.errors import ConfigError
 from ..core.io import format_table, write_result
+from ..core.precision import check_precision, numerics, prepare_model
 
 __all__ = [
     "evaluate_robustness",
@@ -33,6 +34,7 @@ __all__ = [
     "write_report",
     "format_report",
     "report_from_examples",
+    "judge_fp32",
 ]
 
 
@@ -57,6 +59,7 @@ class EvaluationReport:
     complete: bool = False
     # the example index of each input in the data set (None: 0, 1, 2, ...); set for a shard or a resumed run
     indices: list[int] | None = None
+    precision: str = "fp32"  # of the attacks; every outcome is judged by an fp32 forward pass
 
     @property
     def n(self) -> int:
@@ -103,6 +106,7 @@ class EvaluationReport:
             "flags": {k: v for k, v in self.flags.items() if v},
             "cascade": self.cascade,
             "complete": self.complete,
+            "precision": self.precision,
         }
 
     def examples(self) -> list[dict[str, Any]]:
@@ -131,6 +135,7 @@ class EvaluationReport:
             "attacks": {a: attack_description(a) for a in self.attacks},
             "eps": self.eps,
             "norm": self.norm,
+            "precision": self.precision,
             "summary": self.summary(),
             "examples": self.examples(),
         }
@@ -156,8 +161,16 @@ def evaluate_robustness(
     cascade: bool = False,
     attack_options: dict | None = None,
     on_batch: Callable[[EvaluationReport], None] | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> EvaluationReport:
     """Attack ``model`` on ``data`` (a Dataset or (x, y)) with each named attack; per-input outcomes.
+
+    The attacks run at ``precision`` (``core.precision.PRECISIONS``), optionally on channels-last
+    weights and a compiled model; whatever they ran at, an input counts as broken only if ``model``
+    misclassifies the attack's final point in an fp32 forward pass (:func:`judge_fp32`), so a low
+    precision can never report a robustness the fp32 model does not have.
 
     Every attack runs on the inputs classified correctly when clean (the others count as broken).
     With ``cascade=True`` an attack runs only on inputs that survived all earlier attacks (cheaper;
@@ -183,14 +196,18 @@ def evaluate_robustness(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
     options = dict(attack_options or {})
+    check_precision(precision)
+    attacked = prepare_model(model, precision, channels_last, compile)
 
     def build(name: str, attack_seed: int) -> Attack:
-        return make_attack(name, model, eps, norm, seed=attack_seed, batch_size=batch_size, **options)
+        return make_attack(name, attacked, eps, norm, seed=attack_seed, batch_size=batch_size, **options)
 
     # One attack per name and one seed for the whole run; per-example seeds would rebuild here per batch.
     built = {a: build(a, seed) for a in attacks}
 
-    report = EvaluationReport(attacks=attacks, eps=float(eps), norm=norm, seed=seed, cascade=cascade)
+    report = EvaluationReport(attacks=attacks, eps=float(eps), norm=norm, seed=seed, cascade=cascade,
+                              precision=precision)
+    judge = None if attacked is model else model
     for a in attacks:
         report.robust[a], report.adv_pred[a], report.seconds[a], report.flags[a] = [], [], 0.0, []
         if built[a].components:
@@ -202,7 +219,7 @@ def evaluate_robustness(
         for start in range(0, n, batch_size):
             xb = x_all[start : start + batch_size].to(device)
             yb = y_all[start : start + batch_size].to(device)
-            with torch.no_grad():
+            with torch.no_grad(), numerics("fp32"):
                 logits = model(xb)
             check_logits(logits)
             pred = logits.argmax(1)
@@ -210,7 +227,8 @@ def evaluate_robustness(
             report.labels += yb.tolist()
             report.clean_pred += pred.tolist()
             for a in attacks:
-                _run_on_batch(report, a, built[a], xb, yb, pred, alive, cascade)
+                with numerics(precision):
+                    _run_on_batch(report, a, built[a], xb, yb, pred, alive, cascade, judge)
                 bar.update(len(yb))
             if on_batch is not None:
                 on_batch(report)
@@ -220,12 +238,23 @@ def evaluate_robustness(
     return report
 
 
+def judge_fp32(model: nn.Module, result: AttackResult, y: torch.Tensor) -> AttackResult:
+    """``result`` judged again by an fp32 forward pass of ``model`` at its final points: ``fooled``,
+    ``predicted`` and ``margin`` are fp32's; ``broken_by`` keeps only the inputs fp32 finds broken."""
+    with torch.no_grad(), numerics("fp32"):
+        logits = model(result.x_adv).float()
+    judged = AttackResult.from_logits(result.x_adv, logits, y, flags=result.flags)
+    judged.broken_by = [b if f else None for b, f in zip(result.broken_by, judged.fooled.tolist())]
+    return judged
+
+
 def _run_on_batch(report: EvaluationReport, name: str, attack: Attack, xb: torch.Tensor, yb: torch.Tensor,
-                  pred: torch.Tensor, alive: torch.Tensor, cascade: bool) -> None:
+                  pred: torch.Tensor, alive: torch.Tensor, cascade: bool, judge: nn.Module | None = None) -> None:
     """Attack the ``alive`` inputs of one batch and append their outcomes to ``report``.
 
     With ``cascade`` the inputs broken here leave ``alive`` (in place), and the inputs an earlier
-    attack broke are recorded as None (not run).
+    attack broke are recorded as None (not run). ``judge``: the fp32 model that decides the outcome
+    when the attack ran on another form of it (low precision, compiled).
     """
     robust_b: list[bool | None] = [False] * len(yb)
     adv_b: list[int | None] = [None] * len(yb)
@@ -237,11 +266,14 @@ def _run_on_batch(report: EvaluationReport, name: str, attack: Attack, xb: torch
     if idx.numel():
         t0 = time.perf_counter()
         result = attack.run(xb[idx], yb[idx])
-        report.seconds[name] += time.perf_counter() - t0
+        if judge is not None:
+            result = judge_fp32(judge, result, yb[idx])
         ok = ~result.fooled.to(yb.device)
+        ok_list, predicted = ok.tolist(), result.predicted.tolist()  # one read-back, after the device finished
+        report.seconds[name] += time.perf_counter() - t0
         for j, i in enumerate(idx.tolist()):
-            robust_b[i] = bool(ok[j])
-            adv_b[i] = int(result.predicted[j])
+            robust_b[i] = ok_list[j]
+            adv_b[i] = predicted[j]
             comp_b[i] = result.broken_by[j]
         if cascade:
             alive[idx[~ok]] = False

@@ -12,7 +12,6 @@ that carries alpha and the two base models.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,10 +110,9 @@ class MixedClassifier(nn.Module):
             raise InputError(f"expected input of shape (N, C, H, W), got {tuple(x.shape)}")
         n = x.shape[0]
         alpha = self._alpha.to(x.dtype).expand(n)
-        if 0 < self.alpha < 1:
-            alpha_logit = torch.logit(alpha.double()).to(x.dtype)
-        else:
-            alpha_logit = torch.full((n,), math.inf if self.alpha == 1 else -math.inf, dtype=x.dtype, device=x.device)
+        # logit is exactly -inf / +inf at alpha = 0 / 1, so no branch on alpha's value (reading it
+        # would synchronise with the device on every forward pass)
+        alpha_logit = torch.logit(alpha.double()).to(x.dtype)
         inputs = MixInputs(x, self.std_model, self.rob_model, self.std_scale, self.rob_scale, self.std_hardmax,
                            self.norm, self.differentiate_r)
         return MixOutput(logits=self.rule_fn(inputs, alpha), alpha=alpha, alpha_logit=alpha_logit)

@@ -65,8 +65,10 @@ def _weight_tensor(weight: torch.Tensor | float, like: torch.Tensor) -> torch.Te
     n, c = like.shape
     if w.dim() == 1 and w.shape[0] != n or w.dim() == 2 and tuple(w.shape) != (n, c) or w.dim() > 2:
         raise InputError(f"alpha must be a scalar, shape ({n},) or ({n}, {c}), got {tuple(w.shape)}")
-    # Outside [0, 1] the log-weights are NaN and the output silently NaN.
-    if bool(((w < 0) | (w > 1) | torch.isnan(w)).any()):
+    # Outside [0, 1] the log-weights are NaN and the output silently NaN. Weights on an accelerator
+    # come from the classifiers, which check alpha where it is set (MixedClassifier) or make it in
+    # [0, 1] (a sigmoid); checking them here would synchronise with the device on every forward.
+    if w.device.type == "cpu" and bool(((w < 0) | (w > 1) | torch.isnan(w)).any()):
         raise InputError(f"alpha must lie in [0, 1], got {w.detach().flatten()[:8].tolist()}")
     w = w.to(device=like.device, dtype=like.dtype)
     if w.dim() == 0:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..attacks import PGD
 from ..core.config import data_dir_option, option, RunOptions
 from ..core.io import load_resume_state, save_resume_state
+from ..core.precision import Precision, autocast, grad_scaler, precision_option
 from ..core.runtime import resolve_device, seed_everything
 from ..data import DATASET_STATS, DATASETS, Dataset, ImageOptions, dataset_info, load_dataset
 from ..models import create_model
@@ -75,6 +76,7 @@ class TrainConfig(RunOptions):
     schedule: Literal["cosine", "step", "constant"] = option("cosine", help="learning-rate schedule over all steps")
     epochs: int = option(10, help="training epochs")
     batch_size: int = option(128, help="training batch size")
+    precision: Precision = precision_option()
     n_train: int | None = option(None, help="use only the first N training examples")
     val_fraction: float = option(0.0, help="hold out this part of the training set (not trained on)")
     # held-out measurement written into the checkpoint
@@ -209,7 +211,10 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     start_epoch, start_step, partial, history = 0, 0, (0.0, 0), []
     resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
     state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
+    scaler = grad_scaler(cfg.precision, device)  # fp16 only; a disabled scaler changes nothing
     if state is not None:
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -231,6 +236,7 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             "epoch": epochs_done, "step": step, "partial": list(partial), "history": history,
+            **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
         }, fingerprint)
 
     fn = TRAINING_METHODS.get(cfg.method)
@@ -246,12 +252,14 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
                    total=steps_per_epoch, disable=not cfg.progress, leave=False)
         for step, (x, y, idx) in enumerate(bar, start=first):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = fn(model, (x, y, idx), cfg, ctx)
+            with autocast(cfg.precision, device.type):
+                loss = fn(model, (x, y, idx), cfg, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total += loss.item() * len(idx)
             count += len(idx)
