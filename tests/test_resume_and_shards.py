@@ -92,3 +92,36 @@ def test_an_inputs_smoothing_counts_do_not_depend_on_the_others(rob):
     assert (all_in_order.selection[7] == alone[0]).all() and (all_in_order.estimation[7] == alone[1]).all()
     other_seed = Smooth(model, 10, 0.25, seed=4).selection_and_estimation_counts(data.x[7], 10, 200, 64, index=7)
     assert not (other_seed[1] == alone[1]).all()
+
+
+def test_batch_size_does_not_change_any_outcome(rob):
+    """Random starts are seeded per example: batches of 7 or 64 give the same per-example outcomes."""
+    from adasmooth.data import load_dataset
+    from adasmooth.evaluate.robustness import evaluate_robustness
+    from adasmooth.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(rob)
+    data = load_dataset("digits", "test").subset(64)
+    runs = [evaluate_robustness(model, data, attacks=["pgd", "apgd-ce", "apgd-t"], eps=0.3, batch_size=b, seed=2,
+                                progress=False, attack_options={"apgd_steps": 10, "pgd_steps": 5})
+            for b in (7, 64)]
+    assert runs[0].examples() == runs[1].examples()
+    broken = sum(not r["worst_case_robust"] for r in runs[0].examples() if r["clean_correct"])
+    assert broken > 0, "no input was broken: the comparison would say nothing"
+
+
+def test_torchrun_two_processes_give_the_single_process_outcomes(rob, tmp_path):
+    """`torchrun --nproc-per-node 2 -m adasmooth evaluate` (gloo): each rank takes a strided share, rank 0
+    writes one result file whose per-example outcomes equal a single process's."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    cmd = ["evaluate", "--model", str(rob), "--attacks", "pgd,apgd-ce", "--n-examples", "30", "--batch-size", "8",
+           "--eps", "0.3", "--no-progress", "--device", "cpu"]
+    subprocess.run([sys.executable, "-m", "adasmooth", *cmd, "-o", str(one)], check=True, env=env(),
+                   capture_output=True)
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(29500 + os.getpid() % 1000), "-m", "adasmooth", *cmd, "-o", str(two)],
+                         env=env(), capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "2 processes" in ran.stdout
+    assert outcomes(one) == outcomes(two)
+    assert any(e["clean_correct"] and not e["worst_case_robust"] for e in outcomes(one)), "nothing broken: vacuous"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import InputError
-from .base import (Attack, Norm, check_attack_args, check_batch, make_generator, normalized_step, per_sample,
+from .base import (Attack, ExampleGenerators, Norm, check_attack_args, check_batch, draw, make_generator, normalized_step, per_sample,
                    project, tensor_like)
 from .losses import (
     AttackLoss,
@@ -116,6 +116,8 @@ class APGD(Attack):
 
     sync_free: bool | None = None
 
+    seeds_per_example = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -178,10 +180,10 @@ class APGD(Attack):
     def _random_start(self, x, eps, generator):
         """A random point on the surface of the ball (l_inf: scaled uniform noise), clipped to [0, 1]."""
         if self.norm == "linf":
-            t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+            t = 2 * draw("uniform", tuple(x.shape), generator, x) - 1
             scale = t.flatten(1).abs().amax(1)
         else:
-            t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            t = draw("normal", tuple(x.shape), generator, x)
             scale = t.flatten(1).norm(dim=1)
         t = t / (scale.view(-1, *([1] * (x.dim() - 1))) + 1e-12)
         return (x + eps * t).clamp(0, 1)
@@ -358,14 +360,14 @@ class APGD(Attack):
     def _check_inputs(self, x, y):
         check_batch(x, y)
 
-    def _attack(self, x, y):
+    def _attack(self, x, y, ids=None):
         """Run every (target, restart) of ``self._runs`` and merge: (x_adv, margins or None)."""
         x = x.detach()
         y = y.to(x.device)
         n = x.shape[0]
         all_rows = torch.arange(n, device=x.device)
         eps = per_sample(self.eps, x)
-        generator = make_generator(self.seed, x.device)
+        generator = make_generator(self.seed, x.device, ids)
         with torch.no_grad():
             clean_logits = self.model(x)
         check_logits(clean_logits, y)
@@ -387,7 +389,8 @@ class APGD(Attack):
             run_rows = todo if subset_ok else all_rows
             prepare()
             stop_early = subset_ok and not self.minimum_margin and not sync_free
-            f, pt, bl, mm, mp = self._run(x[run_rows], y[run_rows], eps[run_rows], run_rows, generator, stop_early,
+            run_gen = generator.rows(run_rows) if isinstance(generator, ExampleGenerators) else generator
+            f, pt, bl, mm, mp = self._run(x[run_rows], y[run_rows], eps[run_rows], run_rows, run_gen, stop_early,
                                           sync_free)
             if not subset_ok:  # the run covered every row; keep the rows it was meant for
                 f, pt, bl = f[todo], pt[todo], bl[todo]
@@ -413,14 +416,15 @@ class APGD(Attack):
         for _ in range(self.restarts):
             yield lambda: None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, y)
-        return self._attack(x, y)[0]
+        return self._attack(x, y, ids)[0]
 
-    def attack_with_margins(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attack_with_margins(self, x: torch.Tensor, y: torch.Tensor,
+                            ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_adv, p_y - max_{j != y} p_j of the model at x_adv) for every input."""
         self._check_inputs(x, y)
-        x_adv, _ = self._attack(x, y)
+        x_adv, _ = self._attack(x, y, ids)
         with torch.no_grad():
             margins = probability_margin(self.model(x_adv), y.to(x.device))
         return x_adv, margins

@@ -217,10 +217,12 @@ class AutoAttackAttack(Attack):
         self.kwargs = dict(eps=eps, norm=norm, version=version, attacks=attacks, seed=seed, batch_size=batch_size,
                            **kwargs)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # ``ids`` are accepted for the common interface but cannot reach the reference package: it draws
+    # from one global generator seeded per call, so its outcomes can depend on the batch.
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         return run_autoattack(self.model, x, y, **self.kwargs).x_adv
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def run(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> AttackResult:
         result = run_autoattack(self.model, x, y, **self.kwargs)
         return self.judge(result.x_adv, y, broken_by=result.broken_by, flags=result.flags)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError
+from ..core.runtime import example_generator
 from .losses import margin_from_logits
 
 Norm = Literal["linf", "l2"]
@@ -75,6 +76,10 @@ class Attack:
 
     An attack holds the ``model`` whose outcome is judged, the radius ``eps`` (a float or an (N,)
     tensor), the ``norm`` of the threat model and a ``seed`` (None: torch's global generator).
+    ``ids`` (optional, (N,) integers: each input's index in its data set) seed each input's random
+    draws from (seed, index) alone, so its outcome does not depend on the batch it came in, on how a
+    run was sharded over processes, or on where it was resumed; without ``ids`` the draws come from one
+    generator per call.
     Subclasses implement ``__call__``; the default ``run`` calls it and evaluates the model once on
     the result. Attacks made of parts override ``run`` to fill ``AttackResult.broken_by`` and list
     the parts' names in ``components`` (empty for a single attack), and attacks with reliability
@@ -82,6 +87,9 @@ class Attack:
     """
 
     components: tuple[str, ...] = ()
+    # Whether __call__ takes ``ids`` (per-input seeding); an attack written without it still works,
+    # its draws then depend on the batch.
+    seeds_per_example: bool = False
 
     def __init__(self, model: nn.Module, eps: float | torch.Tensor, norm: Norm = "linf", seed: int | None = None):
         check_attack_args(eps, norm)
@@ -90,11 +98,15 @@ class Attack:
         self.norm = norm
         self.seed = seed
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__(x, y) -> x_adv")
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(x, y, ids=None) -> x_adv")
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        return self.judge(self(x, y), y)
+    def run(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> AttackResult:
+        return self.judge(self.craft(x, y, ids), y)
+
+    def craft(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``self(x, y, ids)``, or ``self(x, y)`` for an attack that does not seed per example."""
+        return self(x, y, ids) if ids is not None and self.seeds_per_example else self(x, y)
 
     def judge(self, x_adv: torch.Tensor, y: torch.Tensor, broken_by: list[str | None] | None = None,
               flags: list[str] | None = None) -> AttackResult:
@@ -136,16 +148,48 @@ def project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
     return delta * factor
 
 
-def random_init(x: torch.Tensor, eps: torch.Tensor, norm: Norm, generator: torch.Generator | None) -> torch.Tensor:
+class ExampleGenerators:
+    """One random generator per input, seeded from (seed, the input's index in its data set): what an
+    input draws never depends on the other inputs of its batch."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    @classmethod
+    def seeded(cls, seed: int, ids: torch.Tensor, device: torch.device) -> "ExampleGenerators":
+        return cls([example_generator(seed, int(i), device) for i in torch.as_tensor(ids).tolist()])
+
+    def rows(self, index: torch.Tensor) -> "ExampleGenerators":
+        """The generators of the rows ``index`` (a subset of the batch, e.g. the inputs not yet broken)."""
+        return ExampleGenerators([self.generators[i] for i in index.tolist()])
+
+
+Generator = torch.Generator | ExampleGenerators | None
+
+
+def draw(kind: Literal["uniform", "normal"], shape: tuple[int, ...], generator: Generator, like: torch.Tensor):
+    """``torch.rand`` / ``torch.randn`` of ``shape`` on ``like``'s device and dtype; with
+    :class:`ExampleGenerators`, row i comes from generator i."""
+    fn = torch.rand if kind == "uniform" else torch.randn
+    if isinstance(generator, ExampleGenerators):
+        if len(generator.generators) != shape[0]:
+            raise InputError(f"{len(generator.generators)} example ids for a batch of {shape[0]}")
+        return torch.stack([fn(shape[1:], generator=g, device=like.device, dtype=like.dtype)
+                            for g in generator.generators]) if shape[0] else fn(shape, device=like.device,
+                                                                                  dtype=like.dtype)
+    return fn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def random_init(x: torch.Tensor, eps: torch.Tensor, norm: Norm, generator: Generator) -> torch.Tensor:
     """A uniformly random start inside the ball, clipped so x + delta stays in [0, 1]."""
     if norm == "linf":
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = draw("uniform", tuple(x.shape), generator, x)
         delta = (2 * u - 1) * eps
     else:
-        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        d = draw("normal", tuple(x.shape), generator, x)
         d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
         n = x[0].numel()
-        r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / n)
+        r = draw("uniform", (x.shape[0], 1), generator, x).view(-1) ** (1.0 / n)
         delta = d * r.view(-1, *([1] * (x.dim() - 1))) * eps
     return (x + delta).clamp(0, 1) - x
 
@@ -197,9 +241,12 @@ def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError(f"labels must be >= 0, got {int(y.min())}")
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def make_generator(seed: int | None, device: torch.device, ids: torch.Tensor | None = None) -> Generator:
+    """None (torch's global generator) without a seed; per-input generators with ``ids``; else one."""
     if seed is None:
         return None
+    if ids is not None:
+        return ExampleGenerators.seeded(seed, ids, device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return gen

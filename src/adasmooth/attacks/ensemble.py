@@ -22,6 +22,8 @@ class EnsembleAttack(Attack):
     component that broke each input ("clean": misclassified before any attack, None: none did).
     """
 
+    seeds_per_example = True
+
     def __init__(self, model: nn.Module, attacks: Sequence[tuple[str, Callable]], eps: float | torch.Tensor,
                  norm: Norm = "linf", seed: int | None = None):
         if not attacks:
@@ -30,7 +32,8 @@ class EnsembleAttack(Attack):
         self.attacks = list(attacks)
         self.components = tuple(name for name, _ in self.attacks)
 
-    def _attack(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+    def _attack(self, x: torch.Tensor, y: torch.Tensor,
+                ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str | None]]:
         x = x.detach()
         result = x.clone()
         with torch.no_grad():
@@ -40,7 +43,7 @@ class EnsembleAttack(Attack):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            x_adv = attack(x[idx], y[idx])
+            x_adv = _craft(attack, x[idx], y[idx], None if ids is None else torch.as_tensor(ids)[idx.cpu()])
             with torch.no_grad():
                 fooled = self.model(x_adv).argmax(1) != y[idx]
             result[idx] = x_adv
@@ -49,9 +52,14 @@ class EnsembleAttack(Attack):
                 broken_by[i] = name
         return result, broken_by
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._attack(x, y)[0]
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self._attack(x, y, ids)[0]
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        x_adv, broken_by = self._attack(x, y)
+    def run(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> AttackResult:
+        x_adv, broken_by = self._attack(x, y, ids)
         return self.judge(x_adv, y, broken_by=broken_by)
+
+
+def _craft(attack, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """A component's points: through :meth:`Attack.craft` for an :class:`Attack`, else ``attack(x, y)``."""
+    return attack.craft(x, y, ids) if isinstance(attack, Attack) else attack(x, y)

@@ -37,6 +37,8 @@ class PGD(Attack):
     - Transfer attacks are explicit: craft with ``PGD(source_model, ...)``, evaluate on another model.
     """
 
+    seeds_per_example = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -80,13 +82,13 @@ class PGD(Attack):
             fooled = self.model(x_adv).argmax(1) != y
         return x_adv, final_loss, fooled
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         check_batch(x, y)
         x = x.detach()
         eps = per_sample(self.eps, x)
         step_size = self.step_size if self.step_size is not None else 2.5 * torch.as_tensor(self.eps) / self.steps
         step = per_sample(step_size, x)
-        generator = make_generator(self.seed, x.device)
+        generator = make_generator(self.seed, x.device, ids)
         with torch.no_grad():
             check_logits(self.model(x[:1]), y)
         best, best_loss, best_fooled = None, None, None

@@ -183,7 +183,6 @@ def run(cfg: EvaluateConfig) -> int:
     state = {"written": 0, "seconds": {}, "flags": {}}
 
     def on_batch(report):
-        report.indices = mine[: report.n]
         new = report.examples()[state["written"]:]
         seconds = {a: t - state["seconds"].get(a, 0.0) for a, t in report.seconds.items()}
         flags = {a: [m for m in msgs if m not in state["flags"].get(a, [])] for a, msgs in report.flags.items()}
@@ -198,7 +197,7 @@ def run(cfg: EvaluateConfig) -> int:
             model, part, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
             progress=cfg.progress, device=device, cascade=cfg.cascade,
             attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=on_batch, precision=cfg.precision,
-            channels_last=cfg.channels_last, compile=cfg.compile,
+            channels_last=cfg.channels_last, compile=cfg.compile, indices=mine,
         )
     dist.barrier()
     if not dist.is_main:

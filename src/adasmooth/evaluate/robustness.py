@@ -164,6 +164,7 @@ def evaluate_robustness(
     precision: str = "fp32",
     channels_last: bool = False,
     compile: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> EvaluationReport:
     """Attack ``model`` on ``data`` (a Dataset or (x, y)) with each named attack; per-input outcomes.
 
@@ -176,6 +177,11 @@ def evaluate_robustness(
     With ``cascade=True`` an attack runs only on inputs that survived all earlier attacks (cheaper;
     the per-attack numbers are then cumulative and skipped inputs are recorded as None).
     ``on_batch`` receives the partial report after each batch (to save progress).
+
+    Each input's random draws (random starts, restarts) are seeded from (seed, its index): ``indices``
+    gives the inputs' indices in their data set (default 0, 1, 2, ...), so its outcome is the same
+    whatever the batch size, the shard of a multi-process run, or the point a run was resumed from.
+    (The reference AutoAttack, ``autoattack``/``C``, draws from its own generator per call.)
     """
     attacks = list(attacks)
     if not attacks:
@@ -192,6 +198,9 @@ def evaluate_robustness(
     check_attack_requirements(attacks)
     x_all, y_all = _as_xy(data)
     check_batch(x_all, y_all)  # values checked once here, on the host, before any attack runs
+    ids_all = torch.arange(len(y_all)) if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
+    if ids_all.shape != (len(y_all),):
+        raise ConfigError(f"indices must give one index per input ({len(y_all)}), got {tuple(ids_all.shape)}")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
@@ -202,11 +211,10 @@ def evaluate_robustness(
     def build(name: str, attack_seed: int) -> Attack:
         return make_attack(name, attacked, eps, norm, seed=attack_seed, batch_size=batch_size, **options)
 
-    # One attack per name and one seed for the whole run; per-example seeds would rebuild here per batch.
     built = {a: build(a, seed) for a in attacks}
 
     report = EvaluationReport(attacks=attacks, eps=float(eps), norm=norm, seed=seed, cascade=cascade,
-                              precision=precision)
+                              precision=precision, indices=None if indices is None else ids_all.tolist())
     judge = None if attacked is model else model
     for a in attacks:
         report.robust[a], report.adv_pred[a], report.seconds[a], report.flags[a] = [], [], 0.0, []
@@ -228,7 +236,8 @@ def evaluate_robustness(
             report.clean_pred += pred.tolist()
             for a in attacks:
                 with numerics(precision):
-                    _run_on_batch(report, a, built[a], xb, yb, pred, alive, cascade, judge)
+                    _run_on_batch(report, a, built[a], xb, yb, pred, alive, cascade, judge,
+                                  ids_all[start : start + batch_size])
                 bar.update(len(yb))
             if on_batch is not None:
                 on_batch(report)
@@ -249,7 +258,8 @@ def judge_fp32(model: nn.Module, result: AttackResult, y: torch.Tensor) -> Attac
 
 
 def _run_on_batch(report: EvaluationReport, name: str, attack: Attack, xb: torch.Tensor, yb: torch.Tensor,
-                  pred: torch.Tensor, alive: torch.Tensor, cascade: bool, judge: nn.Module | None = None) -> None:
+                  pred: torch.Tensor, alive: torch.Tensor, cascade: bool, judge: nn.Module | None = None,
+                  ids: torch.Tensor | None = None) -> None:
     """Attack the ``alive`` inputs of one batch and append their outcomes to ``report``.
 
     With ``cascade`` the inputs broken here leave ``alive`` (in place), and the inputs an earlier
@@ -265,7 +275,7 @@ def _run_on_batch(report: EvaluationReport, name: str, attack: Attack, xb: torch
             robust_b[i] = None
     if idx.numel():
         t0 = time.perf_counter()
-        result = attack.run(xb[idx], yb[idx])
+        result = attack.run(xb[idx], yb[idx], None if ids is None else ids[idx.cpu()])
         if judge is not None:
             result = judge_fp32(judge, result, yb[idx])
         ok = ~result.fooled.to(yb.device)
