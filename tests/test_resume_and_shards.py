@@ -21,7 +21,7 @@ from digits_models import train_digits_model
 @pytest.fixture(scope="module")
 def rob(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume")
-    save_checkpoint(train_digits_model(adversarial=True, epochs=1, seed=0), folder / "rob",
+    save_checkpoint(train_digits_model(adversarial=True, epochs=4, seed=0), folder / "rob",
                     {"dataset": "digits", "metrics": {"eval_eps": 0.1, "eval_norm": "linf"}})
     return folder / "rob"
 
@@ -115,7 +115,7 @@ def test_torchrun_two_processes_give_the_single_process_outcomes(rob, tmp_path):
     writes one result file whose per-example outcomes equal a single process's."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     cmd = ["evaluate", "--model", str(rob), "--attacks", "pgd,apgd-ce", "--n-examples", "30", "--batch-size", "8",
-           "--eps", "0.3", "--no-progress", "--device", "cpu"]
+           "--eps", "0.2", "--no-progress", "--device", "cpu"]
     subprocess.run([sys.executable, "-m", "adasmooth", *cmd, "-o", str(one)], check=True, env=env(),
                    capture_output=True)
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
