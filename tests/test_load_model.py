@@ -310,3 +310,22 @@ def test_wrong_keys_in_a_robustbench_file_exit_2(cifar_setup, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "TinyTest.pt do not fit the model" in err and "shape mismatch" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_mixture_on_a_robustbench_h_loads_calibrates_and_exports_by_its_recorded_spec(cifar_setup, monkeypatch,
+                                                                                       capsys):
+    """The README's worked example in small: train-mixnet on (own g, RobustBench h), then evaluate, calibrate
+    and export with the base models found from the mixture's own record (h by its spec, g by relative path)."""
+    s = cifar_setup
+    monkeypatch.setenv("ADASMOOTH_MODEL_DIR", str(s.model_dir))
+    assert main(["train-mixnet", "--std", str(s.ckpt), "--rob", s.rb, "--data-dir", str(s.data), "--widths", "8,8,8",
+                 "--blocks", "1,1,1", "--epochs", "1", "--batch-size", "8", "--n-train", "8", "--attack-steps", "1",
+                 "--eval-examples", "4", "--eval-pgd-steps", "1", "--bn-recalibration-batches", "1", "--no-progress",
+                 "--output", str(s.out / "mix")]) == 0
+    assert json.loads((s.out / "mix.json").read_text())["rob_checkpoint"] == s.rb
+    assert main(["evaluate", "--mixnet", str(s.out / "mix"), "--data-dir", str(s.data), "--attacks", "B",
+                 "--n-examples", "4", "--no-progress", "--output", str(s.out / "e.json")]) == 0
+    assert main(["calibrate", "--mixnet", str(s.out / "mix"), "--data-dir", str(s.data), "--split", "test",
+                 "--target-between", "0.5", "--no-progress"]) == 0
+    assert main(["export", "--mixnet", str(s.out / "mix-calibrated"), "--output", str(s.out / "mix.pt")]) == 0
+    assert (s.out / "mix.pt").is_file()
