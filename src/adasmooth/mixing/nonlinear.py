@@ -58,6 +58,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softplus": F.softplus,
 }
 
+LOG_ZERO = -1e4  # stands for log 0 where a -inf would poison gradients
 TOP_K = 250  # the authors' k: every class of CIFAR-10/100 and the digit sets, the top 250 of ImageNet
 
 
@@ -131,8 +132,10 @@ def nonlinear_mix_log_probs(std_logits: torch.Tensor, rob_logits: torch.Tensor, 
         raise InputError("base-model outputs must be (N, C) logits")
     check_class_counts(std_logits, rob_logits)
     wide = wide_dtype(rob_logits)
-    # log of a one-hot: 0 at g's top class, -inf elsewhere; mix_log_probs' logsumexp handles -inf exactly
-    log_p_std = torch.log(hardmax(std_logits.detach()).to(wide))
+    # log of a one-hot, floored at LOG_ZERO instead of -inf: at alpha = 0 every other term is -inf too,
+    # and a logsumexp of -infs has a NaN gradient. exp(LOG_ZERO) is 0 in float64 and float32 alike,
+    # so no probability changes.
+    log_p_std = torch.log(hardmax(std_logits.detach()).to(wide)).clamp_min(LOG_ZERO)
     log_p_rob = F.log_softmax(_map(rob_logits, params), dim=1)
     alpha = alpha.to(wide) if isinstance(alpha, torch.Tensor) else alpha
     return mix_log_probs(log_p_std, log_p_rob, alpha).to(std_logits.dtype)
