@@ -31,7 +31,7 @@ from ..core.errors import InputError
 from ..mixing.nonlinear import NonlinearParams, nonlinear_map, nonlinear_params_of, normalize_top_k, wide_dtype
 from ..mixing.protocol import MixOutput
 from ..mixing.rules import mix_log_probs
-from .adaptive import ADAPTIVE_WEIGHT, SurrogateLoss, _require_mixed, adaptive_alpha_loss, differentiable_surrogate
+from .adaptive import ADAPTIVE_WEIGHT, SurrogateLoss, _MixedView, adaptive_alpha_loss, differentiable_surrogate
 from .apgd import APGD, APGD_STEPS, N_TARGET_CLASSES, APGDTargeted
 from .ensemble import EnsembleAttack
 from .losses import dlr_from_logits
@@ -43,13 +43,12 @@ STD_TEMPERATURE = 3.0  # T: the layer-normalised g scaled up, so the surrogate's
 RAW_RATIO = 0.9  # r: the share of the robust branch taken from h's raw softmax (the authors' value)
 
 
-class NonlinearSurrogate(nn.Module):
+class NonlinearSurrogate(_MixedView):
     """A differentiable stand-in for a nonlinear mixed model (fixed or adaptive); follows the mixed-model protocol."""
 
     def __init__(self, model: nn.Module, params: NonlinearParams | None = None,
                  std_temperature: float = STD_TEMPERATURE, raw_ratio: float = RAW_RATIO):
-        super().__init__()
-        _require_mixed(model)
+        super().__init__(model)  # checks that model is a mixed model; keeps it as self.mixed
         params = params or nonlinear_params_of(model)
         if params is None:
             raise InputError(f"{type(model).__name__} has no nonlinear map: use it directly (no surrogate needed)")
@@ -57,18 +56,9 @@ class NonlinearSurrogate(nn.Module):
             raise InputError(f"std_temperature must be > 0, got {std_temperature}")
         if not 0 <= raw_ratio <= 1:
             raise InputError(f"raw_ratio must lie in [0, 1], got {raw_ratio}")
-        self.mixed = model
         self.params = params
         self.std_temperature = float(std_temperature)
         self.raw_ratio = float(raw_ratio)
-
-    @property
-    def std_model(self):
-        return self.mixed.std_model
-
-    @property
-    def rob_model(self):
-        return self.mixed.rob_model
 
     def _base_and_alpha(self, x: torch.Tensor, detach_alpha: bool):
         m = self.mixed
