@@ -64,7 +64,7 @@ TOP_K = 250  # the authors' k: every class of CIFAR-10/100 and the digit sets, t
 
 @dataclass
 class NonlinearParams:
-    """The parameters of the MixedNUTS map on h's logits (a config block: ``--nonlinear-s`` etc.)."""
+    """The MixedNUTS map on h's logits: s * sign(a) * |a|^p, a = activation(normalised logits + c)."""
 
     s: float = option(1.0, help="scale applied after the power (> 0)")
     c: float = option(0.0, help="shift added to the normalised logits before the activation")
