@@ -106,15 +106,15 @@ def _calibrated(method: str, target: float, ctx: dict) -> tuple[torch.nn.Module,
 
 
 def _clean_at(points: list[tuple[float, float]], robust_target: float) -> float | None:
-    """Clean accuracy where the robust accuracy falls to ``robust_target``, interpolated between the measured
-    (clean, robust) points sorted by clean accuracy; None when no two points bracket it."""
+    """The highest clean accuracy at which the robust accuracy is still >= ``robust_target``: the best
+    measured point that reaches it, or a crossing interpolated linearly between neighbouring measured
+    (clean, robust) points (sorted by clean accuracy); None when no point reaches it."""
     pts = sorted(points)
-    best = None
+    best = max((c for c, r in pts if r >= robust_target), default=None)
     for (c0, r0), (c1, r1) in zip(pts, pts[1:]):
-        if r0 >= robust_target >= r1 and r0 != r1:
-            best = c0 + (c1 - c0) * (r0 - robust_target) / (r0 - r1)
-    if best is None and pts and all(r >= robust_target for _, r in pts):
-        return None
+        if r0 >= robust_target > r1:
+            crossing = c0 + (c1 - c0) * (r0 - robust_target) / (r0 - r1)
+            best = crossing if best is None else max(best, crossing)
     return best
 
 
@@ -231,7 +231,7 @@ def main() -> None:
     for m in METHODS:
         pts = ", ".join(f"({c:.1f}, {r:.1f})" for c, r in sorted(curve[m]))
         v = clean_at_95[m]
-        print(f"  {m:22s} {'not bracketed' if v is None else f'{v:.2f}%'}   points {pts}")
+        print(f"  {m:22s} {'never reached' if v is None else f'{v:.2f}%'}   points {pts}")
     results = {"rows": rows, "fits": fits, "beta_fit": {k: v for k, v in fit.items() if k != "objectives"},
                "target": target, "std_calib_acc": acc_g, "rob_calib_acc": acc_h, "robust_goal_95": robust_goal,
                "clean_at_95": clean_at_95, "curve": {m: sorted(curve[m]) for m in METHODS}, "curve_fits": curve_fits,
