@@ -122,7 +122,7 @@ def test_unknown_attack_lists_the_known_ones(plain):
 
 def test_mixed_only_attacks_refuse_a_plain_model(plain):
     mixed_only = [n for n in list_attacks() if ATTACKS.info(n).get("mixed_only")]
-    assert set(mixed_only) == {"A", "B", "C", "D", "std", "rob"}
+    assert set(mixed_only) == {"A", "B", "C", "D", "std", "rob", "surrogate"}
     assert set(list_attacks(plain)) == set(list_attacks()) - set(mixed_only)
     for name in mixed_only:
         with pytest.raises(ConfigError, match=f"attack '{name}' needs a mixed classifier") as err:

@@ -62,7 +62,7 @@ def test_fixed_mixture_errors_name_the_file(tmp_path):
         load_fixed_mixture(tmp_path / "mixtures" / "fixed")
     custom = MixedClassifier(model.std_model, model.rob_model, 0.5, rule=trust_weighted_rule("one", "probability"))
     custom.std_checkpoint = custom.rob_checkpoint = "x"
-    with pytest.raises(ConfigError, match="registered rule"):
+    with pytest.raises(ConfigError, match="registered or nonlinear rule"):
         save_fixed_mixture(custom, tmp_path / "custom")
     with pytest.raises(ConfigError, match="checkpoint paths"):
         save_fixed_mixture(MixedClassifier(model.std_model, model.rob_model, 0.5), tmp_path / "nobases")

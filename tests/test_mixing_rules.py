@@ -37,7 +37,7 @@ def bases():
 
 
 def test_builtin_rules_are_registered():
-    assert MIXING_RULES.names() == ["prob", "logit", "grad_g", "grad_max_g", "grad_ratio"]
+    assert MIXING_RULES.names() == ["prob", "logit", "grad_g", "grad_max_g", "grad_ratio", "nonlinear"]
     with pytest.raises(ConfigError, match="unknown mixing rule 'nope'; known: prob, logit"):
         MIXING_RULES.get("nope")
 

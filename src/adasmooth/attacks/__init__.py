@@ -41,6 +41,7 @@ from .adaptive import (
     differentiable_surrogate,
 )
 from .autoattack import AutoAttackAttack, AutoAttackResult, run_autoattack
+from .nonlinear import NonlinearSurrogate, surrogate_for
 
 __all__ = [
     "Attack",
@@ -83,4 +84,6 @@ __all__ = [
     "AutoAttackAttack",
     "AutoAttackResult",
     "run_autoattack",
+    "NonlinearSurrogate",
+    "surrogate_for",
 ]

@@ -35,6 +35,8 @@ class PGD(Attack):
     - The model's parameters get no gradients and its train/eval mode is left as it was: put the
       model in eval mode first if it has batch-norm or dropout.
     - Transfer attacks are explicit: craft with ``PGD(source_model, ...)``, evaluate on another model.
+    - ``momentum`` (a float or (N,) tensor in [0, 1)): steps follow v = momentum * v + grad / mean|grad|
+      (MI-FGSM); 0 is plain PGD.
     """
 
     seeds_per_example = True
@@ -50,8 +52,12 @@ class PGD(Attack):
         restarts: int = 1,
         loss: str | AttackLoss = "ce",
         seed: int | None = None,
+        momentum: float | torch.Tensor = 0.0,
     ):
         check_attack_args(eps, norm, steps)
+        mu = torch.as_tensor(momentum)
+        if torch.isnan(mu).any() or (mu < 0).any() or (mu >= 1).any():
+            raise InputError(f"momentum must lie in [0, 1), got {momentum}")
         if restarts < 1:
             raise InputError(f"restarts must be >= 1, got {restarts}")
         super().__init__(model, eps, norm, seed)
@@ -60,18 +66,24 @@ class PGD(Attack):
         self.random_start = random_start
         self.restarts = restarts
         self.loss = get_loss(loss)
+        self.momentum = momentum
 
     def _one_run(self, x, y, eps, step, generator):
         if self.random_start:
             delta = random_init(x, eps, self.norm, generator)
         else:
             delta = torch.zeros_like(x)
+        mu = per_sample(self.momentum, x)
+        velocity = torch.zeros_like(x)
         for _ in range(self.steps):
             delta.requires_grad_(True)
             loss = self.loss(self.model, x + delta, y)
             (grad,) = torch.autograd.grad(loss.sum(), delta)
             with torch.no_grad():
-                delta = delta + step * normalized_step(grad, self.norm)
+                # the gradient scaled to unit mean magnitude, so that past steps weigh alike
+                scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view_as(mu)
+                velocity = mu * velocity + grad / scale
+                delta = delta + step * normalized_step(velocity, self.norm)
                 delta = project(delta, eps, self.norm)
                 delta = (x + delta).clamp(0, 1) - x
         x_adv = (x + delta).detach()

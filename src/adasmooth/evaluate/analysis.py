@@ -6,6 +6,9 @@ estimates of h's probabilities (Appendix C.3).
   probabilities over correctly and over incorrectly predicted inputs. The AutoAttack inputs follow
   Appendix D.2: the two APGD components (APGD-CE and, with at least 4 classes, targeted APGD-DLR)
   in minimum-margin mode, keeping, per input, the point with the smallest probability margin.
+  A model with an ``attack_source`` (e.g. :class:`~adasmooth.mixing.nonlinear.TransformedModel`, h
+  with the MixedNUTS map) is attacked through that source and judged on its own logits, so the
+  table and histograms show the transformed h's gap on the points that attack h.
 - ``lipschitz_analysis``: Eq. C.1 per input and class, and how often Theorem 3.5's radius with these
   local constants reaches eps (for several alphas), among inputs h classifies correctly.
 """
@@ -141,7 +144,8 @@ def confidence_gap_table(
                 logits = []
                 for start in range(0, x.shape[0], batch_size):
                     xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-                    xa = attack_for_gap(model, xb, yb, setting, eps, norm, seed=seed + start, aa_steps=aa_steps)
+                    source = getattr(model, "attack_source", model)  # the map's gradients are useless: attack h
+                    xa = attack_for_gap(source, xb, yb, setting, eps, norm, seed=seed + start, aa_steps=aa_steps)
                     with torch.no_grad():
                         logits.append(model(xa))
                     bar.update(1)

@@ -7,6 +7,10 @@ clean and under three PGD attacks:
 - ROB attack: crafted on h alone, then fed to h_alpha (a transfer attack);
 - MIX attack: crafted end to end on h_alpha itself (white box).
 
+The nonlinear (MixedNUTS) variant uses the map parameters ``nonlinear``; its MIX attack takes its
+gradients from the differentiable surrogate of :mod:`adasmooth.attacks.nonlinear` (the true mixture
+gives g's hardmax no gradient) and is judged on the true mixture.
+
 STD and ROB examples do not depend on alpha, so they are crafted once and reused for every alpha
 and every mixing variant; only the MIX attack is crafted per (alpha, variant). g and h alone are
 measured too (clean, and under the attack crafted on themselves) as the reference lines of Figure 4.
@@ -32,6 +36,8 @@ from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..mixing import MIXING_RULES, MixedClassifier
 from ..models.loader import model_dir_option
+from ..attacks.nonlinear import surrogate_for
+from ..mixing.nonlinear import NonlinearParams, nonlinear_rule
 
 __all__ = ["SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier",
            "variant_labels"]
@@ -73,6 +79,8 @@ class SweepConfig(CheckpointDataOptions):
     batch_size: int = batch_size_option(256)
     std_scale: float = option(1.0, help="logit scale s_g of the standard model")
     rob_scale: float = option(1.0, help="logit scale s_h of the robust model")
+    nonlinear: NonlinearParams = option(help="map of h for the nonlinear variant (e.g. from calibrate --rule "
+                                             "nonlinear)", default_factory=NonlinearParams)
     output: str = output_option("runs/sweep", "output folder: sweep.json, sweep.csv and two PNGs")
 
     def validate(self) -> None:
@@ -89,6 +97,7 @@ class SweepConfig(CheckpointDataOptions):
             raise ConfigError(f"n_examples must be >= 1, got {self.n_examples}")
         check_finite("std_scale", self.std_scale, 0, strict=True)
         check_finite("rob_scale", self.rob_scale, 0, strict=True)
+        self.nonlinear.validate()
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
@@ -121,11 +130,14 @@ class SweepResult:
 
 
 def variant_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: float, variant: str, norm: str = "linf",
-                       std_scale: float = 1.0, rob_scale: float = 1.0) -> MixedClassifier:
-    """The fixed-alpha mixed classifier of one named variant (a ``MIXING_RULES`` entry)."""
+                       std_scale: float = 1.0, rob_scale: float = 1.0,
+                       nonlinear: NonlinearParams | None = None) -> MixedClassifier:
+    """The fixed-alpha mixed classifier of one named variant (a ``MIXING_RULES`` entry); the nonlinear
+    variant with the map ``nonlinear`` (default: the registered rule's parameters)."""
     check_variants([variant])
+    rule = nonlinear_rule(nonlinear) if variant == "nonlinear" and nonlinear is not None else variant
     return MixedClassifier(std_model, rob_model, alpha, std_scale=std_scale, rob_scale=rob_scale,
-                           rule=variant, norm=norm).eval()
+                           rule=rule, norm=norm).eval()
 
 
 def _batches(data: Dataset, batch_size: int, device: torch.device):
@@ -177,6 +189,7 @@ def alpha_sweep(
     rob_scale: float = 1.0,
     progress: bool = True,
     on_alpha: Callable[[SweepResult], None] | None = None,
+    nonlinear: NonlinearParams | None = None,
 ) -> SweepResult:
     """Accuracy (%) of fixed-alpha mixtures of g = ``std_model`` and h = ``rob_model`` on ``data``.
 
@@ -215,11 +228,11 @@ def alpha_sweep(
     bar = tqdm(total=len(alphas) * len(variants), desc="alpha sweep", disable=not progress, leave=False)
     for alpha in alphas:
         for variant in variants:
-            mixed = variant_classifier(std_model, rob_model, alpha, variant, norm, std_scale, rob_scale)
+            mixed = variant_classifier(std_model, rob_model, alpha, variant, norm, std_scale, rob_scale, nonlinear)
             clean = _correct(mixed, x, y, batch_size)
             on_std = _correct(mixed, x_std, y, batch_size)
             on_rob = _correct(mixed, x_rob, y, batch_size)
-            x_mix = craft(mixed)
+            x_mix = craft(surrogate_for(mixed))  # the model itself unless its gradients are useless
             on_mix = _correct(mixed, x_mix, y, batch_size)
             result.rows.append({
                 "variant": variant,

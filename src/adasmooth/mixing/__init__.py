@@ -18,6 +18,7 @@ from .rules import (
     trust_weighted_rule,
 )
 from .fixed import MixedClassifier
+from .nonlinear import NonlinearParams, TransformedModel, nonlinear_map, nonlinear_mix_log_probs, nonlinear_rule
 
 __all__ = [
     "MixOutput",
@@ -33,4 +34,9 @@ __all__ = [
     "trust_weight",
     "trust_weighted_rule",
     "MixedClassifier",
+    "NonlinearParams",
+    "TransformedModel",
+    "nonlinear_map",
+    "nonlinear_mix_log_probs",
+    "nonlinear_rule",
 ]

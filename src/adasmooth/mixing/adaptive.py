@@ -42,6 +42,7 @@ from .network import (
 from .bases import load_bases
 from .bases import relative_to as _relative_to
 from .protocol import MixOutput
+from .nonlinear import NonlinearParams, nonlinear_mix_log_probs
 from .rules import mix_logits
 
 __all__ = [
@@ -138,6 +139,8 @@ class AdaptiveMixedClassifier(nn.Module):
         self.std_scale = float(std_scale)
         self.rob_scale = float(rob_scale)
         self.detach_features = bool(detach_features)
+        # MixedNUTS map on h with a hardmax g (mixing.nonlinear) instead of Eq. 3.4's softmaxes, or None
+        self.nonlinear: NonlinearParams | None = None
         # where the base models came from, recorded by save_adaptive_classifier
         self.std_checkpoint: str | None = None
         self.rob_checkpoint: str | None = None
@@ -176,8 +179,13 @@ class AdaptiveMixedClassifier(nn.Module):
     def mix(self, x: torch.Tensor, detach_alpha: bool = False) -> MixOutput:
         g, h, first, second = self.base_outputs(x)
         alpha, alpha_logit = self.alpha_from_features(first, second, detach=detach_alpha)
-        logits = mix_logits(g, h, alpha, self.std_scale, self.rob_scale)
-        return MixOutput(logits=logits, alpha=alpha, alpha_logit=alpha_logit)
+        return MixOutput(logits=self.mix_from_logits(g, h, alpha), alpha=alpha, alpha_logit=alpha_logit)
+
+    def mix_from_logits(self, g: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """The mixed logits from base-model logits and alpha (what calibration replays on cached outputs)."""
+        if self.nonlinear is not None:
+            return nonlinear_mix_log_probs(g, h, alpha, self.nonlinear)
+        return mix_logits(g, h, alpha, self.std_scale, self.rob_scale)
 
     def alpha(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(x).alpha
@@ -187,7 +195,7 @@ class AdaptiveMixedClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"std_taps={self.std_taps}, rob_taps={self.rob_taps}, std_scale={self.std_scale}, "
-                f"rob_scale={self.rob_scale}, detach_features={self.detach_features}")
+                f"rob_scale={self.rob_scale}, detach_features={self.detach_features}, nonlinear={self.nonlinear}")
 
 
 @torch.no_grad()
@@ -262,6 +270,7 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
         "std_scale": model.std_scale,
         "rob_scale": model.rob_scale,
         "detach_features": model.detach_features,
+        "nonlinear": model.nonlinear.as_dict() if model.nonlinear is not None else None,
         "std_checkpoint": _relative_to(std_ckpt, sidecar.parent),
         "rob_checkpoint": _relative_to(rob_ckpt, sidecar.parent),
         "num_classes": _class_count(model.std_model),
@@ -305,5 +314,6 @@ def load_adaptive_classifier(path: str | Path, std_model: nn.Module | None = Non
     model = AdaptiveMixedClassifier(models["std"].to(device), models["rob"].to(device), net.to(device),
                                     info["std_scale"], info["rob_scale"], taps, info["detach_features"])
     model.std_checkpoint, model.rob_checkpoint = bases["std"], bases["rob"]
+    model.nonlinear = NonlinearParams.from_dict(info["nonlinear"]) if info.get("nonlinear") else None
     info["std_checkpoint"], info["rob_checkpoint"] = bases["std"], bases["rob"]
     return model.eval(), info

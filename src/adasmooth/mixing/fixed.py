@@ -136,13 +136,18 @@ def save_fixed_mixture(model: MixedClassifier, path: str | Path, metadata: dict[
     A fixed mixture has no weights of its own, so the sidecar is the whole file. The base models are
     ``metadata["std_checkpoint"]``/``["rob_checkpoint"]``, else the classifier's ``std_checkpoint`` /
     ``rob_checkpoint`` attributes, recorded relative to the sidecar's folder so that folder can move.
+    A rule with parameters (the MixedNUTS map, :mod:`.nonlinear`) stores them beside its name.
     """
+    from .nonlinear import nonlinear_params_of
+
     metadata = dict(metadata or {})
     std_ckpt = metadata.pop("std_checkpoint", None) or model.std_checkpoint
     rob_ckpt = metadata.pop("rob_checkpoint", None) or model.rob_checkpoint
-    if model.rule not in MIXING_RULES or MIXING_RULES.get(model.rule) is not model.rule_fn:
-        raise ConfigError(f"only mixtures with a registered rule can be saved; {model.rule!r} is not one "
-                          f"(known: {', '.join(MIXING_RULES.names())})")
+    params = nonlinear_params_of(model)
+    registered = model.rule in MIXING_RULES and MIXING_RULES.get(model.rule) is model.rule_fn
+    if params is None and not registered:
+        raise ConfigError(f"only mixtures with a registered or nonlinear rule can be saved; {model.rule!r} is "
+                          f"neither (known: {', '.join(MIXING_RULES.names())})")
     if not std_ckpt or not rob_ckpt:
         raise ConfigError("a fixed mixture is saved with its base models' checkpoint paths: set std_checkpoint "
                           "and rob_checkpoint (attributes or metadata)")
@@ -152,6 +157,7 @@ def save_fixed_mixture(model: MixedClassifier, path: str | Path, metadata: dict[
         "kind": FIXED_KIND,
         "alpha": model.alpha,
         "rule": model.rule,
+        "nonlinear": params.as_dict() if params is not None else None,
         "std_scale": model.std_scale,
         "rob_scale": model.rob_scale,
         "std_hardmax": model.std_hardmax,
@@ -184,10 +190,13 @@ def load_fixed_mixture(path: str | Path, std_model: nn.Module | None = None, rob
     missing = [k for k in ("alpha", "rule", "std_scale", "rob_scale") if k not in info]
     if missing:
         raise CheckpointError(f"{sidecar} lacks {missing}")
+    from .nonlinear import NonlinearParams, nonlinear_rule
+
     models, bases = load_bases(info, sidecar, {"std": std_model, "rob": rob_model}, device)
+    rule = nonlinear_rule(NonlinearParams.from_dict(info["nonlinear"])) if info.get("nonlinear") else info["rule"]
     model = MixedClassifier(models["std"].to(device), models["rob"].to(device), info["alpha"],
                             std_scale=info["std_scale"], rob_scale=info["rob_scale"],
-                            std_hardmax=info.get("std_hardmax", False), rule=info["rule"],
+                            std_hardmax=info.get("std_hardmax", False), rule=rule,
                             norm=info.get("norm", "linf"), differentiate_r=info.get("differentiate_r", False))
     model.std_checkpoint, model.rob_checkpoint = bases["std"], bases["rob"]
     info["std_checkpoint"], info["rob_checkpoint"] = bases["std"], bases["rob"]

@@ -5,7 +5,13 @@
   and inputs attacked on the fly against the current mixed model (pseudo-label 1) in setting A
   (gray-box PGD), B (white-box PGD) or C (APGD-CE + targeted APGD-DLR). Attacks are randomised:
   eps per sample = eps * U(0.4, 1.1), a chi-squared number of steps, and a w ~ U(0, w_max) weighted
-  BCE(alpha, 1) term in the attacker's loss that pushes alpha down.
+  BCE(alpha, 1) term in the attacker's loss that pushes alpha down, and (PGD) a momentum decay
+  ~ U(0, momentum_max) per batch. ``extra_clean`` adds more clean inputs per batch (the reference
+  adds 9x) so that alpha learns the clean inputs well.
+- ``rule="nonlinear"``: nonlinear + adaptive: the mixture mixes a hardmax g with the MixedNUTS map of
+  h (:mod:`adasmooth.mixing.nonlinear`, parameters ``nonlinear``, e.g. from ``adasmooth calibrate
+  --rule nonlinear``), and the training attacks take their gradients from the differentiable
+  surrogate of :mod:`adasmooth.attacks.nonlinear` (the true mixture gives g no gradient).
 - EMA of the weights and a batch-norm re-estimate of the exported network; per-epoch checkpoints
   and a resume file shared in format with base-model training.
 
@@ -32,12 +38,14 @@ from tqdm.auto import tqdm
 from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
+from ..attacks.nonlinear import surrogate_for
 from ..core.config import CheckpointDataOptions, option
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
+from ..mixing.nonlinear import NonlinearParams
 from ..models.checkpoint import recorded_dataset, recorded_threat
 from ..models.loader import load_model, model_dir_option, model_info
 from ..core.checks import check_counts, check_eps, check_finite
@@ -105,6 +113,9 @@ class MixnetTrainConfig(CheckpointDataOptions):
     train_clamp_std: float | None = option(0.6, help="clamp of the normalised gamma during training, in standard "
                                                      "deviations (unset: no clamp)")
     bn_momentum: float = option(0.01, help="batch-norm momentum of the alpha head")
+    rule: Literal["prob", "nonlinear"] = option("prob", help="mixture: prob (Eq. 3.4) or nonlinear (hardmax g, "
+                                                            "MixedNUTS map of h with the nonlinear-* parameters)")
+    nonlinear: NonlinearParams = option(help="the map of h for rule nonlinear", default_factory=NonlinearParams)
     # the training-time adversary
     setting: Literal["A", "B", "C"] = option("B", help="training-time attack: A gray-box PGD, B white-box PGD, "
                                                        "C APGD-CE + APGD-T")
@@ -116,6 +127,8 @@ class MixnetTrainConfig(CheckpointDataOptions):
     max_attack_steps: int | None = option(None, help="cap on the drawn number of steps; none: 3 * attack_steps")
     step_factor: float = option(5.0, help="PGD step = step_factor * eps / steps (the reference code's)")
     adaptive_weight_max: float = option(0.4, help="w ~ U(0, this) weighs the attacker's alpha term")
+    momentum_max: float = option(0.9, help="PGD momentum decay ~ U(0, this) per batch (settings A, B; 0: none)")
+    extra_clean: int = option(0, help="extra clean inputs per batch, in multiples of batch_size")
     # Eq. 4.2 weights, paper Table 6 best
     c_ce: float = option(0.0, help="weight of CE in Eq. 4.2")
     c_bce: float = option(1.5, help="weight of BCE in Eq. 4.2")
@@ -158,6 +171,9 @@ class MixnetTrainConfig(CheckpointDataOptions):
         check_finite("train_clamp_std", self.train_clamp_std, 0, strict=True)
         check_finite("bn_momentum", self.bn_momentum, 0, below=1)
         check_finite("adaptive_weight_max", self.adaptive_weight_max, 0, below=1)
+        check_finite("momentum_max", self.momentum_max, 0, below=1)
+        check_counts(self, "extra_clean", low=0)
+        self.nonlinear.validate()
         for name in ("c_ce", "c_bce", "c_prod", "clean_loss_scale", "weight_decay"):
             check_finite(name, getattr(self, name), 0)
         if self.c_ce + self.c_bce + self.c_prod == 0:
@@ -203,21 +219,24 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
     """Attacked inputs against the current mixed model (mixing network in eval mode while crafting)."""
     eps, steps, w = random_attack_budget(x.shape[0], cfg, rng, x.device, x.dtype)
     seed = int(rng.integers(2**31))
+    momentum = float(rng.uniform(0.0, cfg.momentum_max)) if cfg.momentum_max > 0 else 0.0
     was_training = model.training
     model.eval()
+    # a nonlinear mixture gives no useful gradient through g's hardmax: craft on its surrogate
+    target = surrogate_for(model)
     try:
         if cfg.setting in ("A", "B"):
-            attack = PGD(model, eps, cfg.norm, steps, step_size=cfg.step_factor * eps / steps,
-                         loss=attack_loss(cfg.setting, w), seed=seed)
+            attack = PGD(target, eps, cfg.norm, steps, step_size=cfg.step_factor * eps / steps,
+                         loss=attack_loss(cfg.setting, w), seed=seed, momentum=momentum)
             return attack(x, y)
         # Half the batch untargeted APGD-CE, half targeted APGD-DLR (top other class), both with the
         # randomly weighted alpha term; misclassified inputs are attacked too (they still teach alpha).
         half = x.shape[0] // 2
         parts = []
         if half > 0:
-            parts.append(APGD(model, eps[:half], cfg.norm, steps, loss=adaptive_alpha_loss(w[:half], "ce"),
+            parts.append(APGD(target, eps[:half], cfg.norm, steps, loss=adaptive_alpha_loss(w[:half], "ce"),
                               seed=seed, attack_misclassified=True)(x[:half], y[:half]))
-        parts.append(APGDTargeted(model, eps[half:], cfg.norm, steps, n_target_classes=1, seed=seed,
+        parts.append(APGDTargeted(target, eps[half:], cfg.norm, steps, n_target_classes=1, seed=seed,
                                   extra_loss=alpha_bce_loss, extra_weight=w[half:],
                                   attack_misclassified=True)(x[half:], y[half:]))
         return torch.cat(parts, 0)
@@ -300,6 +319,8 @@ def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device
         train_clamp_std=cfg.train_clamp_std,
     )
     model.std_checkpoint, model.rob_checkpoint = cfg.std, cfg.rob
+    if cfg.rule == "nonlinear":
+        model.nonlinear = cfg.nonlinear
     return model.to(device)
 
 
@@ -355,6 +376,7 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         rng = np.random.default_rng([cfg.seed, epoch])
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         perm = torch.randperm(len(train_data), generator=gen)
+        extra_perm = torch.randperm(len(train_data), generator=gen) if cfg.extra_clean else None
         sums = {"loss": 0.0, "alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
         count = 0
         bar = tqdm(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
@@ -367,6 +389,13 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
             inputs, labels = torch.cat([x, x_adv]), torch.cat([y, y])
             pseudo = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
             sample_w = torch.cat([torch.full((n,), cfg.clean_loss_scale, device=device), torch.ones(n, device=device)])
+            if extra_perm is not None:
+                m = cfg.extra_clean * n
+                idx = extra_perm[(torch.arange(m) + step * m) % len(train_data)]
+                inputs = torch.cat([inputs, train_data.x[idx].to(device)])
+                labels = torch.cat([labels, train_data.y[idx].to(device)])
+                pseudo = torch.cat([pseudo, torch.zeros(m, device=device)])
+                sample_w = torch.cat([sample_w, torch.full((m,), cfg.clean_loss_scale, device=device)])
             if cfg.bn_recalibration_batches > 0:
                 recent.append(inputs.detach())
             model.train()
@@ -391,9 +420,9 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                 correct = (out.logits.argmax(1) == labels).float()
                 sums["loss"] += loss.item() * n
                 sums["alpha_clean"] += out.alpha[:n].sum().item()
-                sums["alpha_adv"] += out.alpha[n:].sum().item()
+                sums["alpha_adv"] += out.alpha[n:2 * n].sum().item()
                 sums["acc_clean"] += correct[:n].sum().item()
-                sums["acc_adv"] += correct[n:].sum().item()
+                sums["acc_adv"] += correct[n:2 * n].sum().item()
                 count += n
             bar.set_postfix(loss=f"{sums['loss'] / count:.4f}",
                             a_clean=f"{sums['alpha_clean'] / count:.2f}", a_adv=f"{sums['alpha_adv'] / count:.2f}")
