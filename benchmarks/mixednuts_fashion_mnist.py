@@ -32,7 +32,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from adasmooth.attacks import ATTACKS
@@ -41,15 +40,8 @@ from adasmooth.attacks.autoattack import AutoAttackAttack
 from adasmooth.attacks.base import is_mixed_model
 from adasmooth.core.io import format_table, write_result
 from adasmooth.data.base import Dataset, load_dataset
-from adasmooth.evaluate.calibrate import (
-    _base_logits,
-    calibrate_adaptive,
-    calibrate_fixed_alpha,
-    calibrate_nonlinear_to_accuracy,
-    grid_search_nonlinear,
-    nonlinear_grid,
-    robust_margin_logits,
-)
+from adasmooth.evaluate.calibrate import _base_logits, calibrate_adaptive, calibrate_fixed_alpha
+from adasmooth.evaluate.mixednuts import calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid, robust_margin_logits
 from adasmooth.evaluate.robustness import evaluate_robustness
 from adasmooth.mixing import MixedClassifier
 from adasmooth.mixing.adaptive import load_adaptive_classifier

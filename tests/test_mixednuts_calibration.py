@@ -10,14 +10,8 @@ import torch
 
 from adasmooth.cli import main
 from adasmooth.core.errors import ConfigError, InputError
-from adasmooth.evaluate.calibrate import (
-    CalibrateConfig,
-    calibrate_nonlinear_to_accuracy,
-    grid_search_nonlinear,
-    nonlinear_grid,
-    probability_margins,
-    spca_objective,
-)
+from adasmooth.evaluate.calibrate import CalibrateConfig
+from adasmooth.evaluate.mixednuts import calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid, probability_margins, spca_objective
 from adasmooth.mixing.fixed import load_fixed_mixture
 from adasmooth.mixing.nonlinear import nonlinear_params_of
 from adasmooth.models.checkpoint import save_checkpoint

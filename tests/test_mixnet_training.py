@@ -17,12 +17,8 @@ from adasmooth.data.base import DATASET_STATS, load_dataset
 from adasmooth.mixing.adaptive import build_adaptive_classifier, load_adaptive_classifier
 from adasmooth.core.errors import CheckpointError
 from adasmooth.core.io import load_resume_state
-from adasmooth.evaluate.calibrate import (
-    bisect_decreasing,
-    calibrate_adaptive,
-    calibrate_fixed_alpha,
-    fixed_alpha_classifier,
-)
+from adasmooth.evaluate.calibrate import calibrate_adaptive, calibrate_fixed_alpha, fixed_alpha_classifier
+from adasmooth.evaluate.search import bisect_decreasing
 from adasmooth.train.mixnet import (
     MixnetTrainConfig,
     attack_loss,
