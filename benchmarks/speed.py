@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import platform
 import sys
 import time
@@ -48,14 +47,7 @@ from adasmooth.data.base import Dataset, load_dataset  # noqa: E402
 from adasmooth.models.checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
 from adasmooth.train.loop import TrainConfig, train_base  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
-CACHE = RESULTS / "cache"
-
-
-def data_dir() -> Path:
-    env = os.environ.get("ADASMOOTH_DATA")
-    return Path(env) if env else ROOT.parent.parent / "shared" / "data"
+from common import CACHE, RESULTS, data_dir  # noqa: E402  (the shared benchmark folders and data)
 
 
 def sync(device: torch.device) -> None:
