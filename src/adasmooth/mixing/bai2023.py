@@ -41,6 +41,8 @@ from .adaptive import AdaptiveMixedClassifier
 from .network import MixingNetwork, ranged_alpha
 
 __all__ = [
+    "base_models",
+    "base_configs",
     "Bai2023MixingNetConfig",
     "Bai2023MixingNet",
     "BAI2023_ENTRIES",
@@ -255,6 +257,32 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: P
     module.load_state_dict(state, strict=True)
 
 
+def base_models(dataset: str, std_arch: Mapping[str, Any] | None, rob_arch: Mapping[str, Any] | None,
+                activation: str) -> tuple[BitResNetV2, nn.Module]:
+    """The authors' g (BiT, R152x2 unless ``std_arch`` says otherwise, fed 128x128) and h (DM WRN-70-16
+    unless ``rob_arch`` says otherwise), fresh; shared with the MixedNUTS entries (bai2024.py)."""
+    num_classes = 10 if dataset == "cifar10" else 100
+    mean, std = _CIFAR_STATS[dataset]
+    std_kw = {"units": (3, 8, 36, 3), "width_factor": 2, **(std_arch or {})}
+    rob_kw = {"depth": 70, "width": 16, **(rob_arch or {})}
+    g = BitResNetV2(num_classes=num_classes, input_size=STD_INPUT_SIZE, dataset=dataset, **std_kw)
+    h = create_model(f"dm-wrn-{rob_kw['depth']}-{rob_kw['width']}", num_classes, mean=mean, std=std,
+                     input_shape=(3, 32, 32), dataset=dataset, activation=activation)
+    return g, h
+
+
+def base_configs(std_state: Mapping[str, torch.Tensor], rob_state: Mapping[str, torch.Tensor],
+                 files: list[Path], dataset: str) -> tuple[dict, dict]:
+    """(BiT sizes, WRN sizes) read from the two base models' files, their class counts checked against ``dataset``."""
+    bit = bit_config_from_state_dict(std_state, str(files[0]))
+    wrn = dm_wrn_config_from_state_dict(rob_state, str(files[1]))
+    expected_classes = 10 if dataset == "cifar10" else 100
+    for f, n in ((files[0], bit.pop("num_classes")), (files[1], wrn.pop("num_classes"))):
+        if n != expected_classes:
+            raise CheckpointError(f"{f} has {n} classes; {dataset} has {expected_classes}")
+    return bit, wrn
+
+
 def build_bai2023(name: str, dataset: str, std_arch: Mapping[str, Any] | None = None,
                   rob_arch: Mapping[str, Any] | None = None,
                   mixnet_arch: Mapping[str, Any] | None = None) -> AdaptiveMixedClassifier:
@@ -264,14 +292,8 @@ def build_bai2023(name: str, dataset: str, std_arch: Mapping[str, Any] | None = 
     network on 768 + 1536 tap channels.
     """
     entry = _entry(name, dataset)
-    num_classes = 10 if dataset == "cifar10" else 100
-    mean, std = _CIFAR_STATS[dataset]
-    std_kw = {"units": (3, 8, 36, 3), "width_factor": 2, **(std_arch or {})}
-    rob_kw = {"depth": 70, "width": 16, **(rob_arch or {})}
-    g = BitResNetV2(num_classes=num_classes, input_size=STD_INPUT_SIZE, dataset=dataset, **std_kw)
-    h = create_model(f"dm-wrn-{rob_kw['depth']}-{rob_kw['width']}", num_classes, mean=mean, std=std,
-                     input_shape=(3, 32, 32), dataset=dataset, activation=entry.rob_activation)
-    wf, width = int(std_kw["width_factor"]), int(rob_kw["width"])
+    g, h = base_models(dataset, std_arch, rob_arch, entry.rob_activation)
+    wf, width = g.width_factor, int((rob_arch or {}).get("width", 16))
     first = 256 * wf + 16 * width  # BiT block1 + WRN layer.0 channels
     net_kw = {"first_channels": first, "second_channels": 2 * first, **(mixnet_arch or {})}
     cfg = Bai2023MixingNetConfig(**net_kw, gamma_scale=entry.gamma_scale, gamma_shift=entry.gamma_shift,
@@ -295,12 +317,7 @@ def load_bai2023(name: str, dataset: str, model_dir: str | Path = "models",
         raise ConfigError(f"the Bai2023 composites are Linf entries, not {threat}")
     files = bai2023_files(entry_name, dataset, model_dir, threat)
     std_state, rob_state, net_state = bai2023_state_dicts(files)
-    bit = bit_config_from_state_dict(std_state, str(files[0]))
-    wrn = dm_wrn_config_from_state_dict(rob_state, str(files[1]))
-    expected_classes = 10 if dataset == "cifar10" else 100
-    for f, n in ((files[0], bit.pop("num_classes")), (files[1], wrn.pop("num_classes"))):
-        if n != expected_classes:
-            raise CheckpointError(f"{f} has {n} classes; {dataset} has {expected_classes}")
+    bit, wrn = base_configs(std_state, rob_state, files, dataset)
     model = build_bai2023(entry_name, dataset, bit, wrn, _mixnet_config_from_state(net_state, str(files[2])))
     # the eval-head buffers are ours (their constants live in comp_model.py, not in the file)
     net_state.update({k: v for k, v in model.mixing_net.state_dict().items() if k in _HEAD_BUFFERS})
