@@ -19,8 +19,9 @@ only outside the weights: its input normalisation is a pair of parameters ``mean
 that the released file may or may not hold (RobustBench loads it non-strictly for that reason), and
 it resizes inside ``forward``. Both are honoured: a file's ``mean``/``std`` replace the 0.5s.
 
-CIFAR-10's entry uses Peng2023Robust's RaWRN-70-16 (``robustarch_wide_resnet.py``, which needs
-torchvision layers) as h; it is not supported yet and is refused with a ConfigError.
+CIFAR-10's entry uses Peng2023Robust's RaWRN-70-16 as h (:mod:`adasmooth.models.ra_wide_resnet`,
+``ra-wrn-70-16``: RobustBench's ``robustarch_wide_resnet.py`` with torchvision's squeeze-excitation
+written out), CIFAR-100's Wang2023Better's WRN-70-16 with SiLU (``dm-wrn-70-16``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from typing import Any, Mapping
 import torch
 
 from ..core.errors import CheckpointError, ConfigError
-from .bai2023 import _load_strict, _read_pt, _tensors, base_configs, base_models
+from ..models import create_model
+from ..models.dm_wide_resnet import dm_wrn_config_from_state_dict
+from ..models.ra_wide_resnet import ra_wrn_config_from_state_dict
+from .bai2023 import (_CIFAR_STATS, _load_strict, _read_pt, _tensors, base_configs, base_models, bit_std_model,
+                      released_entry, released_files)
 from .fixed import MixedClassifier
 from .nonlinear import NonlinearParams, nonlinear_rule
 
@@ -44,6 +49,7 @@ class Bai2024Entry:
     """One MixedNUTS entry: h's RobustBench name and optimal_spca.yaml's values for it."""
 
     rob_name: str
+    rob_arch: str  # "dm-wrn-silu" (DeepMind WRN with SiLU) or "ra-wrn-70-16"
     s: float
     c: float
     p: float
@@ -58,37 +64,36 @@ class Bai2024Entry:
 # optimal_spca.yaml: gelu branch at default_beta 98.5 (s, c, p, alpha); none branch at its default beta
 BAI2024_ENTRIES: dict[tuple[str, str], Bai2024Entry] = {
     ("cifar100", "Bai2024MixedNUTS"): Bai2024Entry(
-        "Wang2023Better_WRN-70-16", s=0.6115753843212784, c=-2.142857142857143, p=3.571428571428571,
+        "Wang2023Better_WRN-70-16", "dm-wrn-silu", s=0.6115753843212784, c=-2.142857142857143, p=3.571428571428571,
         alpha=0.9860300534207915, alpha_diffable=0.9706995384302841),
+    ("cifar10", "Bai2024MixedNUTS"): Bai2024Entry(
+        "Peng2023Robust", "ra-wrn-70-16", s=5.0, c=-1.1, p=4.0,
+        alpha=0.9987500602493457, alpha_diffable=0.9570535356459247),
 }
-# known to exist but not loadable yet (h's architecture is missing)
-_UNSUPPORTED = {("cifar10", "Bai2024MixedNUTS"): "Peng2023Robust's RaWRN-70-16 (robustarch_wide_resnet.py)"}
 
 _BIT_NORM_KEYS = ("mean", "std")  # bit_rn_v2.ResNetV2's normalisation parameters
 
 
 def bai2024_files(name: str, dataset: str, model_dir: str | Path, threat: str = "Linf") -> list[Path]:
     """The two files RobustBench stores for a MixedNUTS entry: ``<model_dir>/<dataset>/<threat>/<name>.pt_m{0,1}.pt``."""
-    base = Path(model_dir) / dataset / threat / f"{name}.pt"
-    return [base.with_name(f"{base.name}_m{i}.pt") for i in range(2)]
+    return released_files(name, dataset, model_dir, threat, 2)
 
 
 def _entry(name: str, dataset: str) -> Bai2024Entry:
-    if (dataset, name) in _UNSUPPORTED:
-        raise ConfigError(f"{dataset}/Linf/{name} is not supported yet: its robust model is "
-                          f"{_UNSUPPORTED[(dataset, name)]}, which adasmooth does not implement")
-    entry = BAI2024_ENTRIES.get((dataset, name))
-    if entry is None:
-        known = ", ".join(f"{d}/Linf/{n}" for d, n in BAI2024_ENTRIES)
-        raise ConfigError(f"no MixedNUTS entry {dataset}/{name}; known: {known}")
-    return entry
+    return released_entry(BAI2024_ENTRIES, name, dataset, "MixedNUTS entry")
 
 
 def build_bai2024(name: str, dataset: str, std_arch: Mapping[str, Any] | None = None,
                   rob_arch: Mapping[str, Any] | None = None) -> MixedClassifier:
     """The MixedNUTS model with fresh weights: BiT-M-R152x2 + WRN-70-16 (SiLU) unless the overrides say otherwise."""
     entry = _entry(name, dataset)
-    g, h = base_models(dataset, std_arch, rob_arch, activation="silu")  # Wang2023Better: nn.SiLU
+    if entry.rob_arch == "ra-wrn-70-16":
+        mean, std = _CIFAR_STATS[dataset]
+        g = bit_std_model(dataset, std_arch)
+        h = create_model("ra-wrn-70-16", 10 if dataset == "cifar10" else 100, mean=mean, std=std,
+                         input_shape=(3, 32, 32), dataset=dataset, **(rob_arch or {}))
+    else:
+        g, h = base_models(dataset, std_arch, rob_arch, activation="silu")  # Wang2023Better: nn.SiLU
     model = MixedClassifier(g, h, entry.alpha, rule=nonlinear_rule(entry.params()))
     return model.eval()
 
@@ -101,14 +106,15 @@ def load_bai2024(name: str, dataset: str, model_dir: str | Path = "models",
     keys. Returned in eval mode.
     """
     entry_name = name[:-3] if name.endswith(".pt") else name
-    _entry(entry_name, dataset)
+    entry = _entry(entry_name, dataset)
     if threat != "Linf":
         raise ConfigError(f"the MixedNUTS entries are Linf entries, not {threat}")
     files = bai2024_files(entry_name, dataset, model_dir, threat)
     std_state = _tensors(_read_pt(files[0]), files[0], "standard-model")
     rob_state = _tensors(_read_pt(files[1]), files[1], "robust-model")
     norm = {k: std_state.pop(k) for k in _BIT_NORM_KEYS if k in std_state}
-    bit, wrn = base_configs(std_state, rob_state, files, dataset)
+    reader = ra_wrn_config_from_state_dict if entry.rob_arch == "ra-wrn-70-16" else dm_wrn_config_from_state_dict
+    bit, wrn = base_configs(std_state, rob_state, files, dataset, reader)
     model = build_bai2024(entry_name, dataset, bit, wrn)
     g, h = model.std_model, model.rob_model
     for key, value in norm.items():
