@@ -26,7 +26,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ from .adaptive import AdaptiveMixedClassifier
 from .network import MixingNetwork, ranged_alpha
 
 __all__ = [
+    "base_models",
+    "released_files",
+    "released_entry",
+    "bit_std_model",
+    "base_configs",
     "Bai2023MixingNetConfig",
     "Bai2023MixingNet",
     "BAI2023_ENTRIES",
@@ -194,18 +199,28 @@ def _mixnet_config_from_state(state: Mapping[str, torch.Tensor], source: str) ->
 # ---------------------------------------------------------------------------- files and loading
 
 
+def released_files(name: str, dataset: str, model_dir: str | Path, threat: str, parts: int) -> list[Path]:
+    """RobustBench's files of a multi-part entry: ``<model_dir>/<dataset>/<threat>/<name>.pt_m{0..parts-1}.pt``."""
+    base = Path(model_dir) / dataset / threat / f"{name}.pt"
+    return [base.with_name(f"{base.name}_m{i}.pt") for i in range(parts)]
+
+
 def bai2023_files(name: str, dataset: str, model_dir: str | Path, threat: str = "Linf") -> list[Path]:
     """The three files RobustBench stores for a composite: ``<model_dir>/<dataset>/<threat>/<name>.pt_m{0,1,2}.pt``."""
-    base = Path(model_dir) / dataset / threat / f"{name}.pt"
-    return [base.with_name(f"{base.name}_m{i}.pt") for i in range(3)]
+    return released_files(name, dataset, model_dir, threat, 3)
+
+
+def released_entry(table: Mapping[tuple[str, str], Any], name: str, dataset: str, what: str) -> Any:
+    """``table[(dataset, name)]``, or a ConfigError listing the table's entries."""
+    entry = table.get((dataset, name))
+    if entry is None:
+        known = ", ".join(f"{d}/Linf/{n}" for d, n in table)
+        raise ConfigError(f"no {what} {dataset}/{name}; known: {known}")
+    return entry
 
 
 def _entry(name: str, dataset: str) -> Bai2023Entry:
-    entry = BAI2023_ENTRIES.get((dataset, name))
-    if entry is None:
-        known = ", ".join(f"{d}/Linf/{n}" for d, n in BAI2023_ENTRIES)
-        raise ConfigError(f"no Bai2023 composite {dataset}/{name}; known: {known}")
-    return entry
+    return released_entry(BAI2023_ENTRIES, name, dataset, "Bai2023 composite")
 
 
 def _read_pt(path: Path) -> Any:
@@ -255,6 +270,41 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: P
     module.load_state_dict(state, strict=True)
 
 
+def bit_std_model(dataset: str, std_arch: Mapping[str, Any] | None = None) -> BitResNetV2:
+    """The authors' standard model: a BiT-M-R152x2 (unless ``std_arch`` says otherwise) fed 128x128 upsamplings."""
+    std_kw = {"units": (3, 8, 36, 3), "width_factor": 2, **(std_arch or {})}
+    return BitResNetV2(num_classes=10 if dataset == "cifar10" else 100, input_size=STD_INPUT_SIZE,
+                       dataset=dataset, **std_kw)
+
+
+def base_models(dataset: str, std_arch: Mapping[str, Any] | None, rob_arch: Mapping[str, Any] | None,
+                activation: str) -> tuple[BitResNetV2, nn.Module]:
+    """The authors' g (BiT, R152x2 unless ``std_arch`` says otherwise, fed 128x128) and h (DM WRN-70-16
+    unless ``rob_arch`` says otherwise), fresh; shared with the MixedNUTS entries (bai2024.py)."""
+    num_classes = 10 if dataset == "cifar10" else 100
+    mean, std = _CIFAR_STATS[dataset]
+    rob_kw = {"depth": 70, "width": 16, **(rob_arch or {})}
+    g = bit_std_model(dataset, std_arch)
+    h = create_model(f"dm-wrn-{rob_kw['depth']}-{rob_kw['width']}", num_classes, mean=mean, std=std,
+                     input_shape=(3, 32, 32), dataset=dataset, activation=activation)
+    return g, h
+
+
+def base_configs(std_state: Mapping[str, torch.Tensor], rob_state: Mapping[str, torch.Tensor],
+                 files: list[Path], dataset: str,
+                 rob_reader: Callable[[Mapping[str, torch.Tensor], str], dict] = dm_wrn_config_from_state_dict,
+                 ) -> tuple[dict, dict]:
+    """(BiT sizes, h's sizes by ``rob_reader``) read from the two base models' files, their class
+    counts checked against ``dataset``."""
+    bit = bit_config_from_state_dict(std_state, str(files[0]))
+    wrn = rob_reader(rob_state, str(files[1]))
+    expected_classes = 10 if dataset == "cifar10" else 100
+    for f, n in ((files[0], bit.pop("num_classes")), (files[1], wrn.pop("num_classes"))):
+        if n != expected_classes:
+            raise CheckpointError(f"{f} has {n} classes; {dataset} has {expected_classes}")
+    return bit, wrn
+
+
 def build_bai2023(name: str, dataset: str, std_arch: Mapping[str, Any] | None = None,
                   rob_arch: Mapping[str, Any] | None = None,
                   mixnet_arch: Mapping[str, Any] | None = None) -> AdaptiveMixedClassifier:
@@ -264,14 +314,8 @@ def build_bai2023(name: str, dataset: str, std_arch: Mapping[str, Any] | None = 
     network on 768 + 1536 tap channels.
     """
     entry = _entry(name, dataset)
-    num_classes = 10 if dataset == "cifar10" else 100
-    mean, std = _CIFAR_STATS[dataset]
-    std_kw = {"units": (3, 8, 36, 3), "width_factor": 2, **(std_arch or {})}
-    rob_kw = {"depth": 70, "width": 16, **(rob_arch or {})}
-    g = BitResNetV2(num_classes=num_classes, input_size=STD_INPUT_SIZE, dataset=dataset, **std_kw)
-    h = create_model(f"dm-wrn-{rob_kw['depth']}-{rob_kw['width']}", num_classes, mean=mean, std=std,
-                     input_shape=(3, 32, 32), dataset=dataset, activation=entry.rob_activation)
-    wf, width = int(std_kw["width_factor"]), int(rob_kw["width"])
+    g, h = base_models(dataset, std_arch, rob_arch, entry.rob_activation)
+    wf, width = g.width_factor, int((rob_arch or {}).get("width", 16))
     first = 256 * wf + 16 * width  # BiT block1 + WRN layer.0 channels
     net_kw = {"first_channels": first, "second_channels": 2 * first, **(mixnet_arch or {})}
     cfg = Bai2023MixingNetConfig(**net_kw, gamma_scale=entry.gamma_scale, gamma_shift=entry.gamma_shift,
@@ -295,12 +339,7 @@ def load_bai2023(name: str, dataset: str, model_dir: str | Path = "models",
         raise ConfigError(f"the Bai2023 composites are Linf entries, not {threat}")
     files = bai2023_files(entry_name, dataset, model_dir, threat)
     std_state, rob_state, net_state = bai2023_state_dicts(files)
-    bit = bit_config_from_state_dict(std_state, str(files[0]))
-    wrn = dm_wrn_config_from_state_dict(rob_state, str(files[1]))
-    expected_classes = 10 if dataset == "cifar10" else 100
-    for f, n in ((files[0], bit.pop("num_classes")), (files[1], wrn.pop("num_classes"))):
-        if n != expected_classes:
-            raise CheckpointError(f"{f} has {n} classes; {dataset} has {expected_classes}")
+    bit, wrn = base_configs(std_state, rob_state, files, dataset)
     model = build_bai2023(entry_name, dataset, bit, wrn, _mixnet_config_from_state(net_state, str(files[2])))
     # the eval-head buffers are ours (their constants live in comp_model.py, not in the file)
     net_state.update({k: v for k, v in model.mixing_net.state_dict().items() if k in _HEAD_BUFFERS})

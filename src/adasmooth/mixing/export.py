@@ -18,7 +18,8 @@ Rules that differentiate inside the forward pass (the gradient-based trust weigh
 Eq. 3.3) cannot be traced; they are refused with a ConfigError.
 
 :func:`load_mixture` loads a saved mixture of either kind from its sidecar's ``kind``, or one of the
-authors' released composites from a ``robustbench:<dataset>/Linf/Bai2023Improving_*`` spec.
+authors' released composites from a ``robustbench:<dataset>/Linf/Bai2023Improving_*`` spec, or their
+MixedNUTS model from ``robustbench:cifar100/Linf/Bai2024MixedNUTS`` (a nonlinear-rule fixed mixture).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ TRACEABLE_RULES = ("prob", "logit")  # the others take input gradients inside fo
 def load_mixture(path: str | Path, device: str | torch.device = "cpu",
                  model_dir: str | Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A saved fixed (``kind: fixed-mixture``) or adaptive mixture, by the kind its sidecar records; or a
-    ``robustbench:<dataset>/Linf/<Bai2023 entry>`` composite read from ``model_dir``."""
+    ``robustbench:<dataset>/Linf/<Bai2023 or Bai2024MixedNUTS entry>`` read from ``model_dir``."""
     if str(path).startswith(PREFIX):
         return _load_released_composite(str(path), device, model_dir)
     _, sidecar = checkpoint_paths(path)
@@ -69,18 +70,27 @@ def mixture_files(spec: str | Path, model_dir: str | Path | None = None) -> list
     """The files :func:`load_mixture` reads for ``spec`` (the mixture's own; a composite's three files)."""
     if str(spec).startswith(PREFIX):
         from .bai2023 import bai2023_files
+        from .bai2024 import bai2024_files
 
         dataset, threat, name = parse_robustbench_spec(str(spec))
-        return bai2023_files(name, dataset, resolve_model_dir(model_dir), threat)
+        files = bai2024_files if name.startswith("Bai2024") else bai2023_files
+        return files(name, dataset, resolve_model_dir(model_dir), threat)
     return list(checkpoint_paths(spec))
 
 
 def _load_released_composite(spec: str, device, model_dir) -> tuple[nn.Module, dict[str, Any]]:
     from .bai2023 import BAI2023_ENTRIES, load_bai2023
+    from .bai2024 import BAI2024_ENTRIES, load_bai2024
 
     dataset, threat, name = parse_robustbench_spec(spec)
+    if name.startswith("Bai2024"):  # MixedNUTS: a fixed-alpha nonlinear mixture (unsupported entries refused there)
+        model = load_bai2024(name, dataset, resolve_model_dir(model_dir), device, threat)
+        info = {"kind": FIXED_KIND, "dataset": dataset, "input_shape": [3, 32, 32], "spec": spec,
+                "threat": {"norm": "linf", "eps": 8 / 255}, "rule": "nonlinear", "alpha": model.alpha,
+                "alpha_diffable": BAI2024_ENTRIES[(dataset, name)].alpha_diffable}
+        return model, info
     if (dataset, name) not in BAI2023_ENTRIES:
-        known = ", ".join(f"{PREFIX}{d}/Linf/{n}" for d, n in BAI2023_ENTRIES)
+        known = ", ".join(f"{PREFIX}{d}/Linf/{n}" for d, n in [*BAI2023_ENTRIES, *BAI2024_ENTRIES])
         raise ConfigError(f"{spec} is not a released mixture; known: {known} (single models go to --model/--std/--rob)")
     model = load_bai2023(name, dataset, resolve_model_dir(model_dir), device, threat)
     info = {"kind": ADAPTIVE_KIND, "dataset": dataset, "input_shape": [3, 32, 32], "spec": spec,

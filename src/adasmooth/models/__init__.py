@@ -22,6 +22,7 @@ from .small import MLP, SmallCNN  # noqa: E402
 from .resnet import PreActResNet18, ResNet18  # noqa: E402
 from .wideresnet import WideResNet  # noqa: E402
 from .dm_wide_resnet import DMPreActResNet, DMWideResNet  # noqa: E402
+from .ra_wide_resnet import RaWideResNet  # noqa: E402
 from .rb_resnet import RBPreActResNet18, RBResNet18, RBWideResNet  # noqa: E402
 from .loader import load_model, model_info  # noqa: E402
 
