@@ -84,3 +84,36 @@ def peer_modules():
         for name in set(sys.modules) - set(before):
             del sys.modules[name]
         sys.modules.update(before)
+
+
+def stand_in_packages(monkeypatch, root: Path) -> set[str]:
+    """Register RobustBench's package folders as plain packages (their ``__init__`` imports torchvision)
+    and a stand-in ``timm``; returns the module names present before, for :func:`forget_peer_modules`."""
+    before = set(sys.modules)
+    for name, folder in (("robustbench", root), ("robustbench.model_zoo", root / "model_zoo"),
+                         ("robustbench.model_zoo.architectures", root / "model_zoo" / "architectures")):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(folder)]
+        monkeypatch.setitem(sys.modules, name, pkg)
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    return before
+
+
+def forget_peer_modules(before: set[str]) -> None:
+    """Drop the RobustBench modules imported since ``before``, so the next test loads them afresh."""
+    for name in set(sys.modules) - before:
+        if name.startswith("robustbench"):
+            del sys.modules[name]
+
+
+def randomize_normalisation(module: nn.Module, gen) -> None:
+    """Non-trivial normalisation statistics and affine terms, so a swapped or skipped one shows."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+            m.weight.data = 1 + 0.2 * torch.randn(m.weight.shape, generator=gen)
+            m.bias.data = 0.1 * torch.randn(m.bias.shape, generator=gen)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean = 0.1 * torch.randn(m.running_mean.shape, generator=gen)
+            m.running_var = 1 + 0.3 * torch.rand(m.running_var.shape, generator=gen)

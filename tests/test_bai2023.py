@@ -25,6 +25,8 @@ from adasmooth.mixing.adaptive import AdaptiveMixedClassifier
 from adasmooth.mixing.export import export_mixture
 from adasmooth.mixing.bai2023 import BAI2023_ENTRIES, Bai2023MixingNet, bai2023_files, build_bai2023, load_bai2023
 
+from robustbench_peer import forget_peer_modules, randomize_normalisation, stand_in_packages
+
 _SPEC = importlib.util.find_spec("robustbench")
 needs_peer = pytest.mark.skipif(_SPEC is None, reason="robustbench==1.1.1 not installed (pip install --no-deps)")
 
@@ -33,13 +35,7 @@ needs_peer = pytest.mark.skipif(_SPEC is None, reason="robustbench==1.1.1 not in
 def peer(monkeypatch):
     """RobustBench's comp_model module, loaded by path, patched to build a reduced composite."""
     root = Path(_SPEC.submodule_search_locations[0])
-    before = set(sys.modules)
-    for name, folder in (("robustbench", root), ("robustbench.model_zoo", root / "model_zoo"),
-                         ("robustbench.model_zoo.architectures", root / "model_zoo" / "architectures")):
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(folder)]
-        monkeypatch.setitem(sys.modules, name, pkg)
-    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    before = stand_in_packages(monkeypatch, root)
     for stub in ("convnext_v2", "robustarch_wide_resnet"):
         mod = types.ModuleType(f"robustbench.model_zoo.architectures.{stub}")
         mod.get_model = None
@@ -56,20 +52,7 @@ def peer(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     monkeypatch.setattr("builtins.print", lambda *a, **k: None)  # the peer narrates every setting
     yield comp
-    for name in set(sys.modules) - before:
-        if name.startswith("robustbench"):
-            del sys.modules[name]
-
-
-def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial normalisation statistics and affine terms, so a swapped or skipped one shows."""
-    for m in module.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) and m.weight is not None:
-            m.weight.data = 1 + 0.2 * torch.randn(m.weight.shape, generator=gen)
-            m.bias.data = 0.1 * torch.randn(m.bias.shape, generator=gen)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean = 0.1 * torch.randn(m.running_mean.shape, generator=gen)
-            m.running_var = 1 + 0.3 * torch.rand(m.running_var.shape, generator=gen)
+    forget_peer_modules(before)
 
 
 def _save_peer_composite(comp, name: str, dataset: str, model_dir: Path, x: torch.Tensor):
@@ -79,7 +62,7 @@ def _save_peer_composite(comp, name: str, dataset: str, model_dir: Path, x: torc
     wrapper = comp.get_composite_model(name.split("_")[1], dataset)
     peer = wrapper.comp_model
     for m in (*peer.models, peer.policy_net):
-        _randomize(m, gen)
+        randomize_normalisation(m, gen)
     with torch.no_grad():  # put gamma's BatchNorm where these inputs' gammas are, so alpha varies
         _, (s1, s2) = peer.models[0](torch.nn.functional.interpolate(x, size=(128, 128), mode="bilinear"))
         _, (r1, r2) = peer.models[1](x)

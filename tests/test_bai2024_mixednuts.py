@@ -28,6 +28,8 @@ from adasmooth.mixing.export import load_mixture, mixture_files
 from adasmooth.mixing.fixed import MixedClassifier
 from adasmooth.mixing.nonlinear import nonlinear_params_of
 
+from robustbench_peer import forget_peer_modules, randomize_normalisation, stand_in_packages
+
 _SPEC = importlib.util.find_spec("robustbench")
 needs_peer = pytest.mark.skipif(_SPEC is None, reason="robustbench==1.1.1 not installed (pip install --no-deps)")
 SPEC = "robustbench:cifar100/Linf/Bai2024MixedNUTS"
@@ -51,13 +53,7 @@ class _TorchvisionSE(torch.nn.Module):
 def peer(monkeypatch):
     """RobustBench's comp_model module, loaded by path, patched to build a reduced MixedNUTS model."""
     root = Path(_SPEC.submodule_search_locations[0])
-    before = set(sys.modules)
-    for name, folder in (("robustbench", root), ("robustbench.model_zoo", root / "model_zoo"),
-                         ("robustbench.model_zoo.architectures", root / "model_zoo" / "architectures")):
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(folder)]
-        monkeypatch.setitem(sys.modules, name, pkg)
-    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    before = stand_in_packages(monkeypatch, root)
     stub = types.ModuleType("robustbench.model_zoo.architectures.convnext_v2")
     monkeypatch.setitem(sys.modules, stub.__name__, stub)
     # robustarch_wide_resnet.py imports torchvision (which does not import here) for two layers; RaWRN
@@ -79,20 +75,7 @@ def peer(monkeypatch):
     monkeypatch.setattr(comp, "DMWideResNet", lambda **kw: full_wrn(**{**kw, "depth": 10, "width": 4}))
     monkeypatch.setattr("builtins.print", lambda *a, **k: None)  # the peer narrates every setting
     yield comp
-    for name in set(sys.modules) - before:
-        if name.startswith("robustbench"):
-            del sys.modules[name]
-
-
-def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial normalisation statistics and affine terms, so a swapped or skipped one shows."""
-    for m in module.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) and m.weight is not None:
-            m.weight.data = 1 + 0.2 * torch.randn(m.weight.shape, generator=gen)
-            m.bias.data = 0.1 * torch.randn(m.bias.shape, generator=gen)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean = 0.1 * torch.randn(m.running_mean.shape, generator=gen)
-            m.running_var = 1 + 0.3 * torch.rand(m.running_var.shape, generator=gen)
+    forget_peer_modules(before)
 
 
 def _save_peer(comp, model_dir: Path, with_norm: bool, dataset: str = "cifar100"):
@@ -101,7 +84,7 @@ def _save_peer(comp, model_dir: Path, with_norm: bool, dataset: str = "cifar100"
     gen = torch.Generator().manual_seed(1)
     peer = comp.get_nonlin_mixed_classifier(dataset)
     for part in (peer.std_model, peer.rob_model):
-        _randomize(part, gen)
+        randomize_normalisation(part, gen)
     # a few outlying classes in h, so the normalised logits pass the shift c and the power acts
     n = 5 if dataset == "cifar100" else 1
     peer.rob_model.logits.bias.data[:n] += 3 + torch.rand(n, generator=gen)
