@@ -324,17 +324,26 @@ def test_train_base_records_sigma(tmp_path, method):
 
 
 def test_gaussian_loss_is_ce_on_sigma_scaled_noise():
+    """Each example's noise comes from its own generator, seeded from (seed, epoch, index): the loss is
+    CE on x + sigma * that noise, and an example's noise does not depend on its batch."""
+    from adasmooth.attacks.base import draw
+
     data = _digits(20)
     model = _tiny_cnn(4)
     cfg = TrainConfig(method="gaussian", sigma=0.3)
-    torch.manual_seed(123)
-    loss = TRAINING_METHODS.get("gaussian")(model, (data.x, data.y, torch.arange(20)), cfg, TrainContext())
-    torch.manual_seed(123)
-    expected = F.cross_entropy(model(data.x + 0.3 * torch.randn_like(data.x)), data.y)
+    ctx = TrainContext(seed=5, epoch=2)
+    idx = torch.arange(100, 120)
+    loss = TRAINING_METHODS.get("gaussian")(model, (data.x, data.y, idx), cfg, ctx)
+    noise = torch.stack([torch.randn(data.x.shape[1:], generator=g) for g in ctx.generators(idx, "cpu", "noise").generators])
+    expected = F.cross_entropy(model(data.x + 0.3 * noise), data.y)
     assert torch.allclose(loss, expected)
-    torch.manual_seed(123)
-    other = F.cross_entropy(model(data.x + 0.6 * torch.randn_like(data.x)), data.y)
-    assert not torch.allclose(loss, other)
+    assert not torch.allclose(loss, F.cross_entropy(model(data.x + 0.6 * noise), data.y))
+    # the same example in another batch draws the same noise; another epoch draws other noise
+    half = draw("normal", (10, *data.x.shape[1:]), ctx.generators(idx[10:], "cpu", "noise"), data.x)
+    assert torch.equal(half, noise[10:])
+    other_epoch = draw("normal", (20, *data.x.shape[1:]), TrainContext(seed=5, epoch=3).generators(idx, "cpu", "noise"),
+                       data.x)
+    assert not torch.allclose(other_epoch, noise)
 
 
 # --------------------------------------------------------------------------- cached targets

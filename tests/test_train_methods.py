@@ -43,9 +43,11 @@ def test_only_the_smoothing_methods_record_sigma():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown training method 'madry'; known: standard, pgd, trades, "
-                                          r"gaussian, cat-rs"):
+    with pytest.raises(ConfigError, match=r"unknown training method 'madry'; known: ") as err:
         from_mapping(TrainConfig, {"method": "madry"})
+    # the registration order depends on which test imported which method module first
+    listed = str(err.value).split("known: ")[1].split(", ")
+    assert sorted(listed) == sorted(["standard", "pgd", "trades", "gaussian", "cat-rs"])
 
 
 @pytest.fixture

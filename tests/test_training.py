@@ -19,7 +19,7 @@ from adasmooth.train.loop import (
 from adasmooth.core.errors import CheckpointError
 from adasmooth.core.io import load_resume_state
 from adasmooth.core.runtime import resolve_device, seed_everything
-from adasmooth.train.loop import result_config
+from adasmooth.train.loop import TrainContext, result_config
 
 FAST = dict(dataset="digits", arch="small-cnn", model_kwargs={"width": 8, "hidden": 32}, optimizer="adam",
             lr=3e-3, weight_decay=0.0, batch_size=64, eps=0.1, eval_examples=None, eval_pgd_steps=10,
@@ -102,7 +102,7 @@ def test_trades_adversarial_input_stays_in_the_ball(digits_train, norm, eps):
 
     cfg = TrainConfig(method="trades", norm=norm, eps=eps, attack_steps=10)
     x, y = digits_train.x[:32], digits_train.y[:32]
-    loss = TRAINING_METHODS.get("trades")(Recorder().train(), (x, y, torch.arange(32)), cfg, None)
+    loss = TRAINING_METHODS.get("trades")(Recorder().train(), (x, y, torch.arange(32)), cfg, TrainContext())
     assert torch.isfinite(loss)
     x_adv = seen[-1]  # the last forward pass is f(x')
     delta = (x_adv - x).flatten(1)

@@ -86,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = command_module(args.command)
+    from ..core.distributed import finish_distributed
+
     try:
         cfg = config_from_args(module.CONFIG, args, args.config)
         if hasattr(module, "files"):
             inputs, outputs = module.files(cfg)
             check_run_files([*inputs, *([args.config] if args.config else [])], outputs)
-        return int(module.run(cfg) or 0)
+        code = int(module.run(cfg) or 0)
+        if code == 0:
+            finish_distributed(success=True)  # under torchrun: exits here
+        return code
     except USER_ERRORS as err:
         if args.debug:
             raise
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"adasmooth {args.command}: interrupted; finished epochs/batches are saved", file=sys.stderr)
         return 130
+    finally:
+        finish_distributed(success=False)  # no-op when the run already tore its group down
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ def epilog() -> str:
 
 
 def run(cfg: TrainConfig) -> int:
+    from ..core.distributed import is_main_process
     from ..train.loop import train_base
 
     meta = train_base(cfg)
+    if not is_main_process():
+        return 0
     m = meta["metrics"]
     steps = cfg.eval_pgd_steps
     print(f"wrote {cfg.output}.safetensors (+ .json): clean {m['clean_acc']:.2f}%, "

@@ -92,10 +92,13 @@ class Dataset:
         return augment_batch(self.x[indices], indices, augment, seed, epoch), self.y[indices]
 
     def stream(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, start_batch: int = 0,
-               workers: int = 0, augment: str = "none", drop_last: bool = False, pin_memory: bool = False):
-        """``(x, y, idx)`` batches of epoch ``epoch`` from batch ``start_batch`` on (see :mod:`.stream`)."""
+               workers: int = 0, augment: str = "none", drop_last: bool = False, pin_memory: bool = False,
+               shard: tuple[int, int] = (0, 1)):
+        """``(x, y, idx)`` batches of epoch ``epoch`` from batch ``start_batch`` on (see :mod:`.stream`);
+        with ``shard=(rank, world_size)`` this rank's rows of each batch."""
         return stream_batches(self, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, start_batch=start_batch,
-                              workers=workers, augment=augment, drop_last=drop_last, pin_memory=pin_memory)
+                              workers=workers, augment=augment, drop_last=drop_last, pin_memory=pin_memory,
+                              shard=shard)
 
 
 DATASETS: Registry[Loader] = Registry("data set")
@@ -243,4 +246,8 @@ def load_dataset(
     num_classes = info["num_classes"]
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise DataError(f"{name}: labels outside [0, {num_classes - 1}] in {data_dir}")
-    return Dataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), num_classes, name, split)
+    # numpy leaves the stride of a size-1 axis arbitrary: single-channel images could arrive with the
+    # strides of a channels-last tensor, on which torch's CPU convolution backward has crashed. Copy to
+    # the standard layout.
+    images = torch.from_numpy(np.ascontiguousarray(x)).clone(memory_format=torch.contiguous_format)
+    return Dataset(images, torch.from_numpy(y), num_classes, name, split)

@@ -7,6 +7,11 @@ arrives in order. The data set only has to offer ``len(data)`` and
 ``data.load(indices, augment=, seed=, epoch=) -> (x, y)`` (in-memory sets slice tensors, image folders
 decode files), and augmentation is seeded per example (:mod:`.augment`): batches are the same for any
 number of workers.
+
+``shard=(rank, world_size)`` is the distributed sampler of a torchrun training run: every rank walks
+the same (seed, epoch) order and takes the rows ``rank, rank + world_size, ...`` of each global
+batch, so N processes together see exactly the batches one process would. A final batch with fewer
+examples than processes is left out (some rank would get none).
 """
 
 from __future__ import annotations
@@ -32,12 +37,18 @@ class EpochBatchSampler(Sampler):
     """Index lists of the batches ``start_batch, start_batch + 1, ...`` of one epoch."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, epoch: int = 0, *, shuffle: bool = True,
-                 start_batch: int = 0, drop_last: bool = False):
+                 start_batch: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ConfigError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        self.rank, self.world = int(rank), int(world)
         self.n, self.batch_size, self.drop_last = int(n), int(batch_size), drop_last
         self.order = epoch_permutation(self.n, seed, epoch) if shuffle else torch.arange(self.n)
         total = self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
+        if total and self.world > 1 and self.n - (total - 1) * self.batch_size < self.world:
+            total -= 1  # a last batch smaller than the number of processes
         if not 0 <= start_batch <= total:
             raise ConfigError(f"start_batch must lie in [0, {total}] (batches of this epoch), got {start_batch}")
         self.start_batch, self.total = int(start_batch), total
@@ -47,7 +58,11 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in range(self.start_batch, self.total):
-            yield self.order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield self.order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world].tolist()
+
+    def global_batch_size(self, batch: int) -> int:
+        """Examples in global batch ``batch`` (all ranks' shares together)."""
+        return min(self.batch_size, self.n - batch * self.batch_size)
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
@@ -77,13 +92,14 @@ def stream_batches(
     augment: str = "none",
     drop_last: bool = False,
     pin_memory: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(x, y, idx)`` for the batches ``start_batch, ...`` of epoch ``epoch`` of ``data`` (CPU tensors;
     ``idx`` are the examples' indices in ``data``)."""
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
     sampler = EpochBatchSampler(len(data), batch_size, seed, epoch, shuffle=shuffle, start_batch=start_batch,
-                                drop_last=drop_last)
+                                drop_last=drop_last, shard=shard)
     loader = DataLoader(
         _BatchFetcher(data, check_augmentation(augment), seed, epoch), batch_size=None, sampler=sampler,
         num_workers=workers, pin_memory=pin_memory,

@@ -9,6 +9,13 @@ block (``catrs:``) declared beside the method.
 Training data stream through :meth:`adasmooth.data.Dataset.stream`: the order of each epoch comes
 from (seed, epoch), the augmentation of each example from (seed, epoch, index), and both are applied
 before the method's loss, i.e. before its noise (gaussian, cat-rs) and attacks (pgd, trades).
+
+Under ``torchrun --nproc-per-node N`` every rank takes its rows of each global batch (the stream's
+``shard``), the model trains wrapped in DistributedDataParallel with synchronised batch norm
+(:func:`adasmooth.core.distributed.data_parallel`), and each rank's mean loss is weighted by its share
+of the global batch, so the averaged gradient is the one-process gradient of the whole batch. Methods
+seed their draws per example, so N processes follow the loss curve of one. Rank 0 alone writes the
+resume file, measures the model and writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from tqdm.auto import tqdm
 
 from ..attacks import PGD
 from ..core.config import data_dir_option, option, RunOptions
+from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
+from ..core.errors import ConfigError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.precision import Precision, autocast, grad_scaler, precision_option
 from ..core.runtime import resolve_device, seed_everything
@@ -192,7 +201,10 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     A resume file made with another config is a CheckpointError (delete it or set ``resume=False``).
     """
     cfg.validate()
-    device = resolve_device(cfg.device)
+    dist = init_distributed(cfg.device)
+    if dist.active and not TRAINING_METHODS.info(cfg.method).get("distributed", True):
+        raise ConfigError(f"training method {cfg.method!r} does not run under torchrun yet; use one process")
+    device = resolve_device(dist.device(cfg.device))
     gen = seed_everything(cfg.seed)
     if train_data is None:
         train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed, image=cfg.image)
@@ -207,7 +219,7 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
                          **cfg.model_kwargs).to(device)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     opt, sched = _make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
-    ctx = TrainContext(num_epochs=cfg.epochs, generator=gen)
+    ctx = TrainContext(num_epochs=cfg.epochs, generator=gen, seed=cfg.seed)
     start_epoch, start_step, partial, history = 0, 0, (0.0, 0), []
     resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
     state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
@@ -227,10 +239,17 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         start_epoch, history = int(state["epoch"]), list(state["history"])
         start_step, partial = int(state.get("step", 0)), tuple(state.get("partial", (0.0, 0)))
+        if not dist.is_main:  # the saved partial sums are the global ones: count them once
+            partial = (0.0, 0)
         where = f", step {start_step}" if start_step else ""
-        print(f"resuming {cfg.output} from epoch {start_epoch}{where}")
+        if dist.is_main:
+            print(f"resuming {cfg.output} from epoch {start_epoch}{where}")
+    trained = data_parallel(model, dist, device)
 
     def save_state(epochs_done: int, step: int, partial: tuple[float, int]) -> None:
+        partial = tuple(dist.sum(partial))  # a collective: every rank calls save_state
+        if not dist.is_main:
+            return
         save_resume_state(resume_file, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -240,24 +259,29 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         }, fingerprint)
 
     fn = TRAINING_METHODS.get(cfg.method)
+    _warn_dropped_batch(len(train_data), cfg.batch_size, dist)
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         ctx.epoch = epoch
-        model.train()
+        trained.train()
         first = start_step if epoch == start_epoch else 0
         total, count = partial if epoch == start_epoch else (0.0, 0)
         batches = train_data.stream(cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first,
-                                    workers=cfg.workers, augment=augment, pin_memory=device.type == "cuda")
+                                    workers=cfg.workers, augment=augment, pin_memory=device.type == "cuda",
+                                    shard=(dist.rank, dist.world_size))
         bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", initial=first,
-                   total=steps_per_epoch, disable=not cfg.progress, leave=False)
+                   total=steps_per_epoch, disable=not (cfg.progress and dist.is_main), leave=False)
         for step, (x, y, idx) in enumerate(bar, start=first):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(cfg.precision, device.type):
-                loss = fn(model, (x, y, idx), cfg, ctx)
+                loss = fn(trained, (x, y, idx), cfg, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
+            # global batch makes that average the gradient of the global batch's mean loss.
+            share = len(idx) * dist.world_size / min(cfg.batch_size, len(train_data) - step * cfg.batch_size)
+            scaler.scale(loss * share if dist.active else loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -266,11 +290,16 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             bar.set_postfix(loss=f"{total / count:.4f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps_per_epoch:
                 save_state(epoch, step + 1, (total, count))
+        total, count = dist.sum((total, count))
         history.append({"epoch": epoch + 1, "train_loss": total / count})
         save_state(epoch + 1, 0, (0.0, 0))
-        if cfg.progress:
+        if cfg.progress and dist.is_main:
             print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {total / count:.4f}")
     train_seconds = time.time() - t0
+    restore_batchnorm(model)
+    if not dist.is_main:  # rank 0 measures and writes the checkpoint; the others take its record
+        dist.barrier()
+        return dist.broadcast(None)
     metrics = evaluate_accuracy(model, eval_data, cfg.eps, cfg.norm, cfg.eval_pgd_steps, device=device, seed=cfg.seed)
     meta = {
         "dataset": cfg.dataset,
@@ -281,6 +310,16 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     }
     if TRAINING_METHODS.info(cfg.method).get("smoothing"):
         meta["sigma"] = cfg.sigma
+    if dist.active:
+        meta["training"]["processes"] = dist.world_size
     save_checkpoint(model, cfg.output, meta)
     resume_file.unlink(missing_ok=True)
-    return meta
+    dist.barrier()
+    return dist.broadcast(meta)
+
+
+def _warn_dropped_batch(n: int, batch_size: int, dist: Distributed) -> None:
+    last = n - (math.ceil(n / batch_size) - 1) * batch_size
+    if dist.active and last < dist.world_size and dist.is_main:
+        print(f"note: the last batch of each epoch ({last} example(s)) is smaller than the {dist.world_size} "
+              f"processes and is left out")

@@ -6,7 +6,9 @@ A method is a function ``(model, batch, cfg, ctx) -> scalar loss`` registered wi
     def my_loss(model, batch, cfg, ctx): ...
 
 ``batch = (x, y, idx)``: inputs, labels and their indices in the training set (for methods that
-cache per-example targets). ``cfg`` is the run's ``TrainConfig``; ``ctx`` a :class:`TrainContext`.
+cache per-example targets, and to seed each example's random draws: ``ctx.generators(idx, device,
+"noise")`` gives one generator per example from (seed, epoch, purpose, index), so a batch split over
+torchrun processes draws what one process would). ``cfg`` is the run's ``TrainConfig``; ``ctx`` a :class:`TrainContext`.
 A method may also register ``check=fn``: ``fn(cfg)`` raises a ConfigError when the config cannot
 run it (the loop calls it before training starts).
 """
@@ -16,11 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import zlib
+
 import torch
 from torch import nn
 
 from ...attacks import PGD
+from ...attacks.base import ExampleGenerators
+from ...core.distributed import unwrap
 from ...core.registry import Registry
+from ...data.augment import derived_seed
 
 if TYPE_CHECKING:  # the config type is only named in signatures; importing it here would be a cycle
     from ..loop import TrainConfig
@@ -36,6 +43,15 @@ class TrainContext:
     num_epochs: int = 1
     generator: torch.Generator | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def stream_seed(self, purpose: str) -> int:
+        """A seed for one kind of draw (``purpose``: "noise", "pgd", ...) in this epoch."""
+        return derived_seed(self.seed ^ zlib.crc32(purpose.encode()), self.epoch)
+
+    def generators(self, idx: torch.Tensor, device: torch.device | str, purpose: str) -> ExampleGenerators:
+        """One generator per example of the batch, seeded from (seed, epoch, purpose, example index)."""
+        return ExampleGenerators.seeded(self.stream_seed(purpose), idx, torch.device(device))
 
 
 LossFn = Callable[[nn.Module, tuple, "TrainConfig", TrainContext], torch.Tensor]
@@ -47,12 +63,21 @@ def attack_step_size(cfg: "TrainConfig") -> float:
     return cfg.attack_step_size if cfg.attack_step_size is not None else 2.5 * cfg.eps / cfg.attack_steps
 
 
-def craft_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "TrainConfig", loss="ce",
+def craft_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "TrainConfig", loss="ce", *,
+                      ctx: TrainContext | None = None, idx: torch.Tensor | None = None,
                       **pgd_options) -> torch.Tensor:
-    """PGD inputs against ``model`` in eval mode (batch-norm statistics stay untouched); mode restored."""
+    """PGD inputs against ``model`` in eval mode (batch-norm statistics stay untouched); mode restored.
+
+    With ``ctx`` and ``idx`` each example's random start comes from (seed, epoch, index). A
+    DistributedDataParallel wrapper is bypassed: the attack's gradients are its own, not the training's.
+    """
+    model = unwrap(model)
     was_training = model.training
     model.eval()
+    seeded = ctx is not None and idx is not None
     try:
-        return PGD(model, cfg.eps, cfg.norm, cfg.attack_steps, attack_step_size(cfg), loss=loss, **pgd_options)(x, y)
+        attack = PGD(model, cfg.eps, cfg.norm, cfg.attack_steps, attack_step_size(cfg), loss=loss,
+                     seed=ctx.stream_seed("pgd") if seeded else None, **pgd_options)
+        return attack(x, y, idx) if seeded else attack(x, y)
     finally:
         model.train(was_training)

@@ -340,8 +340,10 @@ def _cached_targets(opts: CatrsOptions, ctx: TrainContext) -> SmoothedTargets | 
     return held[1]
 
 
+# distributed=False: which inputs take the adversarial branch depends on the batch's noise, so the
+# ranks of a torchrun run would disagree on the number of synchronised forward passes.
 @TRAINING_METHODS.register("cat-rs", description="confidence-aware randomized smoothing training (Jeong et al.)",
-                           smoothing=True, check=_check_config)
+                           smoothing=True, check=_check_config, distributed=False)
 def catrs_method(model: nn.Module, batch: tuple, cfg, ctx: TrainContext) -> torch.Tensor:
     """CAT-RS loss for one batch, configured by ``cfg.catrs`` and ``cfg.sigma``."""
     x, y, idx = batch

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
+from ...attacks.base import draw
 from .base import TRAINING_METHODS
 
 
 @TRAINING_METHODS.register("gaussian", description="cross-entropy on x + N(0, sigma^2) (Cohen et al.)",
                            smoothing=True)
 def gaussian_loss(model, batch, cfg, ctx):
-    """Cross-entropy on x + N(0, sigma^2), noise in [0, 1] pixel space (models normalise inside)."""
-    x, y, _ = batch
-    return F.cross_entropy(model(x + cfg.sigma * torch.randn_like(x)), y)
+    """Cross-entropy on x + N(0, sigma^2), noise in [0, 1] pixel space (models normalise inside), each
+    example's noise drawn from its own generator (``ctx.generators``)."""
+    x, y, idx = batch
+    noise = draw("normal", tuple(x.shape), ctx.generators(idx, x.device, "noise"), x)
+    return F.cross_entropy(model(x + cfg.sigma * noise), y)

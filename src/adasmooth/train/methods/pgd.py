@@ -9,5 +9,5 @@ from .base import TRAINING_METHODS, craft_adversarial
 
 @TRAINING_METHODS.register("pgd", description="cross-entropy on PGD-attacked inputs (Madry et al.)")
 def pgd_loss(model, batch, cfg, ctx):
-    x, y, _ = batch
-    return F.cross_entropy(model(craft_adversarial(model, x, y, cfg)), y)
+    x, y, idx = batch
+    return F.cross_entropy(model(craft_adversarial(model, x, y, cfg, ctx=ctx, idx=idx)), y)

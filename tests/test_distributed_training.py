@@ -1,0 +1,158 @@
+"""Training on several processes: synchronised batch norm against torch's batch norm on the whole batch,
+the distributed sampler, and `torchrun -m adasmooth train-base` against one process (gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adasmooth.core.distributed import SyncedBatchNorm, restore_batchnorm, synchronise_batchnorm
+from adasmooth.data.stream import EpochBatchSampler
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _port() -> str:
+    return str(29600 + os.getpid() % 1000)
+
+
+# ---------------------------------------------------------------------------- synchronised batch norm
+
+def _synced_rank(rank: int, world: int, store: str, x: torch.Tensor, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    norm = synchronise_batchnorm(nn.Sequential(nn.BatchNorm2d(3, momentum=0.3)))
+    with torch.no_grad():
+        norm[0].weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        norm[0].bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    mine = x[rank::world].clone().requires_grad_(True)
+    y = norm(mine)
+    # a loss that weighs rows differently, summed over the ranks (what DDP's gradient average scales)
+    (y * torch.arange(1, y.numel() + 1, dtype=y.dtype).view_as(y).sin()).sum().backward()
+    torch.save({"y": y.detach(), "x_grad": mine.grad, "w_grad": norm[0].weight.grad, "b_grad": norm[0].bias.grad,
+                "state": norm[0].state_dict()}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_synced_batchnorm_on_two_processes_equals_torch_batchnorm_on_the_whole_batch(tmp_path):
+    """Each of 2 gloo processes holds half the batch; outputs, input gradients and running statistics
+    must equal nn.BatchNorm2d applied to the whole batch in one process."""
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64).float() * 3 + 1
+    out = str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_synced_rank, args=(2, str(tmp_path / "store"), x, out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+
+    norm = nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        norm.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    whole = x.clone().requires_grad_(True)
+    y = norm(whole)
+    # the same per-rank weights, laid out by rank as the ranks saw them
+    weights = torch.empty_like(y)
+    for r in range(2):
+        part = y[r::2]
+        weights[r::2] = torch.arange(1, part.numel() + 1, dtype=y.dtype).view_as(part).sin()
+    (y * weights).sum().backward()
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["y"], y.detach()[r::2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ranks[r]["x_grad"], whole.grad[r::2], rtol=1e-4, atol=1e-5)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(ranks[r]["state"][key], norm.state_dict()[key], rtol=1e-5, atol=1e-6)
+    # DDP averages the parameter gradients over ranks; their sum is the whole batch's gradient
+    torch.testing.assert_close(ranks[0]["w_grad"] + ranks[1]["w_grad"], norm.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["b_grad"] + ranks[1]["b_grad"], norm.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_synchronise_and_restore_keep_the_state_dict_and_the_classes():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.Flatten(), nn.BatchNorm1d(8)))
+    model[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight, running_var = model[1].weight, model[1].running_var
+    synchronise_batchnorm(model)
+    assert isinstance(model[1], SyncedBatchNorm) and isinstance(model[2][1], SyncedBatchNorm)
+    # the same objects: an optimizer made before the swap goes on training them
+    assert model[1].weight is weight and model[1].running_var is running_var
+    assert model.state_dict().keys() == before.keys()
+    x = torch.randn(4, 1, 4, 4)
+    model.train()
+    y_synced = model(x)  # no process group: plain batch norm
+    restore_batchnorm(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2][1]) is nn.BatchNorm1d
+    assert model[1].weight is weight
+    assert model[1].running_mean.shape == (2,)
+    model.load_state_dict(before)
+    torch.testing.assert_close(model(x), y_synced)
+
+
+# ---------------------------------------------------------------------------- the distributed sampler
+
+def test_the_ranks_shares_of_each_batch_make_up_the_one_process_batch():
+    one = list(EpochBatchSampler(23, 8, seed=3, epoch=2))
+    shares = [list(EpochBatchSampler(23, 8, seed=3, epoch=2, shard=(r, 3))) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]
+    for b, batch in enumerate(one):
+        merged = [i for s in shares for i in s[b]]
+        assert sorted(merged) == sorted(batch)
+        assert shares[1][b] == batch[1::3]
+    # 25 examples in batches of 8 on 3 processes: the last batch holds 1 example and is left out
+    assert len(list(EpochBatchSampler(25, 8, shard=(0, 3)))) == 3
+    assert len(list(EpochBatchSampler(25, 8))) == 4
+    with pytest.raises(ValueError, match="rank"):
+        EpochBatchSampler(10, 4, shard=(2, 2))
+
+
+# ---------------------------------------------------------------------------- train-base under torchrun
+
+def _train_cmd(out: Path, config: Path) -> list[str]:
+    return ["train-base", "--config", str(config), "--dataset", "digits", "--method", "gaussian", "--sigma", "0.25",
+            "--epochs", "2", "--batch-size", "16", "--n-train", "64", "--lr", "0.05",
+            "--eval-examples", "20", "--eval-pgd-steps", "2", "--device", "cpu", "--no-progress", "-o", str(out)]
+
+
+def test_train_base_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
+    """Gaussian-noise training of a batch-norm ResNet: `torchrun --nproc-per-node 2` (DDP, synchronised
+    batch norm, noise drawn per example) gives the loss curve and weights of one process."""
+    from adasmooth.models.checkpoint import load_checkpoint
+
+    config = tmp_path / "net.json"
+    config.write_text(json.dumps({"arch": "resnet18", "model_kwargs": {"width": 4}}))
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-m", "adasmooth", *_train_cmd(one, config)], env=_env(),
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          _port(), "-m", "adasmooth", *_train_cmd(two, config)], env=_env(), capture_output=True,
+                         text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    model_one, meta_one = load_checkpoint(one)
+    model_two, meta_two = load_checkpoint(two)
+    losses_one = [h["train_loss"] for h in meta_one["training"]["history"]]
+    losses_two = [h["train_loss"] for h in meta_two["training"]["history"]]
+    assert meta_two["training"]["processes"] == 2 and len(losses_two) == 2
+    assert losses_one == pytest.approx(losses_two, abs=1e-4)
+    assert losses_one[1] < losses_one[0], "the loss did not move: the comparison would say little"
+    state_one, state_two = model_one.state_dict(), model_two.state_dict()
+    assert any("running_var" in k for k in state_one), "no batch norm in the model: nothing synchronised"
+    for key, value in state_one.items():
+        torch.testing.assert_close(state_two[key].double(), value.double(), rtol=1e-3, atol=1e-4, msg=key)
+    assert not Path(str(two) + ".resume.pt").exists()
+
+
+def test_cat_rs_under_torchrun_is_refused_with_one_line(tmp_path):
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(int(_port()) + 1), "-m", "adasmooth", "train-base", "--method", "cat-rs", "--epochs", "1",
+                          "--n-train", "8", "--device", "cpu", "--no-progress", "-o", str(tmp_path / "c")],
+                         env=_env(), capture_output=True, text=True)
+    assert ran.returncode != 0
+    assert ran.stderr.count("adasmooth train-base: error: training method 'cat-rs' does not run under torchrun") == 2
+    assert "train/loop.py" not in ran.stderr  # torchrun prints its own traceback of the failed children; none of ours
