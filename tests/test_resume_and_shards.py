@@ -165,15 +165,11 @@ def test_torchrun_two_processes_give_the_single_process_outcomes(rob, tmp_path):
 # ---------------------------------------------------------------- certify
 
 
-@pytest.fixture(scope="module")
-def smoothing(tmp_path_factory):
-    return save_smoothing_checkpoints(tmp_path_factory.mktemp("smoothing"))
-
-
 def certify_args(ckpts: dict, *extra: str) -> list[str]:
-    """-N, not --n: torchrun's own parser refuses --n (ambiguous with its --nnodes, --nproc-per-node)."""
+    """-N, not --n: torchrun's own parser refuses --n (ambiguous with its --nnodes, --nproc-per-node).
+    About 40 ms an input, so a kill after two inputs lands well before the end."""
     return ["certify", "--model", ckpts["h25"], ckpts["h50"], "--std", ckpts["g"], "--alpha", "0.6,0.9",
-            "--n0", "20", "-N", "4000", "--batch-size", "1000", "--n-examples", "40", "--skip", "3",
+            "--n0", "20", "-N", "20000", "--batch-size", "1000", "--n-examples", "40", "--skip", "3",
             "--alpha-conf", "0.01", "--radii", "0,0.1,0.2,0.3,0.5", "--no-progress", "--device", "cpu", *extra]
 
 
@@ -181,7 +177,6 @@ def certify_cmd(ckpts: dict, prefix: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "adasmooth", *certify_args(ckpts, *extra), "-o", str(prefix)]
 
 
-LONGER = ("-N", "20000")  # runs to be killed: ~40 ms an input, so the kill lands well before the end
 TIMING = ("seconds", "noisy_samples_per_second", "images_per_second")
 
 
@@ -201,17 +196,29 @@ def certificates(prefix: Path) -> dict:
             "frontier": results.get("frontier"), "files": files}
 
 
-def test_certify_killed_mid_run_resumes_to_the_same_result(smoothing, tmp_path):
-    full, out = tmp_path / "full" / "run", tmp_path / "killed" / "run"
-    subprocess.run(certify_cmd(smoothing, full, *LONGER), check=True, env=env(), capture_output=True)
+@pytest.fixture(scope="module")
+def smoothing(tmp_path_factory):
+    return save_smoothing_checkpoints(tmp_path_factory.mktemp("smoothing"))
+
+
+@pytest.fixture(scope="module")
+def certified_once(smoothing, tmp_path_factory):
+    """The certificates of one uninterrupted single-process run of ``certify_args``."""
+    prefix = tmp_path_factory.mktemp("certified_once") / "run"
+    subprocess.run(certify_cmd(smoothing, prefix), check=True, env=env(), capture_output=True)
+    return certificates(prefix)
+
+
+def test_certify_killed_mid_run_resumes_to_the_same_result(smoothing, certified_once, tmp_path):
+    out = tmp_path / "run"
     journal = journal_path(f"{out}.json")
-    done_before = kill_when_journaled(certify_cmd(smoothing, out, *LONGER), journal)  # header + two inputs
+    done_before = kill_when_journaled(certify_cmd(smoothing, out), journal)  # header + two inputs
     assert 2 <= done_before < 40
     assert not Path(f"{out}.json").exists(), "the killed run had finished"
-    resumed = subprocess.run(certify_cmd(smoothing, out, *LONGER), env=env(), capture_output=True, text=True)
+    resumed = subprocess.run(certify_cmd(smoothing, out), env=env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done_before} of 40 inputs already done" in resumed.stdout
-    expected = certificates(full)
+    expected = certified_once
     assert certificates(out) == expected
     assert len(expected["files"]) == 2 * (1 + 1 + 2)  # per sigma: Cohen TSV, counts, two mixed TSVs
     assert [int(r[0]) for r in expected["files"]["_sigma0.25.tsv"][1:]] == list(range(0, 120, 3))
@@ -223,21 +230,21 @@ def test_certify_changed_counting_config_refuses_to_resume_unless_restarting(smo
 
     out = tmp_path / "run"
     journal = journal_path(f"{out}.json")
-    kill_when_journaled(certify_cmd(smoothing, out, *LONGER), journal)
+    kill_when_journaled(certify_cmd(smoothing, out), journal)
     kept = journal.read_text()
     capsys.readouterr()
     # the later runs in this process: no comparison with another process's numbers is made below
-    assert main([*certify_args(smoothing, *LONGER, "--n", "3000"), "-o", str(out)]) == 2
+    assert main([*certify_args(smoothing, "--n", "3000"), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--restart" in err and "differs in: n" in err and len(err.strip().splitlines()) == 1
     assert journal.read_text() == kept  # a refused run leaves the journal alone
     # the certificates are computed from the journaled counts at the end: other alphas and radii resume
-    assert main([*certify_args(smoothing, *LONGER, "--alpha", "0.8", "--radii", "0,0.25"), "-o", str(out)]) == 0
+    assert main([*certify_args(smoothing, "--alpha", "0.8", "--radii", "0,0.25"), "-o", str(out)]) == 0
     assert "resuming" in capsys.readouterr().out
     results = json.loads(Path(f"{out}.json").read_text())["results"]
     assert results["radii"] == [0, 0.25] and [m["alpha"] for m in results["models"][0]["mixed"]] == [0.8]
     journal.write_text(kept)
-    assert main([*certify_args(smoothing, *LONGER, "--n", "3000", "--restart"), "-o", str(out)]) == 0
+    assert main([*certify_args(smoothing, "--n", "3000", "--restart"), "-o", str(out)]) == 0
     assert "resuming" not in capsys.readouterr().out
     results = json.loads(Path(f"{out}.json").read_text())["results"]
     assert results["n"] == 3000 and [m["examples"] for m in results["models"]] == [40, 40]
@@ -248,28 +255,28 @@ def test_certify_batch_size_changes_the_draws_so_it_is_part_of_the_journal_confi
     """The noise of one input is drawn batch after batch from its own generator; other batch sizes
     draw other values (here on the CPU), so a resumed run must keep the batch size."""
     from adasmooth.certify.smoothing import Smooth
-
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(75, 10))
-    x = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(0))
-    smooth = Smooth(model, 10, 0.5, seed=1)
-    draws = [smooth.sample_predictions(x, 300, b, index=3) for b in (7, 300)]
-    assert not torch.equal(draws[0], draws[1])
     from adasmooth.cli.certify import NOT_JOURNAL_FIELDS
 
+    def first_pixels(x):  # scores that follow the noise: any other draw gives other classes
+        return x.flatten(1)[:, :10]
+
+    x = torch.full((3, 5, 5), 0.5)
+    smooth = Smooth(first_pixels, 10, 0.5, seed=1)
+    draws = [smooth.sample_predictions(x, 300, b, index=3) for b in (7, 300, 300)]
+    assert torch.equal(draws[1], draws[2]) and not torch.equal(draws[0], draws[1])
     assert "batch_size" not in NOT_JOURNAL_FIELDS
 
 
-def test_torchrun_two_processes_certify_like_one(smoothing, tmp_path):
+def test_torchrun_two_processes_certify_like_one(smoothing, certified_once, tmp_path):
     """`torchrun --nproc-per-node 2 -m adasmooth certify` (gloo): each rank counts a strided share, rank 0
     writes the files; every certificate (Cohen, mixed at two alphas, the frontier) equals one process's."""
-    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
-    subprocess.run(certify_cmd(smoothing, one), check=True, env=env(), capture_output=True)
+    two = tmp_path / "run"
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", str(29500 + (os.getpid() + 500) % 1000), "-m", "adasmooth",
                           *certify_args(smoothing), "-o", str(two)], env=env(), capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "2 processes" in ran.stdout
-    expected = certificates(one)
+    expected = certified_once
     assert certificates(two) == expected
     assert not list(two.parent.glob("*.journal*"))
     cohen = [r for name, rows in expected["files"].items() if name.endswith(".tsv") and "mixed" not in name

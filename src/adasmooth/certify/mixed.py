@@ -225,24 +225,18 @@ def collect_counts(
     n: int,
     batch_size: int,
     *,
-    std_model: nn.Module | None = None,
-    skip: int = 1,
-    max_examples: int | None = None,
-    indices: Sequence[int] | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
     on_example: Callable[[SmoothingCounts], None] | None = None,
+    **options: Any,
 ) -> SmoothingCounts:
     """Selection and estimation counts (and g's logits) of one smoothed model for every ``skip``-th
-    input, or for the data-set ``indices`` given (see ``count_inputs``).
+    input, or for the data-set ``indices`` given: ``count_inputs`` with one sigma, whose keyword
+    ``options`` it takes (std_model, skip, max_examples, indices, device, progress).
 
     ``on_example(counts)`` runs after each input, e.g. to flush partial results to disk.
     """
     sigma = float(smooth.sigma)
     hook = None if on_example is None else (lambda record, counts: on_example(counts[sigma]))
-    return count_inputs({sigma: smooth}, data, n0, n, batch_size, std_model=std_model, skip=skip,
-                        max_examples=max_examples, indices=indices, device=device, progress=progress,
-                        on_input=hook)[sigma]
+    return count_inputs({sigma: smooth}, data, n0, n, batch_size, on_input=hook, **options)[sigma]
 
 
 def cohen_certificates(counts: SmoothingCounts, alpha_conf: float, first: int = 0) -> list[dict[str, Any]]:
