@@ -6,43 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import beta, norm
 
 from adasmooth.certify import certified_accuracy, rs_radius
-from adasmooth.models.checkpoint import save_checkpoint
 from adasmooth.cli import main
-from adasmooth.data.base import DATASET_STATS, load_dataset
-from adasmooth.models.base import create_model
 
-
-def _train(sigma: float, seed: int, steps: int = 150):
-    torch.manual_seed(seed)
-    data = load_dataset("digits", "train")
-    mean, std = DATASET_STATS["digits"]
-    model = create_model("mlp", 10, in_channels=1, mean=list(mean), std=list(std), input_size=8, hidden=32)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for step in range(steps):
-        idx = torch.randint(0, len(data), (128,))
-        x = data.x[idx]
-        loss = F.cross_entropy(model(x + sigma * torch.randn_like(x)), data.y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+from digits_models import save_smoothing_checkpoints
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for name, sigma in (("g", 0.0), ("h25", 0.25), ("h50", 0.5)):
-        meta = {"dataset": "digits"}
-        if sigma > 0:
-            meta["sigma"] = sigma
-        save_checkpoint(_train(sigma, seed=len(paths)), root / name, meta)
-        paths[name] = str(root / name)
-    return paths
+    return save_smoothing_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def _read_tsv(path):

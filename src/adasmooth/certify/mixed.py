@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +29,17 @@ from ..core.errors import InputError
 from ..mixing.rules import mix_logits
 
 from .bounds import clopper_pearson_lower, cohen_radius, lipschitz_radius_from_bounds, rs_radius, simultaneous_bounds, smoothing_lipschitz
-from .smoothing import ABSTAIN, Smooth, expected_count, selected_examples
+from .smoothing import ABSTAIN, Smooth, expected_count, iter_examples, selected_examples
 
 __all__ = [
     "STATISTICS_NOTE",
     "SmoothingCounts",
+    "add_record",
     "collect_counts",
+    "count_input",
+    "count_inputs",
+    "counts_from_records",
+    "selected_indices",
     "cohen_certificates",
     "mixed_certificates",
     "curve",
@@ -88,8 +93,96 @@ class SmoothingCounts:
         }
 
 
-def collect_counts(
-    smooth: Smooth,
+def selected_indices(size: int, skip: int = 1, max_examples: int | None = None) -> list[int]:
+    """The data-set indices a run certifies: every ``skip``-th of ``size``, at most ``max_examples``
+    (the inputs ``smoothing.selected_examples`` yields)."""
+    if not isinstance(skip, int) or skip < 1:
+        raise InputError(f"skip must be a positive integer, got {skip!r}")
+    if max_examples is not None and max_examples < 1:
+        raise InputError(f"max_examples must be >= 1, got {max_examples}")
+    return list(range(0, size, skip))[:max_examples]
+
+
+def count_input(
+    smooths: Mapping[float, Smooth],
+    x: torch.Tensor,
+    index: int,
+    label: int,
+    n0: int,
+    n: int,
+    batch_size: int,
+    std_model: nn.Module | None = None,
+) -> dict[str, Any]:
+    """One input's record: selection and estimation counts and seconds for every smoothed model, and
+    g's logits when a g is given. The noise is drawn from (each Smooth's seed, ``index``), so a record
+    does not depend on which inputs were counted before it, or on which process.
+
+    ``{"index", "label", "sigmas": [{"sigma", "selection", "estimation", "seconds"}, ...], "std_logits"?}``;
+    each sigma's seconds include g's one forward pass (the cost of that sigma's mixture on this input).
+    """
+    record: dict[str, Any] = {"index": int(index), "label": int(label), "sigmas": []}
+    std_seconds = 0.0
+    if std_model is not None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = std_model(x.unsqueeze(0))[0].double().cpu().numpy()
+        std_seconds = time.perf_counter() - start
+        for smooth in smooths.values():
+            if logits.shape[0] != smooth.num_classes:
+                raise InputError(f"g has {logits.shape[0]} classes but h has {smooth.num_classes}")
+        record["std_logits"] = logits
+    for sigma, smooth in smooths.items():
+        start = time.perf_counter()
+        selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size, index=index)
+        record["sigmas"].append({"sigma": float(sigma), "selection": selection, "estimation": estimation,
+                                 "seconds": time.perf_counter() - start + std_seconds})
+    return record
+
+
+def add_record(counts_by_sigma: Mapping[float, SmoothingCounts], record: Mapping[str, Any]) -> None:
+    """Append one ``count_input`` record (fresh, or read back from a journal) to the counts of each sigma."""
+    for entry in record["sigmas"]:
+        counts = counts_by_sigma[float(entry["sigma"])]
+        counts.idx.append(int(record["index"]))
+        counts.labels.append(int(record["label"]))
+        counts.selection.append(np.asarray(entry["selection"], dtype=np.int64))
+        counts.estimation.append(np.asarray(entry["estimation"], dtype=np.int64))
+        if record.get("std_logits") is not None:
+            counts.std_logits.append(np.asarray(record["std_logits"], dtype=np.float64))
+        counts.seconds.append(float(entry["seconds"]))
+
+
+def counts_from_records(records: Sequence[Mapping[str, Any]], sigmas: Sequence[float], n0: int,
+                        n: int) -> dict[float, SmoothingCounts]:
+    """SmoothingCounts per sigma (in ``sigmas``' order) holding ``records`` in the order given."""
+    out = {float(s): SmoothingCounts(sigma=float(s), n0=n0, n=n) for s in sigmas}
+    for record in records:
+        add_record(out, record)
+    return out
+
+
+def _examples(data: Any, skip: int, max_examples: int | None, indices: Sequence[int] | None,
+              device: str | torch.device | None) -> Iterable[tuple[int, torch.Tensor, int]]:
+    if indices is None:
+        return selected_examples(data, skip, max_examples, device)
+    indices = [int(i) for i in indices]
+    if not indices:
+        return iter(())
+    if hasattr(data, "select"):  # a Dataset: decode only the inputs asked for
+        if not 0 <= min(indices) <= max(indices) < len(data):
+            raise InputError(f"input indices must lie in [0, {len(data)}), got {min(indices)}..{max(indices)}")
+        pairs = iter_examples(data.select(indices))
+    else:
+        wanted = set(indices)
+        found = {i: pair for i, pair in enumerate(iter_examples(data)) if i in wanted}
+        if wanted - set(found):
+            raise InputError(f"no input at index {min(wanted - set(found))}: the data are shorter")
+        pairs = (found[i] for i in indices)
+    return ((i, x.to(device) if device is not None else x, label) for i, (x, label) in zip(indices, pairs))
+
+
+def count_inputs(
+    smooths: Mapping[float, Smooth],
     data: Any,
     n0: int,
     n: int,
@@ -98,41 +191,52 @@ def collect_counts(
     std_model: nn.Module | None = None,
     skip: int = 1,
     max_examples: int | None = None,
+    indices: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-    on_example: Callable[[SmoothingCounts], None] | None = None,
-) -> SmoothingCounts:
-    """Selection and estimation counts (and g's logits) for every ``skip``-th input.
-
-    ``on_example(counts)`` runs after each input, e.g. to flush partial results to disk.
-    """
+    on_input: Callable[[dict[str, Any], dict[float, SmoothingCounts]], None] | None = None,
+) -> dict[float, SmoothingCounts]:
+    """``count_input`` for every ``skip``-th input (at most ``max_examples``), or for the data-set
+    ``indices`` given, in that order; the counts per sigma. ``on_input(record, counts)`` runs after each
+    input (to journal the record, or flush partial files)."""
     from tqdm.auto import tqdm
 
-    examples = selected_examples(data, skip, max_examples, device)
-    out = SmoothingCounts(sigma=smooth.sigma, n0=n0, n=n)
-    total = expected_count(data, skip, max_examples)
-    bar = tqdm(total=total, desc=f"smoothing counts sigma={smooth.sigma}", disable=not progress, leave=False)
+    examples = _examples(data, skip, max_examples, indices, device)
+    out = {float(s): SmoothingCounts(sigma=float(s), n0=n0, n=n) for s in smooths}
+    total = len(indices) if indices is not None else expected_count(data, skip, max_examples)
+    names = ",".join(f"{s:g}" for s in out)
+    bar = tqdm(total=total, desc=f"smoothing counts sigma={names}", disable=not progress, leave=False)
     try:
         for idx, x, label in examples:
-            start = time.perf_counter()
-            selection, estimation = smooth.selection_and_estimation_counts(x, n0, n, batch_size, index=idx)
-            if std_model is not None:
-                with torch.no_grad():
-                    logits = std_model(x.unsqueeze(0))[0]
-                if logits.shape[0] != smooth.num_classes:
-                    raise InputError(f"g has {logits.shape[0]} classes but h has {smooth.num_classes}")
-                out.std_logits.append(logits.double().cpu().numpy())
-            out.seconds.append(time.perf_counter() - start)
-            out.idx.append(idx)
-            out.labels.append(label)
-            out.selection.append(selection)
-            out.estimation.append(estimation)
+            record = count_input(smooths, x, idx, label, n0, n, batch_size, std_model)
+            add_record(out, record)
             bar.update(1)
-            if on_example is not None:
-                on_example(out)
+            if on_input is not None:
+                on_input(record, out)
     finally:
         bar.close()
     return out
+
+
+def collect_counts(
+    smooth: Smooth,
+    data: Any,
+    n0: int,
+    n: int,
+    batch_size: int,
+    *,
+    on_example: Callable[[SmoothingCounts], None] | None = None,
+    **options: Any,
+) -> SmoothingCounts:
+    """Selection and estimation counts (and g's logits) of one smoothed model for every ``skip``-th
+    input, or for the data-set ``indices`` given: ``count_inputs`` with one sigma, whose keyword
+    ``options`` it takes (std_model, skip, max_examples, indices, device, progress).
+
+    ``on_example(counts)`` runs after each input, e.g. to flush partial results to disk.
+    """
+    sigma = float(smooth.sigma)
+    hook = None if on_example is None else (lambda record, counts: on_example(counts[sigma]))
+    return count_inputs({sigma: smooth}, data, n0, n, batch_size, on_input=hook, **options)[sigma]
 
 
 def cohen_certificates(counts: SmoothingCounts, alpha_conf: float, first: int = 0) -> list[dict[str, Any]]:

@@ -1,17 +1,22 @@
 """One certification run over a data set: smoothed models alone (Cohen et al.) and mixed with a
 standard model g, with TSV / JSON / PNG outputs. Shared by ``adasmooth certify`` and the benchmark.
 
+Two steps: counting (``mixed.count_inputs``: network queries, one record per input, any subset of
+inputs, in any process) and ``certification_results`` (every certificate, curve, frontier and file
+from the final counts, no network query). ``certify_smoothed_models`` runs both in one process; the
+``certify`` command journals the counting and runs the second step once all inputs are counted.
+
 Outputs for ``prefix`` (each smoothed model gets a ``_sigma<S>`` tag):
-- ``<prefix>_sigma<S>.tsv``: Cohen's layout (idx label predict radius correct time), written per input;
-- ``<prefix>_sigma<S>_counts.json``: the Monte Carlo counts, rewritten every few inputs (a killed run
-  keeps them, and every certificate can be recomputed from them);
+- ``<prefix>_sigma<S>.tsv``: Cohen's layout (idx label predict radius correct time); written per input
+  by ``certify_smoothed_models``, and whole by ``certification_results``;
+- ``<prefix>_sigma<S>_counts.json``: the Monte Carlo counts (every certificate can be recomputed from
+  them), rewritten every few inputs by ``certify_smoothed_models`` so that a killed run keeps them;
 - ``<prefix>_sigma<S>_mixed_alpha<A>.tsv``: per-input mixed certificates;
 - ``<prefix>.json`` (written by the caller, e.g. with ``core.io.write_result``) and ``<prefix>_curves.png`` / ``<prefix>_frontier_<bound>.png``.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,14 +31,14 @@ from .mixed import (
     SmoothingCounts,
     clean_accuracy,
     cohen_certificates,
-    collect_counts,
+    count_inputs,
     curve,
     mixed_certificates,
     pareto_frontier,
 )
 from .smoothing import ABSTAIN, Smooth, TsvLog, certified_accuracy
 
-__all__ = ["certify_smoothed_models", "summary_rows"]
+__all__ = ["certification_results", "certify_smoothed_models", "smoothed_classifiers", "summary_rows"]
 
 
 def _tag(value: float) -> str:
@@ -52,6 +57,33 @@ def _write_mixed_tsv(path: Path, certs: Mapping[str, np.ndarray]) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
+DEFAULT_RADII = tuple(np.round(np.arange(0, 1.55, 0.05), 4))
+DEFAULT_FRONTIER_ALPHAS = tuple(np.round(np.arange(0.5, 1.0001, 0.01), 4))
+TIMING_NOTE = (
+    "seconds is the sum of the per-input counting times of that sigma (compute time, each including g's "
+    "forward pass; summed over the processes of a sharded run and over the runs of a resumed one), not wall "
+    "time; noisy_samples_per_second and images_per_second are per that time"
+)
+
+
+def smoothed_classifiers(models: Mapping[float, nn.Module], num_classes: int, seed: int = 0) -> dict[float, Smooth]:
+    """One ``Smooth`` per sigma; the k-th model's noise is seeded by ``seed + k`` (and each input's index)."""
+    return {float(sigma): Smooth(model, num_classes, float(sigma), seed=seed + k)
+            for k, (sigma, model) in enumerate(models.items())}
+
+
+def _check_alphas(alphas: Sequence[float], has_std: bool) -> None:
+    for a in alphas:
+        if not 0 <= a <= 1:
+            raise InputError(f"mixing weights must lie in [0, 1], got {a}")
+    if alphas and not has_std:
+        raise InputError("mixed certificates (alphas) need a standard model g")
+
+
+def _stem(prefix: Path, sigma: float) -> Path:
+    return prefix.with_name(f"{prefix.name}_sigma{_tag(sigma)}")
+
+
 def certify_smoothed_models(
     models: Mapping[float, nn.Module],
     data: Any,
@@ -63,8 +95,8 @@ def certify_smoothed_models(
     n: int = 100_000,
     alpha_conf: float = 0.001,
     batch_size: int = 1000,
-    radii: Sequence[float] = tuple(np.round(np.arange(0, 1.55, 0.05), 4)),
-    frontier_alphas: Sequence[float] = tuple(np.round(np.arange(0.5, 1.0001, 0.01), 4)),
+    radii: Sequence[float] = DEFAULT_RADII,
+    frontier_alphas: Sequence[float] = DEFAULT_FRONTIER_ALPHAS,
     std_hardmax: bool = False,
     std_scale: float = 1.0,
     skip: int = 1,
@@ -75,51 +107,75 @@ def certify_smoothed_models(
     progress: bool = True,
     flush_every: int = 10,
 ) -> tuple[dict[str, Any], dict[float, SmoothingCounts]]:
-    """Certify each smoothed model (sigma -> base classifier) alone and, with ``std_model``, the mixture
-    at each alpha; with two or more sigmas and a g, the Figure-6 frontier at the clean accuracy of the
-    first sigma alone. Returns (results, counts by sigma); writes files when ``prefix`` is given."""
+    """Count (``count_inputs``) and certify (``certification_results``) in one process: each smoothed
+    model (sigma -> base classifier) alone and, with ``std_model``, the mixture at each alpha. Returns
+    (results, counts by sigma); writes files when ``prefix`` is given, the Cohen TSVs row by row and the
+    counts every ``flush_every`` inputs while counting, so an interrupted run keeps them."""
     if not models:
         raise InputError("give at least one smoothed model")
-    for a in alphas:
-        if not 0 <= a <= 1:
-            raise InputError(f"mixing weights must lie in [0, 1], got {a}")
-    if alphas and std_model is None:
-        raise InputError("mixed certificates (alphas) need a standard model g")
+    _check_alphas(alphas, std_model is not None)
     prefix = Path(prefix) if prefix is not None else None
-    results: dict[str, Any] = {
-        "n0": n0, "n": n, "alpha_conf": alpha_conf, "confidence": 1 - alpha_conf, "radii": list(radii),
-        "statistics": STATISTICS_NOTE, "std_hardmax": std_hardmax, "std_scale": std_scale, "models": [],
-    }
-    all_counts: dict[float, SmoothingCounts] = {}
-    for model_index, (sigma, model) in enumerate(models.items()):
-        smooth = Smooth(model, num_classes, float(sigma), seed=seed + model_index)
-        stem = None if prefix is None else prefix.with_name(f"{prefix.name}_sigma{_tag(sigma)}")
-        tsv = TsvLog(stem.with_name(stem.name + ".tsv")) if stem is not None else None
-        counts_file = stem.with_name(stem.name + "_counts.json") if stem is not None else None
+    on_input = None
+    if prefix is not None:
+        tsvs = {float(s): TsvLog(_stem(prefix, s).with_name(_stem(prefix, s).name + ".tsv")) for s in models}
 
-        def on_example(counts: SmoothingCounts, tsv=tsv, counts_file=counts_file) -> None:
-            if tsv is not None:
+        def on_input(record: Mapping[str, Any], counts_by_sigma: Mapping[float, SmoothingCounts]) -> None:
+            for sigma, counts in counts_by_sigma.items():
                 (row,) = cohen_certificates(counts, alpha_conf, first=len(counts) - 1)
-                tsv.add(row)
-            if counts_file is not None and len(counts) % flush_every == 0:
-                write_json(counts_file, counts.to_dict(), indent=None)
+                tsvs[sigma].add(row)
+                if len(counts) % flush_every == 0:
+                    write_json(_counts_file(prefix, sigma), counts.to_dict(), indent=None)
 
-        start = time.perf_counter()
-        counts = collect_counts(smooth, data, n0, n, batch_size, std_model=std_model, skip=skip,
-                                max_examples=max_examples, device=device, progress=progress,
-                                on_example=on_example)
-        elapsed = time.perf_counter() - start
-        if counts_file is not None:
-            write_json(counts_file, counts.to_dict(), indent=None)
-        all_counts[float(sigma)] = counts
+    all_counts = count_inputs(smoothed_classifiers(models, num_classes, seed), data, n0, n, batch_size,
+                              std_model=std_model, skip=skip, max_examples=max_examples, device=device,
+                              progress=progress, on_input=on_input)
+    results = certification_results(all_counts, alphas=alphas, alpha_conf=alpha_conf, radii=radii,
+                                    frontier_alphas=frontier_alphas, std_hardmax=std_hardmax, std_scale=std_scale,
+                                    prefix=prefix)
+    return results, all_counts
+
+
+def _counts_file(prefix: Path, sigma: float) -> Path:
+    stem = _stem(prefix, sigma)
+    return stem.with_name(stem.name + "_counts.json")
+
+
+def certification_results(
+    counts_by_sigma: Mapping[float, SmoothingCounts],
+    *,
+    alphas: Sequence[float] = (),
+    alpha_conf: float = 0.001,
+    radii: Sequence[float] = DEFAULT_RADII,
+    frontier_alphas: Sequence[float] = DEFAULT_FRONTIER_ALPHAS,
+    std_hardmax: bool = False,
+    std_scale: float = 1.0,
+    prefix: str | Path | None = None,
+) -> dict[str, Any]:
+    """Every result from final counts (no network query): Cohen certificates of each smoothed model,
+    the mixture at each alpha, and with two or more sigmas and g's logits, the Figure-6 frontier at the
+    clean accuracy of the first sigma alone. With ``prefix``, writes the Cohen and mixed TSVs, the
+    counts JSONs and the PNGs (the results JSON is the caller's)."""
+    if not counts_by_sigma:
+        raise InputError("give the counts of at least one smoothed model")
+    has_std = all(len(c.std_logits) for c in counts_by_sigma.values())
+    _check_alphas(alphas, has_std)
+    prefix = Path(prefix) if prefix is not None else None
+    first_counts = next(iter(counts_by_sigma.values()))
+    results: dict[str, Any] = {
+        "n0": first_counts.n0, "n": first_counts.n, "alpha_conf": alpha_conf, "confidence": 1 - alpha_conf,
+        "radii": list(radii), "statistics": STATISTICS_NOTE, "std_hardmax": std_hardmax, "std_scale": std_scale,
+        "timing": TIMING_NOTE, "models": [],
+    }
+    for sigma, counts in counts_by_sigma.items():
         cohen_rows = cohen_certificates(counts, alpha_conf)
         alone = mixed_certificates(counts, 1.0, alpha_conf)
+        seconds = float(sum(counts.seconds))
         entry: dict[str, Any] = {
             "sigma": float(sigma),
             "examples": len(counts),
-            "seconds": elapsed,
-            "noisy_samples_per_second": len(counts) * (n0 + n) / elapsed,
-            "images_per_second": len(counts) / elapsed,
+            "seconds": seconds,
+            "noisy_samples_per_second": len(counts) * (counts.n0 + counts.n) / seconds if seconds > 0 else None,
+            "images_per_second": len(counts) / seconds if seconds > 0 else None,
             "smoothed_clean_accuracy": clean_accuracy(alone),
             "cohen_certified_accuracy": [100.0 * v for v in certified_accuracy(cohen_rows, radii)],
             "cohen_abstain_pct": 100.0 * float(np.mean([r["predict"] == ABSTAIN for r in cohen_rows])),
@@ -127,6 +183,10 @@ def certify_smoothed_models(
             "h_alone_lip_certified_accuracy": curve(alone, radii, "lip"),
             "mixed": [],
         }
+        stem = None if prefix is None else _stem(prefix, sigma)
+        if prefix is not None:
+            TsvLog(stem.with_name(stem.name + ".tsv")).extend(cohen_rows)
+            write_json(_counts_file(prefix, sigma), counts.to_dict(), indent=None)
         for alpha in alphas:
             certs = mixed_certificates(counts, alpha, alpha_conf, std_hardmax=std_hardmax, std_scale=std_scale)
             entry["mixed"].append({
@@ -138,16 +198,16 @@ def certify_smoothed_models(
             if stem is not None:
                 _write_mixed_tsv(stem.with_name(f"{stem.name}_mixed_alpha{_tag(alpha)}.tsv"), certs)
         results["models"].append(entry)
-    if std_model is not None and len(models) >= 2:
-        first = float(next(iter(models)))
+    if has_std and len(counts_by_sigma) >= 2:
+        first = float(next(iter(counts_by_sigma)))
         results["frontier"] = {
-            bound: pareto_frontier(all_counts, first, radii, alpha_conf, frontier_alphas, bound=bound,
+            bound: pareto_frontier(counts_by_sigma, first, radii, alpha_conf, frontier_alphas, bound=bound,
                                    std_hardmax=std_hardmax, std_scale=std_scale)
             for bound in ("rs", "lip")
         }
     if prefix is not None:
         _plot(results, prefix)
-    return results, all_counts
+    return results
 
 
 def _plot(results: Mapping[str, Any], prefix: Path) -> None:

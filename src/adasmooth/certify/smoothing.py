@@ -224,8 +224,13 @@ class TsvLog:
         self._flush()
 
     def add(self, row: dict[str, Any]) -> None:
-        self._lines.append(
+        self.extend([row])
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Add rows with one rewrite of the file."""
+        self._lines.extend(
             f"{row['idx']}\t{row['label']}\t{row['predict']}\t{row['radius']:.4f}\t{row['correct']}\t{row['time']:.4f}"
+            for row in rows
         )
         self._flush()
 

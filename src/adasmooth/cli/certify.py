@@ -6,6 +6,15 @@ Examples::
     adasmooth certify --model runs/gauss025 --std runs/std --alpha 0.8,0.9 --hardmax
 
 sigma comes from each checkpoint's sidecar unless ``--sigma`` is given; the data set likewise.
+
+Long runs: every counted input (its selection and estimation counts for every sigma, and g's logits)
+is appended to the journal ``PREFIX.json.journal``; a run killed at any moment and started again with
+the same command continues where it stopped (``--restart`` starts over). The certificates, TSVs,
+counts JSONs and PNGs are computed from the counts once every input is counted, so the Cohen TSV is
+written whole at the end, not line by line (the journal keeps interrupted work). Under
+``torchrun --nproc-per-node N -m adasmooth certify ...`` each process counts a strided share of the
+inputs (one device per rank) and rank 0 writes every file; the noise is seeded per input, so the
+certificates are those of one process.
 """
 
 from __future__ import annotations
@@ -39,7 +48,9 @@ class CertifyConfig(CheckpointDataOptions):
     image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
     split: Literal["train", "val", "test"] = option("test", help="data split")
     n0: int = option(100, help="selection draws per input")
-    n: int = option(100_000, help="estimation draws per input")
+    # -N: under torchrun, whose parser takes --n for an abbreviation of its own --nnodes/--nproc-per-node
+    n: int = option(100_000, help="estimation draws per input (also -N, the spelling torchrun passes on)",
+                    short="-N")
     alpha_conf: float = option(0.001, help="failure probability of every certificate")
     batch_size: int | str = option(1000, help="noisy copies per forward pass, or auto: the most that fit in device memory")
     precision: Precision = precision_option()
@@ -50,6 +61,7 @@ class CertifyConfig(CheckpointDataOptions):
     radii: list[float] = option(default_factory=lambda: list(DEFAULT_RADII), help="radii of the curves")
     frontier_alphas: list[float] = option(default_factory=lambda: [round(0.5 + 0.01 * i, 2) for i in range(51)],
                                           help="alpha grid searched for the (alpha, sigma) frontier")
+    restart: bool = option(False, help="start over: delete the journal an earlier run with another config left")
     output: str = output_option("runs/certify", "output prefix: PREFIX.json, TSVs and PNGs beside it")
 
     def validate(self) -> None:
@@ -84,15 +96,31 @@ def files(cfg: CertifyConfig) -> tuple[list, list]:
     return checkpoint_files(*cfg.model, cfg.std), [f"{cfg.output}.json"]
 
 
+# Fields the journal's records (each input's Monte Carlo counts and g's logits) do not depend on: a
+# journal made under other values still resumes. Certificates are computed from the counts at the end,
+# so alpha, radii, ... may change between the killed run and the resumed one; batch_size may not (the
+# noise of one input is drawn batch by batch, and other batch sizes draw other values), nor the device
+# type (CPU and CUDA generators differ; the fingerprint records it as noise_device).
+NOT_JOURNAL_FIELDS = ("progress", "device", "restart", "output", "n_examples", "skip", "alpha", "hardmax",
+                      "std_scale", "alpha_conf", "radii", "frontier_alphas")
+
+
 def run(cfg: CertifyConfig) -> int:
-    from ..certify.report import certify_smoothed_models, summary_rows
-    from ..models.loader import load_model, model_info
-    from ..data import load_dataset
+    """Certify; every counted input goes to a journal beside the output, so a killed run started again
+    continues where it stopped; under torchrun each process counts a strided share of the inputs and
+    rank 0 computes the certificates and writes every file."""
+    from ..certify.mixed import count_inputs, counts_from_records, selected_indices
+    from ..certify.report import certification_results, smoothed_classifiers, summary_rows
+    from ..core.distributed import init_distributed, shard
     from ..core.io import format_table, write_result
+    from ..core.journal import Journal, journal_path
     from ..core.precision import auto_batch_size, numerics, prepare_model
     from ..core.runtime import resolve_device, seed_everything
+    from ..data import load_dataset
+    from ..models.loader import load_model, model_info
 
-    device = resolve_device(cfg.device)
+    dist = init_distributed(cfg.device)
+    device = resolve_device(dist.device(cfg.device))
     seed_everything(cfg.seed)
     models, infos, num_classes = {}, {}, None
     for path in cfg.model:
@@ -125,20 +153,40 @@ def run(cfg: CertifyConfig) -> int:
                                                                   gradients=False, precision=cfg.precision,
                                                                   cpu_default=1000))
         print(f"batch size auto: {cfg.batch_size}")
+
+    selected = selected_indices(len(data), cfg.skip, cfg.n_examples)
+    fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_JOURNAL_FIELDS}
+    fingerprint.update(sigmas=list(models), noise_device=device.type)
+    path = journal_path(f"{cfg.output}.json")
+    if cfg.restart and dist.is_main:
+        Journal(path, fingerprint, restart=True).remove_all()
+    dist.barrier()
+    journal = Journal(path, fingerprint, part=f"rank{dist.rank}" if dist.active else None)
+    pending = journal.pending(selected)
+    if len(pending) < len(selected) and dist.is_main:
+        print(f"resuming: {len(selected) - len(pending)} of {len(selected)} inputs already done ({path})")
     with numerics(cfg.precision):
-        results, _ = certify_smoothed_models(
-            models, data, num_classes, std_model=std_model, alphas=cfg.alpha, n0=cfg.n0, n=cfg.n,
-            alpha_conf=cfg.alpha_conf, batch_size=cfg.batch_size, radii=cfg.radii, frontier_alphas=cfg.frontier_alphas,
-            std_hardmax=cfg.hardmax, std_scale=cfg.std_scale, skip=cfg.skip, max_examples=cfg.n_examples,
-            prefix=cfg.output, seed=cfg.seed, device=device, progress=cfg.progress,
-        )
+        count_inputs(smoothed_classifiers(models, num_classes, cfg.seed), data, cfg.n0, cfg.n, cfg.batch_size,
+                     std_model=std_model, indices=shard(pending, dist), device=device, progress=cfg.progress,
+                     on_input=lambda record, _: journal.append([record]))
+    dist.barrier()
+    if not dist.is_main:
+        return 0
+    journal = Journal(path, fingerprint, part="rank0" if dist.active else None)  # every process's records
+    counts = counts_from_records([journal.done[i] for i in selected], list(models), cfg.n0, cfg.n)
+    results = certification_results(counts, alphas=cfg.alpha, alpha_conf=cfg.alpha_conf, radii=cfg.radii,
+                                    frontier_alphas=cfg.frontier_alphas, std_hardmax=cfg.hardmax,
+                                    std_scale=cfg.std_scale, prefix=cfg.output)
     results["dataset"] = dataset
     out = write_result(f"{cfg.output}.json", results, cfg, cfg.seed)
+    journal.remove_all()
+    print(f"{dataset} {cfg.split}, {len(selected)} inputs, seed {cfg.seed}"
+          + (f", {dist.world_size} processes" if dist.active else ""))
     show = [r for r in (0.0, 0.25, 0.5, 0.75, 1.0) if any(abs(r - x) < 1e-9 for x in cfg.radii)] or cfg.radii[:5]
     print(format_table(summary_rows(results, show), precision=1))
     for m in results["models"]:
         print(f"sigma={m['sigma']:g}: {m['examples']} inputs, {m['noisy_samples_per_second']:.0f} noisy samples/s, "
-              f"{m['images_per_second']:.2f} images/s")
+              f"{m['images_per_second']:.2f} images/s (per second of compute)")
     print(f"n={cfg.n}, n0={cfg.n0}, {cfg.precision}, confidence {100 * (1 - cfg.alpha_conf):.2f}% per certificate. {results['statistics']}")
     print(f"wrote {out} (+ TSV / PNG beside it)")
     return 0
