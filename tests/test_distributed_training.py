@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from adasmooth.core.distributed import SyncedBatchNorm, restore_batchnorm, synchronise_batchnorm
+from adasmooth.core.distributed import SyncedBatchNorm, batch_mean_std, restore_batchnorm, synchronise_batchnorm
 from adasmooth.data.stream import EpochBatchSampler
 
 
@@ -39,7 +39,7 @@ def _synced_rank(rank: int, world: int, store: str, x: torch.Tensor, out: str) -
     # a loss that weighs rows differently, summed over the ranks (what DDP's gradient average scales)
     (y * torch.arange(1, y.numel() + 1, dtype=y.dtype).view_as(y).sin()).sum().backward()
     torch.save({"y": y.detach(), "x_grad": mine.grad, "w_grad": norm[0].weight.grad, "b_grad": norm[0].bias.grad,
-                "state": norm[0].state_dict()}, f"{out}.{rank}")
+                "state": norm[0].state_dict(), "mean_std": batch_mean_std(mine)}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -71,6 +71,9 @@ def test_synced_batchnorm_on_two_processes_equals_torch_batchnorm_on_the_whole_b
     # DDP averages the parameter gradients over ranks; their sum is the whole batch's gradient
     torch.testing.assert_close(ranks[0]["w_grad"] + ranks[1]["w_grad"], norm.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ranks[0]["b_grad"] + ranks[1]["b_grad"], norm.bias.grad, rtol=1e-4, atol=1e-5)
+    # the mixing network's clamp statistics: mean and unbiased std of the whole batch, on every rank
+    for r in range(2):
+        torch.testing.assert_close(torch.stack(ranks[r]["mean_std"]), torch.stack([x.mean(), x.std()]))
 
 
 def test_synchronise_and_restore_keep_the_state_dict_and_the_classes():
@@ -156,3 +159,58 @@ def test_cat_rs_under_torchrun_is_refused_with_one_line(tmp_path):
     assert ran.returncode != 0
     assert ran.stderr.count("adasmooth train-base: error: training method 'cat-rs' does not run under torchrun") == 2
     assert "train/loop.py" not in ran.stderr  # torchrun prints its own traceback of the failed children; none of ours
+
+
+# ---------------------------------------------------------------------------- train-mixnet under torchrun
+
+@pytest.fixture(scope="module")
+def digits_bases(tmp_path_factory):
+    """A briefly trained standard CNN g and an untrained h (threat recorded: linf 0.2) on digits."""
+    from adasmooth.data import DATASET_STATS
+    from adasmooth.models import create_model
+    from adasmooth.models.checkpoint import save_checkpoint
+    from adasmooth.train.loop import TrainConfig, train_base
+
+    root = tmp_path_factory.mktemp("bases")
+    train_base(TrainConfig(dataset="digits", arch="small-cnn", model_kwargs={"width": 4, "hidden": 16}, epochs=3,
+                           lr=0.1, batch_size=32, n_train=300, eval_examples=20, eval_pgd_steps=1,
+                           output=str(root / "g"), progress=False, device="cpu"))
+    torch.manual_seed(3)
+    mean, std = DATASET_STATS["digits"]
+    h = create_model("small-cnn", 10, in_channels=1, mean=mean, std=std, width=4, hidden=16)
+    save_checkpoint(h, root / "h", {"dataset": "digits", "metrics": {"eval_eps": 0.2, "eval_norm": "linf"}})
+    return root
+
+
+def test_train_mixnet_on_two_processes_follows_the_one_process_run(digits_bases, tmp_path):
+    """Setting C (APGD-CE on the first half of each global batch, APGD-T on the second), extra clean
+    inputs and EMA: `torchrun --nproc-per-node 2` gives one process's loss curve, alpha statistics,
+    exported network (batch norm re-estimated over both ranks' inputs) and final measurement."""
+    from safetensors.torch import load_file
+
+    cmd = ["train-mixnet", "--std", str(digits_bases / "g"), "--rob", str(digits_bases / "h"), "--widths", "4,8,8",
+           "--blocks", "1,1,1", "--setting", "C", "--extra-clean", "1", "--ema-decay", "0.5", "--attack-steps", "2",
+           "--epochs", "2", "--batch-size", "16", "--n-train", "64", "--lr", "3e-3", "--eval-examples", "8",
+           "--eval-pgd-steps", "1", "--device", "cpu", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-m", "adasmooth", *cmd, "-o", str(one)], env=_env(),
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(int(_port()) + 2), "-m", "adasmooth", *cmd, "-o", str(two)], env=_env(),
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("wrote ") == 1, "only rank 0 reports"
+    meta_one, meta_two = (json.loads(Path(f"{p}.json").read_text()) for p in (one, two))
+    assert meta_two["training"]["processes"] == 2
+    for a, b in zip(meta_one["training"]["history"], meta_two["training"]["history"], strict=True):
+        for key in ("loss", "alpha_clean", "alpha_adv", "acc_clean", "acc_adv"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    first, last = meta_one["training"]["history"][0], meta_one["training"]["history"][-1]
+    assert last["loss"] < first["loss"], "the loss did not move: the comparison would say little"
+    for key, value in meta_one["metrics"].items():
+        assert meta_two["metrics"][key] == pytest.approx(value, abs=1e-4), key
+    weights_one, weights_two = load_file(f"{one}.safetensors"), load_file(f"{two}.safetensors")
+    assert any("running_var" in k for k in weights_one)
+    for key, value in weights_one.items():
+        torch.testing.assert_close(weights_two[key].double(), value.double(), rtol=1e-4, atol=1e-5, msg=key)

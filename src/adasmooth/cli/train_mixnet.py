@@ -15,12 +15,15 @@ def files(cfg: MixnetTrainConfig) -> tuple[list, list]:
 
 
 def run(cfg: MixnetTrainConfig) -> int:
+    from ..core.distributed import is_main_process
     from ..train.mixnet import train_mixnet
 
     meta = train_mixnet(cfg)
+    if not is_main_process():
+        return 0
     m = meta["metrics"]
     s = cfg.eval_pgd_steps
     print(f"wrote {cfg.output}.safetensors (+ .json), setting {cfg.setting}: clean {m['clean_acc']:.2f}%, "
-          f"white-box PGD-{s} ({cfg.norm}, eps={cfg.eps}) {m[f'pgd{s}_acc']:.2f}%, mean alpha clean "
+          f"white-box PGD-{s} ({m['eval_norm']}, eps={m['eval_eps']}) {m[f'pgd{s}_acc']:.2f}%, mean alpha clean "
           f"{m['alpha_clean_mean']:.3f} / attacked {m[f'alpha_pgd{s}_mean']:.3f} on {m['eval_examples']} test examples")
     return 0

@@ -27,7 +27,7 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = ["Distributed", "init_distributed", "shard", "is_main_process", "finish_distributed", "SyncedBatchNorm",
-           "synchronise_batchnorm", "restore_batchnorm", "data_parallel", "unwrap"]
+           "synchronise_batchnorm", "batch_mean_std", "restore_batchnorm", "data_parallel", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,23 @@ def _replace_batchnorm(module: nn.Module, make) -> nn.Module:
         if new is not child:
             setattr(module, name, new)
     return replacement
+
+
+def batch_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased standard deviation of ``values`` (no gradient) over the global batch: every
+    rank's values when a process group of several ranks is running (all must call), else these alone."""
+    values = values.detach()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return values.mean(), values.std()
+    flat = values.double().flatten()
+    totals = torch.stack([flat.sum(), (flat * flat).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64,
+                                                                          device=flat.device)])
+    torch.distributed.all_reduce(totals)
+    total, squares, n = totals.unbind()
+    mean = total / n
+    var = ((squares - n * mean * mean) / (n - 1)).clamp_min(0)
+    return mean.to(values.dtype), var.sqrt().to(values.dtype)
 
 
 def _move_norm(source: nn.Module, target: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, InputError
+from ..core.distributed import batch_mean_std
 from ..models.resnet import PreActBlock
 
 __all__ = [
@@ -229,7 +230,7 @@ class MixingNetwork(nn.Module):
             raise InputError("the mixing network needs batches of more than one example in training mode")
         z = self.alpha_bn(gamma[:, None]).squeeze(1)
         if self.training and self.config.train_clamp_std is not None:
-            mean, std = z.detach().mean(), z.detach().std()
+            mean, std = batch_mean_std(z)  # of the global batch when torchrun ranks share it
             k = self.config.train_clamp_std
             z = torch.clamp(z, mean - k * std, mean + k * std)
         return z

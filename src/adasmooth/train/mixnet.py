@@ -15,6 +15,13 @@
 - EMA of the weights and a batch-norm re-estimate of the exported network; per-epoch checkpoints
   and a resume file shared in format with base-model training.
 
+- Under ``torchrun`` each rank takes its rows of every global batch (the same permutation and attack
+  budgets on every rank, each row's attack seeded by its position in the global batch), the mixing
+  network trains in DistributedDataParallel, and its batch norms are synchronised
+  (:class:`adasmooth.core.distributed.SyncedBatchNorm`): training-mode statistics, and the
+  re-estimated ones of the exported network, cover the whole global batch, as in one process.
+  Rank 0 writes the checkpoints.
+
 Calibration lives in :mod:`adasmooth.evaluate.calibrate`, the Table 2/3 report in
 :mod:`adasmooth.evaluate.tables`.
 """
@@ -22,6 +29,7 @@ Calibration lives in :mod:`adasmooth.evaluate.calibrate`, the Table 2/3 report i
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import copy
 import math
@@ -40,6 +48,7 @@ from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_los
 from ..attacks.losses import get_loss
 from ..attacks.nonlinear import surrogate_for
 from ..core.config import CheckpointDataOptions, option
+from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.runtime import resolve_device, seed_everything
@@ -215,9 +224,20 @@ def random_attack_budget(n: int, cfg: MixnetTrainConfig, rng: np.random.Generato
 
 
 def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: torch.Tensor,
-                          cfg: MixnetTrainConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Attacked inputs against the current mixed model (mixing network in eval mode while crafting)."""
-    eps, steps, w = random_attack_budget(x.shape[0], cfg, rng, x.device, x.dtype)
+                          cfg: MixnetTrainConfig, rng: np.random.Generator,
+                          rows: torch.Tensor | None = None, batch_rows: int | None = None) -> torch.Tensor:
+    """Attacked inputs against the current mixed model (mixing network in eval mode while crafting).
+
+    ``rows`` are the positions of ``x``'s inputs in a global batch of ``batch_rows`` (a torchrun rank's
+    share; default: all of it). The budget is drawn for the global batch and each input's random start
+    is seeded by its position, so a share is attacked as it would be inside the whole batch.
+    """
+    batch_rows = x.shape[0] if batch_rows is None else batch_rows
+    rows = torch.arange(batch_rows) if rows is None else rows.cpu()
+    if rows.shape != (x.shape[0],):
+        raise InputError(f"{x.shape[0]} inputs but {tuple(rows.shape)} row positions")
+    eps, steps, w = random_attack_budget(batch_rows, cfg, rng, x.device, x.dtype)
+    eps, w = eps[rows.to(eps.device)], w[rows.to(w.device)]
     seed = int(rng.integers(2**31))
     momentum = float(rng.uniform(0.0, cfg.momentum_max)) if cfg.momentum_max > 0 else 0.0
     was_training = model.training
@@ -228,18 +248,21 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
         if cfg.setting in ("A", "B"):
             attack = PGD(target, eps, cfg.norm, steps, step_size=cfg.step_factor * eps / steps,
                          loss=attack_loss(cfg.setting, w), seed=seed, momentum=momentum)
-            return attack(x, y)
-        # Half the batch untargeted APGD-CE, half targeted APGD-DLR (top other class), both with the
-        # randomly weighted alpha term; misclassified inputs are attacked too (they still teach alpha).
-        half = x.shape[0] // 2
-        parts = []
-        if half > 0:
-            parts.append(APGD(target, eps[:half], cfg.norm, steps, loss=adaptive_alpha_loss(w[:half], "ce"),
-                              seed=seed, attack_misclassified=True)(x[:half], y[:half]))
-        parts.append(APGDTargeted(target, eps[half:], cfg.norm, steps, n_target_classes=1, seed=seed,
-                                  extra_loss=alpha_bce_loss, extra_weight=w[half:],
-                                  attack_misclassified=True)(x[half:], y[half:]))
-        return torch.cat(parts, 0)
+            return attack(x, y, rows)
+        # The first half of the global batch untargeted APGD-CE, the second targeted APGD-DLR (top other
+        # class), both with the randomly weighted alpha term; misclassified inputs are attacked too
+        # (they still teach alpha).
+        first = rows < batch_rows // 2
+        out = x.clone()
+        for part, attack in ((first, lambda e, wt: APGD(target, e, cfg.norm, steps, loss=adaptive_alpha_loss(wt, "ce"),
+                                                          seed=seed, attack_misclassified=True)),
+                             (~first, lambda e, wt: APGDTargeted(target, e, cfg.norm, steps, n_target_classes=1,
+                                                                 seed=seed, extra_loss=alpha_bce_loss, extra_weight=wt,
+                                                                 attack_misclassified=True))):
+            if bool(part.any()):
+                sel = part.to(x.device)
+                out[sel] = attack(eps[sel], w[sel])(x[sel], y[sel], rows[part])
+        return out
     finally:
         model.train(was_training)
 
@@ -339,7 +362,11 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                  eval_data: Dataset | None = None) -> dict[str, Any]:
     """Train the mixing network per ``cfg``; checkpoint every epoch; return the sidecar metadata."""
     cfg = resolve_recorded(cfg)
-    device = resolve_device(cfg.device)
+    dist = init_distributed(cfg.device)
+    if cfg.batch_size < dist.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is smaller than the {dist.world_size} processes: "
+                          f"every process needs inputs of each batch")
+    device = resolve_device(dist.device(cfg.device))
     seed_everything(cfg.seed)
     if train_data is None:
         train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed)
@@ -367,7 +394,9 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
-        print(f"resuming {cfg.output} from epoch {start_epoch}")
+        if dist.is_main:
+            print(f"resuming {cfg.output} from epoch {start_epoch}")
+    trained_net = data_parallel(net, dist, device)  # net itself in one process
     t0 = time.time()
     recent: collections.deque = collections.deque(maxlen=max(1, cfg.bn_recalibration_batches))
     for epoch in range(start_epoch, cfg.epochs):
@@ -380,18 +409,21 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         sums = {"loss": 0.0, "alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
         count = 0
         bar = tqdm(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
+                   disable=not (cfg.progress and dist.is_main), leave=False)
         for step in bar:
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            # this rank's rows of the global batch (all of them in one process)
+            rows = torch.arange(dist.rank, cfg.batch_size, dist.world_size)
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][rows]
             x, y = train_data.x[idx].to(device), train_data.y[idx].to(device)
-            x_adv = craft_training_attack(model, x, y, cfg, rng)
+            x_adv = craft_training_attack(model, x, y, cfg, rng, rows=rows, batch_rows=cfg.batch_size)
             n = x.shape[0]
             inputs, labels = torch.cat([x, x_adv]), torch.cat([y, y])
             pseudo = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
             sample_w = torch.cat([torch.full((n,), cfg.clean_loss_scale, device=device), torch.ones(n, device=device)])
             if extra_perm is not None:
-                m = cfg.extra_clean * n
-                idx = extra_perm[(torch.arange(m) + step * m) % len(train_data)]
+                m = cfg.extra_clean * cfg.batch_size
+                idx = extra_perm[(torch.arange(m) + step * m) % len(train_data)][dist.rank::dist.world_size]
+                m = len(idx)
                 inputs = torch.cat([inputs, train_data.x[idx].to(device)])
                 labels = torch.cat([labels, train_data.y[idx].to(device)])
                 pseudo = torch.cat([pseudo, torch.zeros(m, device=device)])
@@ -399,15 +431,18 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
             if cfg.bn_recalibration_batches > 0:
                 recent.append(inputs.detach())
             model.train()
-            with torch.autocast(device.type, enabled=use_amp):
+            # the global batch's weight: each rank's loss is its part of the global weighted mean
+            (total_weight,) = dist.sum([sample_w.sum().item()])
+            with torch.autocast(device.type, enabled=use_amp), _mixing_through(model, trained_net):
                 out = model.mix(inputs)
                 per_sample = composite_loss(out.logits.float(), labels, out.alpha_logit.float(), pseudo,
                                             cfg.c_ce, cfg.c_bce, cfg.c_prod)
-                loss = (sample_w * per_sample).sum() / sample_w.sum()
+                loss = (sample_w * per_sample).sum() / total_weight
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"mixing-network loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages the ranks' gradients: scaled by the number of ranks, that is the gradient of the sum
+            scaler.scale(loss * dist.world_size).backward()
             if cfg.grad_clip is not None:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -418,7 +453,7 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                 _ema_update(ema, net, cfg.ema_decay)
             with torch.no_grad():
                 correct = (out.logits.argmax(1) == labels).float()
-                sums["loss"] += loss.item() * n
+                sums["loss"] += loss.item() * cfg.batch_size  # summed over ranks: the global loss
                 sums["alpha_clean"] += out.alpha[:n].sum().item()
                 sums["alpha_adv"] += out.alpha[n:2 * n].sum().item()
                 sums["acc_clean"] += correct[:n].sum().item()
@@ -427,21 +462,44 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
             bar.set_postfix(loss=f"{sums['loss'] / count:.4f}",
                             a_clean=f"{sums['alpha_clean'] / count:.2f}", a_adv=f"{sums['alpha_adv'] / count:.2f}")
         _assert_frozen(model, base_snapshot)
-        record = {"epoch": epoch + 1, "steps": steps_per_epoch, **{k: v / count for k, v in sums.items()}}
+        totals = dist.sum([*sums.values(), count])
+        record = {"epoch": epoch + 1, "steps": steps_per_epoch, **{k: v / totals[-1] for k, v in zip(sums, totals)}}
         history.append(record)
-        _save_epoch(model, ema, cfg, history, epoch, opt, sched, list(recent), fingerprint)
-        if cfg.progress:
+        _save_epoch(model, ema, cfg, history, epoch, opt, sched, list(recent), fingerprint, write=dist.is_main)
+        if cfg.progress and dist.is_main:
             print(f"[mixnet {cfg.setting}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
                   f"alpha clean {record['alpha_clean']:.3f} adv {record['alpha_adv']:.3f}")
     _export(model, ema, list(recent))  # the checkpoint's network: EMA weights if any, fresh BN statistics
+    restore_batchnorm(net)
     model.eval()
+    if not dist.is_main:  # rank 0 measures and writes the checkpoint; the others take its record
+        dist.barrier()
+        return dist.broadcast(None)
     metrics = _quick_eval(model, eval_data, cfg, device)
     meta = {"dataset": cfg.dataset, "setting": cfg.setting,
             "training": {"config": asdict(cfg), "history": history, "seconds": time.time() - t0},
             "metrics": metrics}
+    if dist.active:
+        meta["training"]["processes"] = dist.world_size
     save_adaptive_classifier(model, cfg.output, meta)
     resume_file.unlink(missing_ok=True)
-    return meta
+    dist.barrier()
+    return dist.broadcast(meta)
+
+
+@contextlib.contextmanager
+def _mixing_through(model: AdaptiveMixedClassifier, trained_net: nn.Module):
+    """The training forward goes through ``trained_net`` (the DDP wrapper of the mixing network);
+    attacks and measurements use the plain network, with no gradient synchronisation."""
+    plain = model.mixing_net
+    if trained_net is plain:
+        yield
+        return
+    model.mixing_net = trained_net
+    try:
+        yield
+    finally:
+        model.mixing_net = plain
 
 
 def _export(model: AdaptiveMixedClassifier, ema: nn.Module | None, batches: list) -> None:
@@ -451,15 +509,20 @@ def _export(model: AdaptiveMixedClassifier, ema: nn.Module | None, batches: list
     recalibrate_batchnorm(model, batches)
 
 
-def _save_epoch(model, ema, cfg, history, epoch, opt, sched, batches: list, fingerprint: dict) -> None:
-    """The epoch's checkpoint (exported network) and the resume file (live network and optimizer)."""
+def _save_epoch(model, ema, cfg, history, epoch, opt, sched, batches: list, fingerprint: dict,
+                write: bool = True) -> None:
+    """The epoch's checkpoint (exported network) and the resume file (live network and optimizer).
+    Every torchrun rank re-estimates the statistics (synchronised); only ``write`` ones write files."""
     net = model.mixing_net
     live_state = copy.deepcopy(net.state_dict())  # training goes on from the live weights and statistics
     _export(model, ema, batches)
-    save_adaptive_classifier(model, cfg.output, {"dataset": cfg.dataset, "setting": cfg.setting,
-                                                 "training": {"config": asdict(cfg), "history": history,
-                                                              "complete": False}})
+    if write:
+        save_adaptive_classifier(model, cfg.output, {"dataset": cfg.dataset, "setting": cfg.setting,
+                                                     "training": {"config": asdict(cfg), "history": history,
+                                                                  "complete": False}})
     net.load_state_dict(live_state)
+    if not write:
+        return
     state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "epoch": epoch + 1, "history": history}
     if ema is not None:
