@@ -21,6 +21,19 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _port() -> str:
     return str(29600 + os.getpid() % 1000)
 
@@ -116,9 +129,9 @@ def test_the_ranks_shares_of_each_batch_make_up_the_one_process_batch():
 
 # ---------------------------------------------------------------------------- train-base under torchrun
 
-def _train_cmd(out: Path, config: Path) -> list[str]:
+def _train_cmd(out: Path, config: Path, epochs: int = 2) -> list[str]:
     return ["train-base", "--config", str(config), "--dataset", "digits", "--method", "gaussian", "--sigma", "0.25",
-            "--epochs", "2", "--batch-size", "16", "--n-train", "64", "--lr", "0.05",
+            "--epochs", str(epochs), "--batch-size", "16", "--n-train", "64", "--lr", "0.05",
             "--eval-examples", "20", "--eval-pgd-steps", "2", "--device", "cpu", "--no-progress", "-o", str(out)]
 
 
@@ -214,3 +227,46 @@ def test_train_mixnet_on_two_processes_follows_the_one_process_run(digits_bases,
     assert any("running_var" in k for k in weights_one)
     for key, value in weights_one.items():
         torch.testing.assert_close(weights_two[key].double(), value.double(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_train_base_under_torchrun_killed_mid_run_resumes_to_the_same_model(tmp_path):
+    """Two processes killed (SIGKILL to the whole process group) after the resume file of epoch 1 and
+    started again continue from it and end where an uninterrupted 2-process run ends."""
+    import signal
+    import time
+
+    from adasmooth.models.checkpoint import load_checkpoint
+    from adasmooth.train.loop import resume_path
+
+    config = tmp_path / "net.json"
+    config.write_text(json.dumps({"arch": "resnet18", "model_kwargs": {"width": 4}}))
+
+    def cmd(out: Path, port: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                "-m", "adasmooth", *_train_cmd(out, config, epochs=3)]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    base = int(_port()) + 3
+    subprocess.run(cmd(full, base), env=_env(), check=True, capture_output=True)
+    proc = subprocess.Popen(cmd(killed, base + 1), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    resume = resume_path(killed)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not resume.is_file():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    # torchrun starts its workers in sessions of their own: kill them, then torchrun (a machine going down)
+    for worker in _children(proc.pid):
+        os.kill(worker, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert resume.is_file() and not Path(f"{killed}.safetensors").exists()
+    again = subprocess.run(cmd(killed, base + 2), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout and again.stdout.count("resuming") == 1
+    model_full, meta_full = load_checkpoint(full)
+    model_killed, meta_killed = load_checkpoint(killed)
+    assert [h["train_loss"] for h in meta_killed["training"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in meta_full["training"]["history"]], abs=1e-6)
+    for key, value in model_full.state_dict().items():
+        torch.testing.assert_close(model_killed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
