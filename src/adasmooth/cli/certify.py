@@ -167,7 +167,7 @@ def run(cfg: CertifyConfig) -> int:
         print(f"resuming: {len(selected) - len(pending)} of {len(selected)} inputs already done ({path})")
     with numerics(cfg.precision):
         count_inputs(smoothed_classifiers(models, num_classes, cfg.seed), data, cfg.n0, cfg.n, cfg.batch_size,
-                     std_model=std_model, indices=shard(pending, dist), device=device, progress=cfg.progress,
+                     std_model=std_model, indices=shard(pending, dist), device=device, progress=cfg.progress and dist.is_main,
                      on_input=lambda record, _: journal.append([record]))
     dist.barrier()
     if not dist.is_main:

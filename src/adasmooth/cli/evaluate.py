@@ -195,7 +195,7 @@ def run(cfg: EvaluateConfig) -> int:
         part = data.select(mine)
         evaluate_robustness(
             model, part, attacks=cfg.attacks, eps=eps, norm=norm, batch_size=cfg.batch_size, seed=cfg.seed,
-            progress=cfg.progress, device=device, cascade=cfg.cascade,
+            progress=cfg.progress and dist.is_main, device=device, cascade=cfg.cascade,
             attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=on_batch, precision=cfg.precision,
             channels_last=cfg.channels_last, compile=cfg.compile, indices=mine,
         )
