@@ -251,10 +251,11 @@ def test_certify_changed_counting_config_refuses_to_resume_unless_restarting(smo
     assert not journal.exists()
 
 
-def test_certify_batch_size_changes_the_draws_so_it_is_part_of_the_journal_config():
-    """The noise of one input is drawn batch after batch from its own generator; other batch sizes
-    draw other values (here on the CPU), so a resumed run must keep the batch size."""
-    from adasmooth.certify.smoothing import Smooth
+def test_certify_batch_size_changes_no_draw_so_a_run_may_resume_with_another():
+    """An input's noise comes in seeded blocks of draws: batches of 7, 100, 300 or all draws at once give
+    the same predictions (a block a batch cuts is drawn whole and sliced); another input index or seed
+    draws other values."""
+    from adasmooth.certify.smoothing import NOISE_BLOCK, Smooth
     from adasmooth.cli.certify import NOT_JOURNAL_FIELDS
 
     def first_pixels(x):  # scores that follow the noise: any other draw gives other classes
@@ -262,9 +263,12 @@ def test_certify_batch_size_changes_the_draws_so_it_is_part_of_the_journal_confi
 
     x = torch.full((3, 5, 5), 0.5)
     smooth = Smooth(first_pixels, 10, 0.5, seed=1)
-    draws = [smooth.sample_predictions(x, 300, b, index=3) for b in (7, 300, 300)]
-    assert torch.equal(draws[1], draws[2]) and not torch.equal(draws[0], draws[1])
-    assert "batch_size" not in NOT_JOURNAL_FIELDS
+    num = 3 * NOISE_BLOCK + 45  # batch sizes that cut blocks, match them, and cover several
+    draws = [smooth.sample_predictions(x, num, b, index=3) for b in (7, NOISE_BLOCK, 300, num)]
+    assert all(torch.equal(draws[0], d) for d in draws[1:])
+    assert not torch.equal(draws[0], smooth.sample_predictions(x, num, 50, index=4))
+    assert not torch.equal(draws[0], Smooth(first_pixels, 10, 0.5, seed=2).sample_predictions(x, num, 50, index=3))
+    assert "batch_size" in NOT_JOURNAL_FIELDS
 
 
 def test_torchrun_two_processes_certify_like_one(smoothing, certified_once, tmp_path):

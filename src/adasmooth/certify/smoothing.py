@@ -36,6 +36,14 @@ from .bounds import clopper_pearson_lower, cohen_radius
 __all__ = ["ABSTAIN", "Smooth", "certify_dataset", "certified_accuracy", "TSV_COLUMNS", "TsvLog", "iter_examples", "selected_examples"]
 
 ABSTAIN = -1
+# Noise draws per seeded block (see Smooth._fill_indexed_noise): small enough that a block of large
+# images fits any device, large enough that per-block generator set-up costs nothing next to a forward pass.
+NOISE_BLOCK = 100
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of input ``index``'s noise blocks (block k then seeds ``example_generator(this, k)``)."""
+    return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 
 
@@ -43,10 +51,10 @@ class Smooth:
     """A Gaussian smoothed classifier around ``base_classifier`` (a module returning (N, C) scores).
 
     ``seed`` makes the noise reproducible. A call given the input's ``index`` in its data set draws
-    from a fresh generator seeded from (seed, index), so an input's certificate does not depend on
-    which inputs were certified before it (batching, sharding over processes, resuming); without an
-    index, calls draw in turn from one stateful generator per device. ``seed=None`` uses torch's
-    global generator.
+    from generators seeded from (seed, index, block of 100 draws), so an input's certificate depends
+    neither on which inputs were certified before it (sharding over processes, resuming) nor on the
+    batch size; without an index, calls draw in turn from one stateful generator per device.
+    ``seed=None`` uses torch's global generator (and ignores the index).
     """
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None):
@@ -62,11 +70,9 @@ class Smooth:
 
     # ------------------------------------------------------------------ sampling
 
-    def _generator(self, device: torch.device, index: int | None = None) -> torch.Generator | None:
+    def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
-        if index is not None:
-            return example_generator(self.seed, index, device)
         key = str(device)
         if key not in self._generators:
             gen = torch.Generator(device=device)
@@ -92,7 +98,8 @@ class Smooth:
         """The base classifier's class on ``num`` noisy copies of x, in draw order: (num,) int64 on x's device."""
         self._check_single(x)
         self._check_draws(num, batch_size, "num")
-        gen = self._generator(x.device, index)
+        seeded_blocks = index is not None and self.seed is not None
+        gen = None if seeded_blocks else self._generator(x.device)
         predictions = torch.empty(num, dtype=torch.long, device=x.device)
         # One noise buffer, drawn on x's device and overwritten in place batch after batch: the same
         # values as (x + sigma * randn) without allocating and filling three tensors per batch.
@@ -101,7 +108,10 @@ class Smooth:
             for start in range(0, num, batch_size):
                 size = min(batch_size, num - start)
                 noisy = buffer[:size]
-                torch.randn(noisy.shape, generator=gen, device=x.device, dtype=x.dtype, out=noisy)
+                if seeded_blocks:
+                    self._fill_indexed_noise(noisy, index, start)
+                else:
+                    torch.randn(noisy.shape, generator=gen, device=x.device, dtype=x.dtype, out=noisy)
                 noisy.mul_(self.sigma).add_(x)
                 scores = self.base_classifier(noisy)
                 if scores.dim() != 2 or scores.shape[1] != self.num_classes:
@@ -110,6 +120,26 @@ class Smooth:
                     )
                 torch.argmax(scores, 1, out=predictions[start : start + size])
         return predictions
+
+    def _fill_indexed_noise(self, out: torch.Tensor, index: int, first: int) -> None:
+        """Standard normal draws ``first, first + 1, ...`` of input ``index`` into ``out``.
+
+        Draws come in blocks of ``NOISE_BLOCK``, block k from a generator seeded from (seed, index, k),
+        so draw j has one value whatever the batch size that asks for it (a block a batch cuts is drawn
+        whole and sliced)."""
+        shape = tuple(out.shape[1:])
+        filled = 0
+        while filled < out.shape[0]:
+            block, offset = divmod(first + filled, NOISE_BLOCK)
+            take = min(NOISE_BLOCK - offset, out.shape[0] - filled)
+            gen = example_generator(block_seed(self.seed, index), block, out.device)
+            target = out[filled:filled + take]
+            if offset == 0 and take == NOISE_BLOCK:
+                torch.randn(target.shape, generator=gen, device=out.device, dtype=out.dtype, out=target)
+            else:
+                whole = torch.randn((NOISE_BLOCK, *shape), generator=gen, device=out.device, dtype=out.dtype)
+                target.copy_(whole[offset:offset + take])
+            filled += take
 
     def _bincount(self, predictions: torch.Tensor) -> np.ndarray:
         # scatter_add, not bincount: on a GPU bincount reads the largest value back to the host

@@ -98,11 +98,11 @@ def files(cfg: CertifyConfig) -> tuple[list, list]:
 
 # Fields the journal's records (each input's Monte Carlo counts and g's logits) do not depend on: a
 # journal made under other values still resumes. Certificates are computed from the counts at the end,
-# so alpha, radii, ... may change between the killed run and the resumed one; batch_size may not (the
-# noise of one input is drawn batch by batch, and other batch sizes draw other values), nor the device
-# type (CPU and CUDA generators differ; the fingerprint records it as noise_device).
+# so alpha, radii, ... may change between the killed run and the resumed one, and so may batch_size (an
+# input's noise comes in seeded blocks of draws whatever the batch); the device type may not (CPU and
+# CUDA generators differ; the fingerprint records it as noise_device).
 NOT_JOURNAL_FIELDS = ("progress", "device", "restart", "output", "n_examples", "skip", "alpha", "hardmax",
-                      "std_scale", "alpha_conf", "radii", "frontier_alphas")
+                      "std_scale", "alpha_conf", "radii", "frontier_alphas", "batch_size")
 
 
 def run(cfg: CertifyConfig) -> int:
