@@ -166,9 +166,11 @@ def run(cfg: CertifyConfig) -> int:
     if len(pending) < len(selected) and dist.is_main:
         print(f"resuming: {len(selected) - len(pending)} of {len(selected)} inputs already done ({path})")
     with numerics(cfg.precision):
+        # the progress bar: of all inputs in one process, of rank 0's share under torchrun
         count_inputs(smoothed_classifiers(models, num_classes, cfg.seed), data, cfg.n0, cfg.n, cfg.batch_size,
-                     std_model=std_model, indices=shard(pending, dist), device=device, progress=cfg.progress and dist.is_main,
-                     on_input=lambda record, _: journal.append([record]))
+                     std_model=std_model, indices=shard(pending, dist), device=device,
+                     progress=cfg.progress and dist.is_main, on_input=lambda record, _: journal.append([record]),
+                     done_before=0 if dist.active else len(selected) - len(pending))
     dist.barrier()
     if not dist.is_main:
         return 0

@@ -198,6 +198,7 @@ def run(cfg: EvaluateConfig) -> int:
             progress=cfg.progress and dist.is_main, device=device, cascade=cfg.cascade,
             attack_options={"adaptive_weight": cfg.adaptive_weight}, on_batch=on_batch, precision=cfg.precision,
             channels_last=cfg.channels_last, compile=cfg.compile, indices=mine,
+            done_before=0 if dist.active else len(journal.done),  # under torchrun rank 0's bar shows its share
         )
     dist.barrier()
     if not dist.is_main:

@@ -15,6 +15,7 @@ this one runs on any device, gloo included.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import os
 import sys
@@ -94,7 +95,9 @@ def init_distributed(device: str = "auto") -> Distributed:
         use_nccl = device != "cpu" and torch.cuda.is_available()
         if use_nccl:
             torch.cuda.set_device(local)
-        torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
+        # Other ranks wait while rank 0 alone measures a trained model or writes results, which can
+        # outlast the default 10-minute collective timeout of NCCL on a large model.
+        torch.distributed.init_process_group("nccl" if use_nccl else "gloo", timeout=datetime.timedelta(hours=2))
     return Distributed(rank=rank, world_size=world, local_rank=local)
 
 

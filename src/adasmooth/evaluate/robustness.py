@@ -165,6 +165,7 @@ def evaluate_robustness(
     channels_last: bool = False,
     compile: bool = False,
     indices: Sequence[int] | None = None,
+    done_before: int = 0,
 ) -> EvaluationReport:
     """Attack ``model`` on ``data`` (a Dataset or (x, y)) with each named attack; per-input outcomes.
 
@@ -176,7 +177,8 @@ def evaluate_robustness(
     Every attack runs on the inputs classified correctly when clean (the others count as broken).
     With ``cascade=True`` an attack runs only on inputs that survived all earlier attacks (cheaper;
     the per-attack numbers are then cumulative and skipped inputs are recorded as None).
-    ``on_batch`` receives the partial report after each batch (to save progress).
+    ``on_batch`` receives the partial report after each batch (to save progress); ``done_before``
+    counts the inputs an earlier run finished (the progress bar starts there).
 
     Each input's random draws (random starts, restarts) are seeded from (seed, its index): ``indices``
     gives the inputs' indices in their data set (default 0, 1, 2, ...), so its outcome is the same
@@ -222,7 +224,8 @@ def evaluate_robustness(
             report.component_broken_by[a] = []
 
     n = x_all.shape[0]
-    bar = tqdm(total=n * len(attacks), disable=not progress, desc="evaluate", unit="attack-input")
+    bar = tqdm(total=(n + done_before) * len(attacks), initial=done_before * len(attacks), disable=not progress,
+               desc="evaluate", unit="attack-input")
     try:
         for start in range(0, n, batch_size):
             xb = x_all[start : start + batch_size].to(device)
