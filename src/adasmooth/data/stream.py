@@ -60,10 +60,6 @@ class EpochBatchSampler(Sampler):
         for b in range(self.start_batch, self.total):
             yield self.order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world].tolist()
 
-    def global_batch_size(self, batch: int) -> int:
-        """Examples in global batch ``batch`` (all ranks' shares together)."""
-        return min(self.batch_size, self.n - batch * self.batch_size)
-
 
 class _BatchFetcher(torch.utils.data.Dataset):
     """What the DataLoader indexes: one whole batch per index list (also inside worker processes)."""
