@@ -270,3 +270,14 @@ def test_train_base_under_torchrun_killed_mid_run_resumes_to_the_same_model(tmp_
         [h["train_loss"] for h in meta_full["training"]["history"]], abs=1e-6)
     for key, value in model_full.state_dict().items():
         torch.testing.assert_close(model_killed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_train_mixnet_with_fewer_batch_inputs_than_processes_is_refused_with_one_line(digits_bases, tmp_path):
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
+                          str(int(_port()) + 6), "-m", "adasmooth", "train-mixnet", "--std", str(digits_bases / "g"),
+                          "--rob", str(digits_bases / "h"), "--batch-size", "2", "--epochs", "1", "--device", "cpu",
+                          "--no-progress", "-o", str(tmp_path / "m")], env=_env(), capture_output=True, text=True)
+    assert ran.returncode != 0
+    assert ran.stderr.count("adasmooth train-mixnet: error: batch_size 2 is smaller than the 3 processes") == 3
+    assert "train/mixnet.py" not in ran.stderr
+    assert not list(tmp_path.iterdir())
