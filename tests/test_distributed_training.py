@@ -281,3 +281,12 @@ def test_train_mixnet_with_fewer_batch_inputs_than_processes_is_refused_with_one
     assert ran.stderr.count("adasmooth train-mixnet: error: batch_size 2 is smaller than the 3 processes") == 3
     assert "train/mixnet.py" not in ran.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_batches_per_epoch_leaves_out_a_last_batch_smaller_than_the_processes():
+    from adasmooth.data.stream import batches_per_epoch
+
+    assert batches_per_epoch(25, 8) == 4 and batches_per_epoch(25, 8, world_size=3) == 3
+    assert batches_per_epoch(26, 8, world_size=2) == 4  # a last batch of 2 feeds both processes
+    assert batches_per_epoch(25, 8, drop_last=True, world_size=3) == 3
+    assert batches_per_epoch(0, 8, world_size=2) == 0

@@ -25,12 +25,21 @@ from torch.utils.data import DataLoader, Sampler
 from ..core.errors import ConfigError
 from .augment import check_augmentation, derived_seed
 
-__all__ = ["epoch_permutation", "EpochBatchSampler", "stream_batches"]
+__all__ = ["epoch_permutation", "batches_per_epoch", "EpochBatchSampler", "stream_batches"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of epoch ``epoch``: a permutation of range(n) that depends on (seed, epoch) only."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
+
+
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+    """Batches in an epoch of ``n`` examples; with several processes a last batch smaller than their
+    number is left out (some rank would get none of it)."""
+    total = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if total and world_size > 1 and n - (total - 1) * batch_size < world_size:
+        total -= 1
+    return total
 
 
 class EpochBatchSampler(Sampler):
@@ -46,9 +55,7 @@ class EpochBatchSampler(Sampler):
         self.rank, self.world = int(rank), int(world)
         self.n, self.batch_size, self.drop_last = int(n), int(batch_size), drop_last
         self.order = epoch_permutation(self.n, seed, epoch) if shuffle else torch.arange(self.n)
-        total = self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
-        if total and self.world > 1 and self.n - (total - 1) * self.batch_size < self.world:
-            total -= 1  # a last batch smaller than the number of processes
+        total = batches_per_epoch(self.n, self.batch_size, drop_last, self.world)
         if not 0 <= start_batch <= total:
             raise ConfigError(f"start_batch must lie in [0, {total}] (batches of this epoch), got {start_batch}")
         self.start_batch, self.total = int(start_batch), total

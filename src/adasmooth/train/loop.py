@@ -38,6 +38,7 @@ from ..core.io import load_resume_state, save_resume_state
 from ..core.precision import Precision, autocast, grad_scaler, precision_option
 from ..core.runtime import resolve_device, seed_everything
 from ..data import DATASET_STATS, DATASETS, Dataset, ImageOptions, dataset_info, load_dataset
+from ..data.stream import batches_per_epoch
 from ..models import create_model
 from ..models.checkpoint import checkpoint_paths, save_checkpoint
 from ..core.checks import check_counts, check_eps, check_finite
@@ -319,7 +320,7 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
 
 
 def _warn_dropped_batch(n: int, batch_size: int, dist: Distributed) -> None:
-    last = n - (math.ceil(n / batch_size) - 1) * batch_size
-    if dist.active and last < dist.world_size and dist.is_main:
+    if dist.is_main and batches_per_epoch(n, batch_size, world_size=dist.world_size) < math.ceil(n / batch_size):
+        last = n - (math.ceil(n / batch_size) - 1) * batch_size
         print(f"note: the last batch of each epoch ({last} example(s)) is smaller than the {dist.world_size} "
               f"processes and is left out")
