@@ -30,6 +30,7 @@ BASE_MODELS: dict[str, dict] = {
     "fmnist-pgd": dict(dataset="fashion-mnist", method="pgd", eps=0.1, attack_steps=5, epochs=4, n_train=30000,
                        lr=0.05),
     "mnist-std": dict(dataset="mnist", method="standard", epochs=5, lr=0.05),
+    "mnist-pgd": dict(dataset="mnist", method="pgd", eps=0.3, attack_steps=10, epochs=4, n_train=30000, lr=0.05),
     "mnist-gauss-0.25": dict(dataset="mnist", method="gaussian", sigma=0.25, epochs=10, lr=0.05),
     "mnist-gauss-0.5": dict(dataset="mnist", method="gaussian", sigma=0.5, epochs=10, lr=0.05),
 }
