@@ -167,9 +167,8 @@ class MixingNetConfig:
 class MixingNetwork(nn.Module):
     """alpha_theta: (first-tap features, second-tap features) -> (alpha (N,), alpha_logit (N,)).
 
-    Training mode: BN on the batch, the normalised gamma clamped to the batch mean +- ``train_clamp_std``
-    standard deviations (no direct gradient
-    beyond the bounds: a margin, so alpha is not pushed to 0 or 1),
+    Training mode: the raw gamma clamped to the batch mean +- ``train_clamp_std`` standard deviations
+    (no direct gradient beyond the bounds: a margin, so alpha is not pushed to 0 or 1), then BN on the batch,
     ``train_scale``/``train_shift``, full (0, 1) range. Evaluation mode: BN running statistics, the
     ``eval_scale``/``eval_shift`` buffers (set by calibration), and alpha confined to
     (``alpha_min``, ``alpha_max``).
@@ -223,17 +222,17 @@ class MixingNetwork(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)).squeeze(1)
 
     def normalized_gamma(self, gamma: torch.Tensor) -> torch.Tensor:
-        """BN of gamma: batch statistics in training, then clamped to the batch mean +- k std; running
-        statistics in evaluation. Clamping after the BN keeps its statistics those of the unclamped
-        gamma, so evaluation normalises exactly as training did."""
+        """In training, the raw gamma clamped to its batch mean +- k std, then BN with batch statistics;
+        in evaluation, BN with the running statistics. Clamping *before* the BN (as the authors' code
+        does) makes the running statistics those of the clamped gamma, the distribution the head was
+        trained on; outliers beyond the bounds get no gradient, so alpha is not pushed to 0 or 1."""
         if self.training and gamma.shape[0] == 1:
             raise InputError("the mixing network needs batches of more than one example in training mode")
-        z = self.alpha_bn(gamma[:, None]).squeeze(1)
         if self.training and self.config.train_clamp_std is not None:
-            mean, std = batch_mean_std(z)  # of the global batch when torchrun ranks share it
+            mean, std = batch_mean_std(gamma)  # of the global batch when torchrun ranks share it
             k = self.config.train_clamp_std
-            z = torch.clamp(z, mean - k * std, mean + k * std)
-        return z
+            gamma = torch.clamp(gamma, mean - k * std, mean + k * std)
+        return self.alpha_bn(gamma[:, None]).squeeze(1)
 
     def head(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, logit(alpha)) from the normalised gamma ``z``."""
