@@ -143,3 +143,24 @@ def test_clear_errors(robust_model, test_data):
         APGD(robust_model, EPS, norm="l1")
     with pytest.raises(ValueError, match="labels"):
         APGD(robust_model, EPS)(x, y[:3])
+
+
+def test_targeted_apgd_target_ranks_run_only_those_targets():
+    from adasmooth.attacks import APGDTargeted
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6)).eval()
+    x, y = torch.rand(5, 3, 2, 2), torch.arange(5) % 6
+    seen = []
+
+    def loss(m, xa, yy, target):
+        seen.append(target.clone())
+        return -torch.nn.functional.cross_entropy(m(xa), target, reduction="none")
+
+    APGDTargeted(model, 0.1, steps=2, loss=loss, target_ranks=[2], attack_misclassified=True)(x, y)
+    ranked = model(x).detach().scatter(1, y[:, None], -float("inf")).argsort(1, descending=True)
+    assert seen and all(torch.equal(t, ranked[: len(t), 2]) for t in seen)
+    seen.clear()
+    # ranks past the other classes (6 classes: ranks 0-4) are skipped, not an error
+    APGDTargeted(model, 0.1, steps=2, loss=loss, target_ranks=[7], attack_misclassified=True)(x, y)
+    assert not seen

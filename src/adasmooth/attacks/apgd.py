@@ -22,6 +22,8 @@ Conventions shared with :class:`adasmooth.attacks.PGD`:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -439,6 +441,8 @@ class APGDTargeted(APGD):
     (maximises -CE(logits, target)) or a callable ``(model, x, y, target) -> (N,)``.
     ``extra_loss`` (an untargeted AttackLoss, e.g. the adaptive alpha term) joins as
     ``(1 - extra_weight) * targeted + extra_weight * extra``; ``extra_weight`` is a float or (N,).
+    ``target_ranks`` runs only the targets of those ranks (0: the highest other class), e.g. one
+    copy of an input per target, as the mixing-network training attacks do.
     """
 
     def __init__(
@@ -458,6 +462,7 @@ class APGDTargeted(APGD):
         eot_iter: int = 1,
         momentum: float = 0.75,
         attack_misclassified: bool = False,
+        target_ranks: Sequence[int] | None = None,
     ):
         if not callable(loss) and loss not in ("dlr-targeted", "ce-targeted"):
             raise InputError(f"unknown targeted loss {loss!r}; use 'dlr-targeted', 'ce-targeted' or a callable")
@@ -470,6 +475,9 @@ class APGDTargeted(APGD):
                          attack_misclassified)
         self.targeted_loss = loss
         self.n_target_classes = n_target_classes
+        if target_ranks is not None and any(int(r) < 0 for r in target_ranks):
+            raise InputError(f"target_ranks must be >= 0, got {list(target_ranks)}")
+        self.target_ranks = None if target_ranks is None else [int(r) for r in target_ranks]
         self.extra_loss = extra_loss
         self.extra_weight = extra_weight
         self._targets: torch.Tensor | None = None  # (N,) target class of the current run, whole batch
@@ -501,11 +509,12 @@ class APGDTargeted(APGD):
             raise InputError(
                 f"the targeted DLR loss needs at least 4 classes, the model has {n_classes}; use loss='ce-targeted'"
             )
-        k = min(self.n_target_classes, n_classes - 1)
+        ranks = range(self.n_target_classes) if self.target_ranks is None else self.target_ranks
+        ranks = [t for t in ranks if t < n_classes - 1]
         ranked = clean_logits.detach().clone()
         ranked.scatter_(1, y[:, None], -torch.inf)
-        order = ranked.argsort(dim=1, descending=True)[:, :k]
-        for t in range(k):
+        order = ranked.argsort(dim=1, descending=True)
+        for t in ranks:
             for _ in range(self.restarts):
                 def prepare(t=t):
                     self._targets = order[:, t]
