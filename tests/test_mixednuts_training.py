@@ -59,7 +59,8 @@ def test_nonlinear_adaptive_training_writes_a_nonlinear_classifier(pair, tmp_pat
     cfg = MixnetTrainConfig(std=str(pair / "g"), rob=str(pair / "h"), dataset="digits", widths=[4, 4, 4],
                             blocks=[1, 1, 1], setting="B", eps=0.2, attack_steps=2, batch_size=16, n_train=32,
                             epochs=1, eval_examples=8, eval_pgd_steps=1, progress=False, device="cpu",
-                            rule="nonlinear", nonlinear=params, extra_clean=2, output=str(tmp_path / "nl"))
+                            rule="nonlinear", nonlinear=params, extra_clean=2, output=str(tmp_path / "nl"),
+                            recipe="cheap")
     meta = train_mixnet(cfg)
     model, info = load_adaptive_classifier(tmp_path / "nl")
     assert model.nonlinear == params and info["training"]["config"]["extra_clean"] == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import math
 
@@ -134,7 +136,7 @@ def test_short_training_lowers_the_loss_and_leaves_bases_untouched(digits_bases,
                             dataset="digits", widths=[8, 16, 16], blocks=[1, 1, 1], setting="A", eps=0.3,
                             attack_steps=3, epochs=4, batch_size=32, n_train=256, lr=3e-3, eval_examples=16,
                             eval_pgd_steps=2, output=str(tmp_path / "mix"), progress=False, device="cpu",
-                            ema_decay=0.5)
+                            ema_decay=0.5, recipe="cheap", keep_best=False)
     h, _ = load_checkpoint(digits_bases / "h")
     x, x_adv, y = _fixed_eval_set(h)
     torch.manual_seed(0)
@@ -161,14 +163,15 @@ def test_training_resumes_from_the_epoch_checkpoint(digits_bases, tmp_path, monk
 
     base = dict(std=str(digits_bases / "g"), rob=str(digits_bases / "h"), dataset="digits",
                 widths=[4, 4, 4], blocks=[1, 1, 1], setting="B", eps=0.2, attack_steps=2, batch_size=32,
-                n_train=64, lr=1e-3, eval_examples=8, eval_pgd_steps=1, progress=False, device="cpu", epochs=2)
+                n_train=64, lr=1e-3, eval_examples=8, eval_pgd_steps=1, progress=False, device="cpu", epochs=2,
+                recipe="cheap", monitor_examples=32)
     train_mixnet(MixnetTrainConfig(output=str(tmp_path / "full"), **base))
     # interrupt a second run in its second epoch (2 batches per epoch)
     real, calls = mt.craft_training_attack, []
 
     def interrupted(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
+        calls.append(kw.get("budget") is None)  # training batches; the per-epoch measurement passes a budget
+        if sum(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kw)
 
@@ -183,6 +186,10 @@ def test_training_resumes_from_the_epoch_checkpoint(digits_bases, tmp_path, monk
         train_mixnet(dataclasses.replace(cfg, lr=2e-3))
     meta = train_mixnet(cfg)
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
+    assert not all(calls)  # the measurement ran between epochs
+    full_meta = json.loads((tmp_path / "full.json").read_text())
+    assert meta["training"]["history"] == full_meta["training"]["history"]
+    assert meta["training"]["kept_epoch"] == full_meta["training"]["kept_epoch"]
     full = load_file(str(tmp_path / "full.safetensors"))
     part = load_file(str(tmp_path / "part.safetensors"))
     assert all(torch.allclose(full[k], part[k], atol=1e-6) for k in full)

@@ -29,6 +29,7 @@ Calibration lives in :mod:`adasmooth.evaluate.calibrate`, the Table 2/3 report i
 from __future__ import annotations
 
 import collections
+import logging
 import contextlib
 import dataclasses
 import copy
@@ -51,16 +52,26 @@ from ..core.config import CheckpointDataOptions, option
 from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
 from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
+from ..core.plotting import pyplot, save_figure
 from ..core.runtime import resolve_device, seed_everything
+from ..core.search import bisect_decreasing
+from ..core.stats import roc_auc
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
+from ..mixing.network import ranged_alpha
 from ..mixing.nonlinear import NonlinearParams
 from ..models.checkpoint import recorded_dataset, recorded_threat
 from ..models.loader import load_model, model_dir_option, model_info
 from ..core.checks import check_counts, check_eps, check_finite
 from .loop import clean_accuracy, result_config, resume_path
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "RECIPES",
+    "with_recipe",
+    "monitor_epoch",
+    "lr_factor",
     "MixnetTrainConfig",
     "composite_loss",
     "attack_loss",
@@ -74,6 +85,23 @@ __all__ = [
 ]
 
 SETTINGS = ("A", "B", "C")
+WARMUPS = ("linear", "exponential")
+
+# What an unset option of the training attack and optimisation means under each recipe. "paper" is the
+# authors' setting C (App. D.1 and their code); "cheap" is this project's earlier default, kept for
+# quick runs: it trains alpha against a far weaker adversary, which the attack at evaluation beats.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": dict(setting="C", n_targets=9, attack_steps=75, extra_clean=9, ema_decay=0.95, warmup="exponential"),
+    "cheap": dict(setting="B", n_targets=1, attack_steps=10, extra_clean=0, ema_decay=0.0, warmup="linear"),
+}
+
+
+def with_recipe(cfg: "MixnetTrainConfig") -> "MixnetTrainConfig":
+    """``cfg`` with every unset recipe option filled in from ``cfg.recipe`` (explicit options win)."""
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {cfg.recipe!r}")
+    unset = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **unset)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -126,18 +154,30 @@ class MixnetTrainConfig(CheckpointDataOptions):
                                                             "MixedNUTS map of h with the nonlinear-* parameters)")
     nonlinear: NonlinearParams = option(help="the map of h for rule nonlinear", default_factory=NonlinearParams)
     # the training-time adversary
-    setting: Literal["A", "B", "C"] = option("B", help="training-time attack: A gray-box PGD, B white-box PGD, "
-                                                       "C APGD-CE + APGD-T")
+    recipe: Literal["paper", "cheap"] = option("paper", help="defaults of the options below that are left unset: "
+                                               "paper (App. D.1: setting C with 1 APGD-CE + 9 targeted APGD-DLR "
+                                               "copies of each input, chi-squared(75) steps, 9 extra clean batches, "
+                                               "EMA 0.95, exponential warm-up) or cheap (setting B, one PGD copy, "
+                                               "chi-squared(10) steps, no extra clean inputs, no EMA, linear warm-up: "
+                                               "about 1/70 of the attack work)")
+    setting: Literal["A", "B", "C"] | None = option(None, help="training-time attack: A gray-box PGD, B white-box "
+                                                               "PGD, C APGD-CE + targeted APGD-DLR copies; none: the "
+                                                               "recipe's")
+    n_targets: int | None = option(None, help="setting C: targeted APGD-DLR copies of each input, one per target "
+                                              "class (the highest other class, the next, ...), beside its APGD-CE "
+                                              "copy; none: the recipe's")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius in [0, 1] pixel units; none: the robust checkpoint's")
     eps_low: float = option(0.4, help="per-sample radius = eps * U(eps_low, eps_high)")
     eps_high: float = option(1.1, help="per-sample radius = eps * U(eps_low, eps_high)")
-    attack_steps: int = option(10, help="mean number of attack steps (a chi-squared draw)")
+    attack_steps: int | None = option(None, help="mean number of attack steps (a chi-squared draw); none: the "
+                                                 "recipe's")
     max_attack_steps: int | None = option(None, help="cap on the drawn number of steps; none: 3 * attack_steps")
     step_factor: float = option(5.0, help="PGD step = step_factor * eps / steps (the reference code's)")
     adaptive_weight_max: float = option(0.4, help="w ~ U(0, this) weighs the attacker's alpha term")
     momentum_max: float = option(0.9, help="PGD momentum decay ~ U(0, this) per batch (settings A, B; 0: none)")
-    extra_clean: int = option(0, help="extra clean inputs per batch, in multiples of batch_size")
+    extra_clean: int | None = option(None, help="extra clean inputs per batch, in multiples of batch_size; none: "
+                                                "the recipe's")
     # Eq. 4.2 weights, paper Table 6 best
     c_ce: float = option(0.0, help="weight of CE in Eq. 4.2")
     c_bce: float = option(1.5, help="weight of BCE in Eq. 4.2")
@@ -146,16 +186,27 @@ class MixnetTrainConfig(CheckpointDataOptions):
     # optimisation
     lr: float = option(1e-4, help="learning rate (AdamW)")
     weight_decay: float = option(1e-5, help="weight decay")
-    warmup_fraction: float = option(0.04, help="part of the steps with a linear learning-rate warm-up")
+    warmup_fraction: float = option(0.04, help="part of the steps with a learning-rate warm-up")
+    warmup: Literal["linear", "exponential"] | None = option(None, help="warm-up shape: linear, or exponential "
+                                                                       "(from 1/1000 of the lr); none: the recipe's")
     grad_clip: float | None = option(10.0, help="gradient-norm clip (unset: none)")
-    ema_decay: float | None = option(None, help="EMA of the weights, e.g. 0.8 (unset: off)")
+    ema_decay: float | None = option(None, help="EMA decay of the weights, in [0, 1) (0: off); none: the "
+                                                "recipe's")
     bn_recalibration_batches: int = option(20, help="recent (clean + attacked) batches that re-estimate the "
                                                     "exported network's batch-norm statistics")
     amp: bool = option(True, help="mixed precision (CUDA only)")
     epochs: int = option(5, help="training epochs")
     batch_size: int = option(128, help="training batch size (clean inputs; as many attacked ones join)")
     n_train: int | None = option(None, help="use only the first N training examples")
-    val_fraction: float = option(0.0, help="hold out this part of the training set")
+    val_fraction: float = option(0.1, help="hold out this part of the training set (the per-epoch measurement "
+                                           "reads it; calibrate's default split val is the same images)")
+    monitor_examples: int = option(256, help="held-out images measured after every epoch: clean and attacked "
+                                             "accuracy at a fixed clean level, mean alpha clean vs attacked, "
+                                             "detection AUC of alpha; 0: off")
+    monitor_target_between: float = option(0.5, help="the fixed clean level of the per-epoch measurement: acc(h) + "
+                                                     "this * (acc(g) - acc(h)) on the held-out images")
+    keep_best: bool = option(True, help="export the epoch with the best attacked accuracy at the fixed clean "
+                                        "level (else the last epoch)")
     eval_examples: int | None = option(500, help="test examples measured at the end (all if unset)")
     eval_pgd_steps: int = option(20, help="PGD steps of the final measurement")
     output: str = option("runs/mixnet", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)",
@@ -165,14 +216,21 @@ class MixnetTrainConfig(CheckpointDataOptions):
     def validate(self) -> None:
         if not self.std or not self.rob:
             raise ConfigError("std and rob (the two base-model checkpoints) are required")
-        if self.setting not in SETTINGS:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        if self.setting is not None and self.setting not in SETTINGS:
             raise ConfigError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        if self.warmup is not None and self.warmup not in WARMUPS:
+            raise ConfigError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
         check_eps(self.eps, self.norm)
         check_finite("eps_low", self.eps_low, 0, strict=True)
         check_finite("eps_high", self.eps_high, self.eps_low)
         if self.taps is not None and len(self.taps) != 2:
             raise ConfigError(f"taps must be two module names, got {self.taps}")
-        check_counts(self, "epochs", "attack_steps", "eval_pgd_steps", "max_attack_steps", "n_train", "eval_examples")
+        check_counts(self, "epochs", "attack_steps", "eval_pgd_steps", "max_attack_steps", "n_train", "eval_examples",
+                     "n_targets")
+        check_counts(self, "monitor_examples", low=0)
+        check_finite("monitor_target_between", self.monitor_target_between, 0, high=1)
         check_counts(self, "batch_size", low=2)  # batch-norm statistics need two inputs
         for name in ("std_scale", "rob_scale", "train_scale", "step_factor", "lr"):
             check_finite(name, getattr(self, name), 0, strict=True)
@@ -188,8 +246,8 @@ class MixnetTrainConfig(CheckpointDataOptions):
         if self.c_ce + self.c_bce + self.c_prod == 0:
             raise ConfigError("loss weights c_ce, c_bce, c_prod must not all be zero")
         check_finite("grad_clip", self.grad_clip, 0, strict=True)
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         check_finite("warmup_fraction", self.warmup_fraction, 0, below=1)
         check_finite("val_fraction", self.val_fraction, 0, below=1)
         check_counts(self, "bn_recalibration_batches", low=0)
@@ -223,20 +281,41 @@ def random_attack_budget(n: int, cfg: MixnetTrainConfig, rng: np.random.Generato
             torch.as_tensor(w, device=device, dtype=dtype))
 
 
+def full_attack_budget(n: int, cfg: MixnetTrainConfig, device, dtype=torch.float32):
+    """The strongest budget of the training attack, the same every time: the full eps, the mean number
+    of steps and the largest alpha weight (the per-epoch measurement uses it)."""
+    return (torch.full((n,), float(cfg.eps), device=device, dtype=dtype), int(cfg.attack_steps),
+            torch.full((n,), float(cfg.adaptive_weight_max), device=device, dtype=dtype))
+
+
+def attack_copies(cfg: MixnetTrainConfig, num_classes: int | None = None) -> int:
+    """Attacked copies of each clean input: one for settings A and B; for C one APGD-CE copy and one
+    targeted copy per target class that exists."""
+    if cfg.setting != "C":
+        return 1
+    n_targets = cfg.n_targets if num_classes is None else min(cfg.n_targets, num_classes - 1)
+    return 1 + n_targets
+
+
 def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: torch.Tensor,
                           cfg: MixnetTrainConfig, rng: np.random.Generator,
-                          rows: torch.Tensor | None = None, batch_rows: int | None = None) -> torch.Tensor:
-    """Attacked inputs against the current mixed model (mixing network in eval mode while crafting).
+                          rows: torch.Tensor | None = None, batch_rows: int | None = None,
+                          budget: tuple | None = None) -> torch.Tensor:
+    """Attacked copies of ``x`` against the current mixed model (mixing network in eval mode while
+    crafting), ``attack_copies`` of them, copy-major: (copies * N, ...).
 
+    A, B: one PGD copy. C: one APGD-CE copy and one targeted APGD-DLR copy per target class, all with
+    the randomly weighted alpha term; misclassified inputs are attacked too (they still teach alpha).
     ``rows`` are the positions of ``x``'s inputs in a global batch of ``batch_rows`` (a torchrun rank's
-    share; default: all of it). The budget is drawn for the global batch and each input's random start
-    is seeded by its position, so a share is attacked as it would be inside the whole batch.
+    share; default: all of it). The budget (default: drawn at random, :func:`random_attack_budget`) is
+    for the global batch and each input's random start is seeded by its position, so a share is
+    attacked as it would be inside the whole batch.
     """
     batch_rows = x.shape[0] if batch_rows is None else batch_rows
     rows = torch.arange(batch_rows) if rows is None else rows.cpu()
     if rows.shape != (x.shape[0],):
         raise InputError(f"{x.shape[0]} inputs but {tuple(rows.shape)} row positions")
-    eps, steps, w = random_attack_budget(batch_rows, cfg, rng, x.device, x.dtype)
+    eps, steps, w = budget if budget is not None else random_attack_budget(batch_rows, cfg, rng, x.device, x.dtype)
     eps, w = eps[rows.to(eps.device)], w[rows.to(w.device)]
     seed = int(rng.integers(2**31))
     momentum = float(rng.uniform(0.0, cfg.momentum_max)) if cfg.momentum_max > 0 else 0.0
@@ -249,20 +328,17 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
             attack = PGD(target, eps, cfg.norm, steps, step_size=cfg.step_factor * eps / steps,
                          loss=attack_loss(cfg.setting, w), seed=seed, momentum=momentum)
             return attack(x, y, rows)
-        # The first half of the global batch untargeted APGD-CE, the second targeted APGD-DLR (top other
-        # class), both with the randomly weighted alpha term; misclassified inputs are attacked too
-        # (they still teach alpha).
-        first = rows < batch_rows // 2
-        out = x.clone()
-        for part, attack in ((first, lambda e, wt: APGD(target, e, cfg.norm, steps, loss=adaptive_alpha_loss(wt, "ce"),
-                                                          seed=seed, attack_misclassified=True)),
-                             (~first, lambda e, wt: APGDTargeted(target, e, cfg.norm, steps, n_target_classes=1,
-                                                                 seed=seed, extra_loss=alpha_bce_loss, extra_weight=wt,
-                                                                 attack_misclassified=True))):
-            if bool(part.any()):
-                sel = part.to(x.device)
-                out[sel] = attack(eps[sel], w[sel])(x[sel], y[sel], rows[part])
-        return out
+        copies = [APGD(target, eps, cfg.norm, steps, loss=adaptive_alpha_loss(w, "ce"), seed=seed,
+                       attack_misclassified=True)(x, y, rows)]
+        with torch.no_grad():
+            num_classes = target(x[:1]).shape[1]
+        for rank in range(attack_copies(cfg, num_classes) - 1):
+            # each copy its own random starts: row ids offset by whole global batches
+            attack = APGDTargeted(target, eps, cfg.norm, steps, n_target_classes=cfg.n_targets, seed=seed,
+                                  extra_loss=alpha_bce_loss, extra_weight=w, attack_misclassified=True,
+                                  target_ranks=[rank])
+            copies.append(attack(x, y, rows + (rank + 1) * batch_rows))
+        return torch.cat(copies)
     finally:
         model.train(was_training)
 
@@ -270,14 +346,18 @@ def craft_training_attack(model: AdaptiveMixedClassifier, x: torch.Tensor, y: to
 # ---------------------------------------------------------------------------- training
 
 
-def _lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        t = min(step - warmup, total - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * t))
+WARMUP_START = 1e-3  # the exponential warm-up's first learning rate, as a fraction of lr
 
-    return f
+
+def lr_factor(step: int, total: int, warmup: int, shape: str = "linear") -> float:
+    """The learning rate at ``step`` as a fraction of lr: a warm-up over ``warmup`` steps, linear from
+    1/warmup or exponential (geometric) from WARMUP_START, reaching 1 at its last step; then cosine decay
+    to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        t = (step + 1) / warmup
+        return t if shape == "linear" else WARMUP_START ** (1 - t)
+    t = min(step - warmup, total - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * t))
 
 
 @torch.no_grad()
@@ -315,6 +395,100 @@ def recalibrate_batchnorm(model: AdaptiveMixedClassifier, batches: Sequence[torc
         model.eval()
 
 
+@torch.no_grad()
+def _clean_outputs(model: AdaptiveMixedClassifier, x: torch.Tensor, batch_size: int):
+    """g and h logits and the normalised gamma (evaluation mode) of every row of ``x``."""
+    parts = []
+    for i in range(0, x.shape[0], batch_size):
+        g, h, first, second = model.base_outputs(x[i:i + batch_size])
+        parts.append((g, h, model.mixing_net.normalized_gamma(model.mixing_net.gamma(first, second))))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def monitor_epoch(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrainConfig, device,
+                  batch_size: int = 256) -> dict[str, float]:
+    """The per-epoch measurement on held-out images, of the network as it would be exported.
+
+    The sigmoid shift is set (bisection, as ``calibrate --param shift`` does) so that the clean accuracy
+    is ``acc(h) + monitor_target_between * (acc(g) - acc(h))`` on these images; then every image is
+    attacked with the training attack at its strongest fixed budget (:func:`full_attack_budget`, the
+    same draws every epoch) against that calibrated model. Attacked accuracy counts an image correct
+    only if every attacked copy is; the detection AUC says how well alpha separates attacked copies
+    (higher alpha) from clean images. The stored head is left as it was.
+    """
+    model.eval()
+    net = model.mixing_net
+    x, y = data.x.to(device), data.y.to(device)
+    g, h, z = _clean_outputs(model, x, batch_size)
+    acc_g = 100.0 * (g.argmax(1) == y).float().mean().item()
+    acc_h = 100.0 * (h.argmax(1) == y).float().mean().item()
+    target = acc_h + cfg.monitor_target_between * (acc_g - acc_h)
+    head = net.eval_head()
+    scale = head["scale"]
+
+    def clean_acc(shift: float) -> float:
+        alpha, _ = ranged_alpha(z * scale + shift, head["alpha_min"], head["alpha_max"])
+        return 100.0 * (model.mix_from_logits(g, h, alpha).argmax(1) == y).float().mean().item()
+
+    shift, reached_acc, reached = bisect_decreasing(clean_acc, -20.0, 20.0, target)
+    net.set_eval_head(shift=shift)
+    rng = np.random.default_rng([cfg.seed, 104729])  # the same attack draws every epoch
+    alpha_clean, alpha_adv, robust = [], [], []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            x_adv = craft_training_attack(model, xb, yb, cfg, rng, budget=full_attack_budget(len(xb), cfg, device))
+            with torch.no_grad():
+                alpha_clean.append(model.mix(xb).alpha)
+                out = model.mix(x_adv)
+            copies = x_adv.shape[0] // xb.shape[0]
+            alpha_adv.append(out.alpha)
+            correct = (out.logits.argmax(1) == yb.repeat(copies)).view(copies, -1)
+            robust.append(correct.all(0).float())
+    finally:
+        net.set_eval_head(shift=head["shift"])
+    alpha_clean, alpha_adv = torch.cat(alpha_clean), torch.cat(alpha_adv)
+    return {"examples": int(x.shape[0]), "std_clean_acc": acc_g, "rob_clean_acc": acc_h, "target_clean_acc": target,
+            "shift": shift, "clean_acc": reached_acc, "target_reached": reached,
+            "attacked_acc": 100.0 * torch.cat(robust).mean().item(),
+            "alpha_clean": alpha_clean.mean().item(), "alpha_attacked": alpha_adv.mean().item(),
+            "detection_auc": roc_auc(alpha_clean, alpha_adv)}
+
+
+def plot_training_curve(history: list[dict], path, title: str) -> None:
+    """Per-epoch PNG: the monitor's clean and attacked accuracy, mean alpha clean vs attacked, AUC."""
+    plt = pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    mon = [r.get("monitor") for r in history]
+    if all(m is not None for m in mon):
+        left.plot(epochs, [m["clean_acc"] for m in mon], "o-", label="clean (calibrated to the fixed level)")
+        left.plot(epochs, [m["attacked_acc"] for m in mon], "s-", label="attacked (training attack, full eps)")
+        left.set_ylabel("held-out accuracy (%)")
+        right.plot(epochs, [m["alpha_clean"] for m in mon], "o-", label="mean alpha, clean")
+        right.plot(epochs, [m["alpha_attacked"] for m in mon], "s-", label="mean alpha, attacked")
+        right.plot(epochs, [m["detection_auc"] for m in mon], "^--", label="detection AUC of alpha")
+        right.set_ylim(0, 1.02)
+    else:
+        left.plot(epochs, [r["loss"] for r in history], "o-", label="training loss")
+        right.plot(epochs, [r["alpha_clean"] for r in history], "o-", label="mean alpha, clean (training)")
+        right.plot(epochs, [r["alpha_adv"] for r in history], "s-", label="mean alpha, attacked (training)")
+    best = next((r["epoch"] for r in history if r.get("best")), None)
+    for ax in (left, right):
+        if best is not None:
+            ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"kept: epoch {best}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def curve_path(output: str):
+    from pathlib import Path
+
+    return Path(str(output) + ".curve.png")
+
+
 def _assert_frozen(model: AdaptiveMixedClassifier, reference: dict[str, torch.Tensor]) -> None:
     for name, tensor in list(model.std_model.state_dict().items()) + [
         ("rob." + k, v) for k, v in model.rob_model.state_dict().items()
@@ -349,6 +523,7 @@ def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device
 
 def resolve_recorded(cfg: MixnetTrainConfig) -> MixnetTrainConfig:
     """The config with data set, eps and norm taken from the base models' sidecars where not given."""
+    cfg = with_recipe(cfg)
     cfg.validate()
     infos = {cfg.std: model_info(cfg.std, model_dir=cfg.model_dir), cfg.rob: model_info(cfg.rob, model_dir=cfg.model_dir)}
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
@@ -358,9 +533,25 @@ def resolve_recorded(cfg: MixnetTrainConfig) -> MixnetTrainConfig:
     return resolved
 
 
+def _monitor_data(cfg: MixnetTrainConfig, given: Dataset | None) -> Dataset | None:
+    """The held-out images of the per-epoch measurement: ``given``, else the first ``monitor_examples`` of
+    the training set's val split (None: measurement off)."""
+    if cfg.monitor_examples == 0:
+        return None
+    if given is None:
+        if cfg.val_fraction == 0:
+            logger.warning("no per-epoch measurement: val_fraction is 0, so no training images are held out")
+            return None
+        given = load_dataset(cfg.dataset, "val", cfg.data_dir, cfg.val_fraction, cfg.seed)
+    return given.subset(cfg.monitor_examples)
+
+
 def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
-                 eval_data: Dataset | None = None) -> dict[str, Any]:
-    """Train the mixing network per ``cfg``; checkpoint every epoch; return the sidecar metadata."""
+                 eval_data: Dataset | None = None, monitor_data: Dataset | None = None) -> dict[str, Any]:
+    """Train the mixing network per ``cfg``; measure and checkpoint every epoch; return the sidecar metadata.
+
+    ``monitor_data``: the held-out images of the per-epoch measurement (default: the val split).
+    """
     cfg = resolve_recorded(cfg)
     dist = init_distributed(cfg.device)
     if cfg.batch_size < dist.world_size:
@@ -368,23 +559,26 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                           f"every process needs inputs of each batch")
     device = resolve_device(dist.device(cfg.device))
     seed_everything(cfg.seed)
+    given_train = train_data is not None
     if train_data is None:
         train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed)
     train_data = train_data.subset(cfg.n_train)
     if eval_data is None:
         eval_data = load_dataset(cfg.dataset, "test", cfg.data_dir)
     eval_data = eval_data.subset(cfg.eval_examples)
+    monitor_data = _monitor_data(cfg, monitor_data) if (monitor_data is not None or not given_train) else None
     model = build_from_config(cfg, train_data.input_shape, device)
     net = model.mixing_net
     base_snapshot = _base_snapshot(model)
     steps_per_epoch = max(1, len(train_data) // cfg.batch_size)  # full batches only (batch-norm)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_fraction * total)))
+    warmup = int(cfg.warmup_fraction * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, cfg.warmup))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    ema = copy.deepcopy(net) if cfg.ema_decay is not None else None
-    start_epoch, history = 0, []
+    ema = copy.deepcopy(net) if cfg.ema_decay else None
+    start_epoch, history, best = 0, [], None  # best: (epoch, attacked accuracy, exported network state)
     resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
     state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
     if state is not None:
@@ -394,20 +588,23 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        if state.get("best") is not None:
+            best = (state["best"]["epoch"], state["best"]["attacked_acc"], state["best"]["net"])
         if dist.is_main:
             print(f"resuming {cfg.output} from epoch {start_epoch}")
     trained_net = data_parallel(net, dist, device)  # net itself in one process
     t0 = time.time()
     recent: collections.deque = collections.deque(maxlen=max(1, cfg.bn_recalibration_batches))
+    extra_clean = cfg.extra_clean * cfg.batch_size
     for epoch in range(start_epoch, cfg.epochs):
         recent.clear()
         # per-epoch seeds make a resumed run draw what an uninterrupted one would have drawn
         rng = np.random.default_rng([cfg.seed, epoch])
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         perm = torch.randperm(len(train_data), generator=gen)
-        extra_perm = torch.randperm(len(train_data), generator=gen) if cfg.extra_clean else None
+        extra_perm = torch.randperm(len(train_data), generator=gen) if extra_clean else None
         sums = {"loss": 0.0, "alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
-        count = 0
+        count = count_adv = 0
         bar = tqdm(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and dist.is_main), leave=False)
         for step in bar:
@@ -416,13 +613,14 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][rows]
             x, y = train_data.x[idx].to(device), train_data.y[idx].to(device)
             x_adv = craft_training_attack(model, x, y, cfg, rng, rows=rows, batch_rows=cfg.batch_size)
-            n = x.shape[0]
-            inputs, labels = torch.cat([x, x_adv]), torch.cat([y, y])
-            pseudo = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
-            sample_w = torch.cat([torch.full((n,), cfg.clean_loss_scale, device=device), torch.ones(n, device=device)])
+            n, n_adv = x.shape[0], x_adv.shape[0]
+            inputs, labels = torch.cat([x, x_adv]), torch.cat([y, y.repeat(n_adv // n)])
+            pseudo = torch.cat([torch.zeros(n, device=device), torch.ones(n_adv, device=device)])
+            sample_w = torch.cat([torch.full((n,), cfg.clean_loss_scale, device=device),
+                                  torch.ones(n_adv, device=device)])
             if extra_perm is not None:
-                m = cfg.extra_clean * cfg.batch_size
-                idx = extra_perm[(torch.arange(m) + step * m) % len(train_data)][dist.rank::dist.world_size]
+                idx = extra_perm[(torch.arange(extra_clean) + step * extra_clean) % len(train_data)]
+                idx = idx[dist.rank::dist.world_size]
                 m = len(idx)
                 inputs = torch.cat([inputs, train_data.x[idx].to(device)])
                 labels = torch.cat([labels, train_data.y[idx].to(device)])
@@ -455,21 +653,24 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                 correct = (out.logits.argmax(1) == labels).float()
                 sums["loss"] += loss.item() * cfg.batch_size  # summed over ranks: the global loss
                 sums["alpha_clean"] += out.alpha[:n].sum().item()
-                sums["alpha_adv"] += out.alpha[n:2 * n].sum().item()
+                sums["alpha_adv"] += out.alpha[n:n + n_adv].sum().item() * n / n_adv  # per clean input
                 sums["acc_clean"] += correct[:n].sum().item()
-                sums["acc_adv"] += correct[n:2 * n].sum().item()
+                sums["acc_adv"] += correct[n:n + n_adv].sum().item() * n / n_adv
                 count += n
             bar.set_postfix(loss=f"{sums['loss'] / count:.4f}",
                             a_clean=f"{sums['alpha_clean'] / count:.2f}", a_adv=f"{sums['alpha_adv'] / count:.2f}")
         _assert_frozen(model, base_snapshot)
         totals = dist.sum([*sums.values(), count])
         record = {"epoch": epoch + 1, "steps": steps_per_epoch, **{k: v / totals[-1] for k, v in zip(sums, totals)}}
-        history.append(record)
-        _save_epoch(model, ema, cfg, history, epoch, opt, sched, list(recent), fingerprint, write=dist.is_main)
+        best = _end_epoch(model, ema, cfg, history, record, epoch, opt, sched, list(recent), fingerprint, dist,
+                          monitor_data, device, best)
         if cfg.progress and dist.is_main:
             print(f"[mixnet {cfg.setting}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
                   f"alpha clean {record['alpha_clean']:.3f} adv {record['alpha_adv']:.3f}")
-    _export(model, ema, list(recent))  # the checkpoint's network: EMA weights if any, fresh BN statistics
+    if cfg.keep_best and best is not None:
+        net.load_state_dict(best[2])
+    else:
+        _export(model, ema, list(recent))  # the checkpoint's network: EMA weights if any, fresh BN statistics
     restore_batchnorm(net)
     model.eval()
     if not dist.is_main:  # rank 0 measures and writes the checkpoint; the others take its record
@@ -477,14 +678,78 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         return dist.broadcast(None)
     metrics = _quick_eval(model, eval_data, cfg, device)
     meta = {"dataset": cfg.dataset, "setting": cfg.setting,
-            "training": {"config": asdict(cfg), "history": history, "seconds": time.time() - t0},
+            "training": {"config": asdict(cfg), "history": history, "seconds": time.time() - t0,
+                         "images": _training_images(cfg, given_train),
+                         "kept_epoch": best[0] if (cfg.keep_best and best is not None) else len(history)},
             "metrics": metrics}
     if dist.active:
         meta["training"]["processes"] = dist.world_size
     save_adaptive_classifier(model, cfg.output, meta)
+    if history:
+        plot_training_curve(history, curve_path(cfg.output), _curve_title(cfg, monitor_data))
     resume_file.unlink(missing_ok=True)
     dist.barrier()
     return dist.broadcast(meta)
+
+
+def _training_images(cfg: MixnetTrainConfig, given: bool) -> dict[str, Any] | None:
+    """Which images trained the network, so that calibration can tell whether its split overlaps them."""
+    if given:
+        return None
+    return {"dataset": cfg.dataset, "split": "train", "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+            "n_train": cfg.n_train}
+
+
+def _curve_title(cfg: MixnetTrainConfig, monitor_data: Dataset | None) -> str:
+    held_out = (f"{len(monitor_data)} held-out images, clean level acc(h) + {cfg.monitor_target_between:g} * "
+                f"(acc(g) - acc(h))" if monitor_data is not None else "training batches (no held-out measurement)")
+    attack = (f"setting C: APGD-CE + {cfg.n_targets} targeted APGD-DLR copies" if cfg.setting == "C"
+              else f"setting {cfg.setting}: PGD")
+    return (f"mixing network, recipe {cfg.recipe}: {attack}, {cfg.norm} eps={cfg.eps:g}, "
+            f"{cfg.attack_steps} steps, alpha weight {cfg.adaptive_weight_max:g}\n{held_out}")
+
+
+def _end_epoch(model, ema, cfg, history, record, epoch, opt, sched, batches: list, fingerprint: dict, dist,
+               monitor_data, device, best):
+    """Export the epoch's network (EMA weights, re-estimated BN), measure it on the held-out images, keep it
+    if it is the best so far, write the checkpoint (the kept network) and the resume file (live network and
+    optimizer), and go on training from the live weights. Returns the (possibly new) best."""
+    net = model.mixing_net
+    live_state = copy.deepcopy(net.state_dict())
+    _export(model, ema, batches)  # every torchrun rank re-estimates the statistics (synchronised)
+    if monitor_data is not None:
+        # evaluation mode has no collectives: rank 0 measures, the others take its numbers
+        measured = monitor_epoch(model, monitor_data, cfg, device) if dist.is_main else None
+        record["monitor"] = dist.broadcast(measured) if dist.active else measured
+        score = record["monitor"]["attacked_acc"]
+        if best is None or score > best[1]:
+            best = (epoch + 1, score, copy.deepcopy(net.state_dict()))
+        elif score < best[1] - 1.0 and dist.is_main:
+            logger.warning("epoch %d: held-out attacked accuracy %.2f%% is below epoch %d's %.2f%%; %s", epoch + 1,
+                           score, best[0], best[1], "keeping epoch %d" % best[0] if cfg.keep_best else
+                           "keep_best is off: the last epoch will be exported")
+    for r in history + [record]:
+        r["best"] = best is not None and r["epoch"] == best[0]
+    history.append(record)
+    if dist.is_main:
+        kept = best[2] if (cfg.keep_best and best is not None) else None
+        exported = copy.deepcopy(net.state_dict())
+        if kept is not None:
+            net.load_state_dict(kept)
+        save_adaptive_classifier(model, cfg.output, {"dataset": cfg.dataset, "setting": cfg.setting,
+                                                     "training": {"config": asdict(cfg), "history": history,
+                                                                  "complete": False}})
+        net.load_state_dict(exported)
+        plot_training_curve(history, curve_path(cfg.output), _curve_title(cfg, monitor_data))
+    net.load_state_dict(live_state)
+    if dist.is_main:
+        state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch + 1, "history": history,
+                 "best": None if best is None else {"epoch": best[0], "attacked_acc": best[1], "net": best[2]}}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        save_resume_state(resume_path(cfg.output), state, fingerprint)
+    return best
 
 
 @contextlib.contextmanager
@@ -507,27 +772,6 @@ def _export(model: AdaptiveMixedClassifier, ema: nn.Module | None, batches: list
     if ema is not None:
         model.mixing_net.load_state_dict(ema.state_dict())
     recalibrate_batchnorm(model, batches)
-
-
-def _save_epoch(model, ema, cfg, history, epoch, opt, sched, batches: list, fingerprint: dict,
-                write: bool = True) -> None:
-    """The epoch's checkpoint (exported network) and the resume file (live network and optimizer).
-    Every torchrun rank re-estimates the statistics (synchronised); only ``write`` ones write files."""
-    net = model.mixing_net
-    live_state = copy.deepcopy(net.state_dict())  # training goes on from the live weights and statistics
-    _export(model, ema, batches)
-    if write:
-        save_adaptive_classifier(model, cfg.output, {"dataset": cfg.dataset, "setting": cfg.setting,
-                                                     "training": {"config": asdict(cfg), "history": history,
-                                                                  "complete": False}})
-    net.load_state_dict(live_state)
-    if not write:
-        return
-    state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch + 1, "history": history}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    save_resume_state(resume_path(cfg.output), state, fingerprint)
 
 
 @torch.no_grad()
