@@ -224,3 +224,76 @@ def test_bisection_on_a_known_curve():
     assert reached and value == pytest.approx(math.log(0.7 / 0.3), abs=1e-6) and acc >= 30
     value, acc, reached = bisect_decreasing(lambda s: 10.0, -1, 1, 30.0)
     assert not reached and value == -1
+
+
+def test_recipes_fill_only_unset_options():
+    from adasmooth.train.mixnet import RECIPES, with_recipe
+
+    paper = with_recipe(MixnetTrainConfig(std="g", rob="h", eps=0.1))
+    assert (paper.setting, paper.n_targets, paper.attack_steps, paper.extra_clean, paper.ema_decay, paper.warmup) == (
+        "C", 9, 75, 9, 0.95, "exponential")
+    cheap = with_recipe(MixnetTrainConfig(std="g", rob="h", eps=0.1, recipe="cheap", attack_steps=4))
+    assert cheap.setting == "B" and cheap.attack_steps == 4 and cheap.ema_decay == 0.0
+    assert set(RECIPES) >= {"paper", "cheap"}
+    with pytest.raises(ConfigError, match="recipe"):
+        with_recipe(MixnetTrainConfig(std="g", rob="h", eps=0.1, recipe="no-such-recipe-xyz"))
+
+
+def test_lr_factor_warmups_by_hand():
+    from adasmooth.train.mixnet import WARMUP_START, lr_factor
+
+    # linear: (step + 1) / warmup; exponential: WARMUP_START ** (1 - (step + 1) / warmup)
+    assert lr_factor(0, 100, 4, "linear") == pytest.approx(0.25)
+    assert lr_factor(1, 100, 4, "exponential") == pytest.approx(WARMUP_START ** 0.5)
+    assert lr_factor(3, 100, 4, "exponential") == pytest.approx(1.0)
+    # cosine after the warm-up: half way through the remaining 96 steps -> 0.5
+    assert lr_factor(4 + 48, 100, 4, "exponential") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 4) == pytest.approx(0.0)
+
+
+def test_setting_c_gives_one_untargeted_and_one_copy_per_target(digits_bases):
+    from adasmooth.train.mixnet import attack_copies, build_from_config, craft_training_attack, with_recipe
+
+    cfg = with_recipe(MixnetTrainConfig(std=str(digits_bases / "g"), rob=str(digits_bases / "h"), dataset="digits",
+                                        widths=[4, 4, 4], blocks=[1, 1, 1], eps=0.2, attack_steps=2, n_targets=3,
+                                        norm="linf"))
+    model = build_from_config(cfg, (1, 8, 8), torch.device("cpu"))
+    data = load_dataset("digits", "test").subset(6)
+    x_adv = craft_training_attack(model, data.x, data.y, cfg, np.random.default_rng(0))
+    assert attack_copies(cfg, 10) == 4 and x_adv.shape == (24, 1, 8, 8)
+    copies = x_adv.view(4, 6, 1, 8, 8)
+    assert float((copies - data.x).abs().amax()) <= 0.2 * 1.1 + 1e-6
+    # the copies are different attacks, not one attack repeated
+    assert not torch.equal(copies[1], copies[2]) and not torch.equal(copies[0], copies[1])
+    assert attack_copies(cfg, 3) == 3  # a 3-class problem has only 2 other classes
+
+
+def test_each_epoch_is_measured_and_the_best_kept(digits_bases, tmp_path, monkeypatch, caplog):
+    import adasmooth.train.mixnet as mt
+
+    scores = iter([50.0, 70.0, 40.0])  # epoch 2 is the best; epoch 3 falls 30 points below it
+    real = mt.monitor_epoch
+
+    def scripted(*args, **kw):
+        out = real(*args, **kw)
+        out["attacked_acc"] = next(scores)
+        return out
+
+    monkeypatch.setattr(mt, "monitor_epoch", scripted)
+    cfg = MixnetTrainConfig(std=str(digits_bases / "g"), rob=str(digits_bases / "h"), dataset="digits",
+                            widths=[4, 4, 4], blocks=[1, 1, 1], eps=0.2, attack_steps=2, n_targets=1, extra_clean=1,
+                            batch_size=32, n_train=64, epochs=3, eval_examples=8, eval_pgd_steps=1,
+                            monitor_examples=40, progress=False, device="cpu", output=str(tmp_path / "m"))
+    with caplog.at_level("WARNING", logger="adasmooth.train.mixnet"):
+        meta = train_mixnet(cfg)
+    history = meta["training"]["history"]
+    assert meta["training"]["kept_epoch"] == 2 and [r["best"] for r in history] == [False, True, False]
+    assert "below epoch 2" in caplog.text
+    mon = history[0]["monitor"]
+    assert mon["examples"] == 40 and 0 <= mon["detection_auc"] <= 1 and 0 < mon["alpha_clean"] < 1
+    # the measurement calibrates to acc(h) + 0.5 (acc(g) - acc(h)) on its images
+    assert mon["target_clean_acc"] == pytest.approx(0.5 * (mon["std_clean_acc"] + mon["rob_clean_acc"]))
+    assert not mon["target_reached"] or mon["clean_acc"] >= mon["target_clean_acc"]
+    assert (tmp_path / "m.curve.png").stat().st_size > 1000
+    assert meta["training"]["images"] == {"dataset": "digits", "split": "train", "val_fraction": 0.1, "seed": 0,
+                                          "n_train": 64}
