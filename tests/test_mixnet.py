@@ -215,3 +215,39 @@ def test_mixing_net_config_validation():
     with pytest.raises(ValueError, match="bn_momentum"):
         MixingNetwork(MixingNetConfig(4, 4, bn_momentum=0.0))
     assert math.isclose(MixingNetConfig(4, 4).train_scale, 2.0)
+
+
+def test_features_from_one_base_model_only(tmp_path):
+    from adasmooth.mixing.adaptive import build_adaptive_classifier, load_adaptive_classifier, save_adaptive_classifier
+    from adasmooth.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    g = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8)
+    h = create_model("small-cnn", 10, in_channels=1, width=6, hidden=8)
+    both = build_adaptive_classifier(g, h, (1, 8, 8), widths=(4, 4, 4), blocks=(1, 1, 1))
+    rob = build_adaptive_classifier(g, h, (1, 8, 8), widths=(4, 4, 4), blocks=(1, 1, 1), features="rob")
+    # h's taps alone: its channels, not g's plus h's
+    assert rob.mixing_net.config.first_channels + 4 == both.mixing_net.config.first_channels
+    x = torch.rand(3, 1, 8, 8)
+    _, _, first, second = rob.base_outputs(x)
+    with FeatureTaps(h, rob.rob_taps) as taps:
+        h(x)
+    assert torch.equal(first, taps.features()[0])
+    # what g's input does to alpha goes only through the mixture, not through alpha
+    rob.eval()
+    x.requires_grad_(True)
+    out = rob.mix(x)
+    (grad,) = torch.autograd.grad(out.alpha.sum(), x)
+    assert grad.abs().sum() > 0
+    save_checkpoint(g, tmp_path / "g", {"dataset": "digits"})
+    save_checkpoint(h, tmp_path / "h", {"dataset": "digits"})
+    rob.std_checkpoint, rob.rob_checkpoint = str(tmp_path / "g"), str(tmp_path / "h")
+    save_adaptive_classifier(rob, tmp_path / "m")
+    loaded, info = load_adaptive_classifier(tmp_path / "m")
+    assert loaded.features == "rob" and info["features"] == "rob"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.mix(x.detach()).alpha, rob.mix(x.detach()).alpha)
+    from adasmooth.core.errors import InputError
+
+    with pytest.raises(InputError, match="features"):
+        build_adaptive_classifier(g, h, (1, 8, 8), widths=(4, 4, 4), blocks=(1, 1, 1), features="no-such-source")

@@ -114,6 +114,8 @@ class AdaptiveMixedClassifier(nn.Module):
     flags are left as the caller set them); their tapped features feed the mixing network, the only
     part that trains. ``detach_features=True`` cuts the gradient path through alpha(x) altogether
     (gray-box); ``mix(x, detach_alpha=True)`` does so for one call (what attack setting A uses).
+    ``features`` says whose taps the mixing network reads: ``both`` (the paper's), or only ``rob``'s
+    (h's features move less under a small perturbation than g's) or ``std``'s.
     """
 
     def __init__(
@@ -125,8 +127,11 @@ class AdaptiveMixedClassifier(nn.Module):
         rob_scale: float = 1.0,
         taps=None,
         detach_features: bool = False,
+        features: str = "both",
     ):
         super().__init__()
+        if features not in FEATURE_SOURCES:
+            raise InputError(f"features must be one of {FEATURE_SOURCES}, got {features!r}")
         n_std, n_rob = _class_count(std_model), _class_count(rob_model)
         if n_std is not None and n_rob is not None and n_std != n_rob:
             raise InputError(f"base models disagree on the class count: g has {n_std}, h has {n_rob}")
@@ -139,6 +144,7 @@ class AdaptiveMixedClassifier(nn.Module):
         self.std_scale = float(std_scale)
         self.rob_scale = float(rob_scale)
         self.detach_features = bool(detach_features)
+        self.features = features
         # MixedNUTS map on h with a hardmax g (mixing.nonlinear) instead of Eq. 3.4's softmaxes, or None
         self.nonlinear: NonlinearParams | None = None
         # where the base models came from, recorded by save_adaptive_classifier
@@ -165,7 +171,8 @@ class AdaptiveMixedClassifier(nn.Module):
             raise InputError(f"base models must return (N, C) logits of equal shape, got {tuple(g.shape)} "
                              f"and {tuple(h.shape)}")
         (s1, s2), (r1, r2) = t_std.features(), t_rob.features()
-        return g, h, pair_features(s1, r1), pair_features(s2, r2)
+        first, second = select_features(self.features, (s1, s2), (r1, r2))
+        return g, h, first, second
 
     def alpha_from_features(self, first: torch.Tensor, second: torch.Tensor,
                             detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,8 +207,9 @@ class AdaptiveMixedClassifier(nn.Module):
 
 @torch.no_grad()
 def probe_tap_channels(std_model: nn.Module, rob_model: nn.Module, input_shape: Sequence[int],
-                       taps=None) -> tuple[int, int]:
-    """Channels of the concatenated first and second taps, measured on a zero input."""
+                       taps=None, features: str = "both") -> tuple[int, int]:
+    """Channels of the first and second inputs of the mixing network (the taps ``features`` selects,
+    concatenated), measured on a zero input."""
     std_t, rob_t = _normalize_taps(std_model, rob_model, taps)
     param = next(iter(std_model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -210,8 +218,21 @@ def probe_tap_channels(std_model: nn.Module, rob_model: nn.Module, input_shape: 
     for model, names in ((std_model, std_t), (rob_model, rob_t)):
         with frozen(model), FeatureTaps(model, names) as t:
             model(x)
-        channels.append([as_feature_map(f).shape[1] for f in t.features()])
-    return channels[0][0] + channels[1][0], channels[0][1] + channels[1][1]
+        channels.append(t.features())
+    first, second = select_features(features, channels[0], channels[1])
+    return first.shape[1], second.shape[1]
+
+
+FEATURE_SOURCES = ("both", "rob", "std")
+
+
+def select_features(features: str, std_feats, rob_feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixing network's (first, second) inputs from g's and h's two taps each."""
+    if features == "rob":
+        return as_feature_map(rob_feats[0]), as_feature_map(rob_feats[1])
+    if features == "std":
+        return as_feature_map(std_feats[0]), as_feature_map(std_feats[1])
+    return pair_features(std_feats[0], rob_feats[0]), pair_features(std_feats[1], rob_feats[1])
 
 
 def build_adaptive_classifier(
@@ -225,19 +246,20 @@ def build_adaptive_classifier(
     std_scale: float = 1.0,
     rob_scale: float = 1.0,
     detach_features: bool = False,
+    features: str = "both",
     **head: Any,
 ) -> AdaptiveMixedClassifier:
     """A fresh mixing network sized for the two base models' taps, wrapped with them.
 
     ``head`` may set ``bn_momentum``, ``train_scale``, ``train_shift``, ``train_clamp_std``.
     """
-    first, second = probe_tap_channels(std_model, rob_model, input_shape, taps)
+    first, second = probe_tap_channels(std_model, rob_model, input_shape, taps, features)
     cfg = MixingNetConfig(first, second, list(widths), list(blocks), list(strides), **head)
     param = next(iter(std_model.parameters()), None)
     net = MixingNetwork(cfg)
     if param is not None:
         net = net.to(param.device)
-    return AdaptiveMixedClassifier(std_model, rob_model, net, std_scale, rob_scale, taps, detach_features)
+    return AdaptiveMixedClassifier(std_model, rob_model, net, std_scale, rob_scale, taps, detach_features, features)
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -270,6 +292,7 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
         "std_scale": model.std_scale,
         "rob_scale": model.rob_scale,
         "detach_features": model.detach_features,
+        "features": model.features,
         "nonlinear": model.nonlinear.as_dict() if model.nonlinear is not None else None,
         "std_checkpoint": _relative_to(std_ckpt, sidecar.parent),
         "rob_checkpoint": _relative_to(rob_ckpt, sidecar.parent),
@@ -312,7 +335,8 @@ def load_adaptive_classifier(path: str | Path, std_model: nn.Module | None = Non
     net.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
     taps = (tuple(info["taps"]["std"]), tuple(info["taps"]["rob"]))
     model = AdaptiveMixedClassifier(models["std"].to(device), models["rob"].to(device), net.to(device),
-                                    info["std_scale"], info["rob_scale"], taps, info["detach_features"])
+                                    info["std_scale"], info["rob_scale"], taps, info["detach_features"],
+                                    info.get("features", "both"))
     model.std_checkpoint, model.rob_checkpoint = bases["std"], bases["rob"]
     model.nonlinear = NonlinearParams.from_dict(info["nonlinear"]) if info.get("nonlinear") else None
     info["std_checkpoint"], info["rob_checkpoint"] = bases["std"], bases["rob"]

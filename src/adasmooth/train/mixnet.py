@@ -141,6 +141,9 @@ class MixnetTrainConfig(CheckpointDataOptions):
     model_dir: str | None = model_dir_option()
     taps: list[str] | None = option(None, help="two module names tapped on both models "
                                                "(default: each model's first two stages)")
+    features: Literal["both", "rob", "std"] = option("both", help="whose tapped features the mixing network reads: "
+                                                               "both base models (the paper's), or only h (rob) "
+                                                               "or g (std)")
     widths: list[int] = option(help="three widths of the mixing network", default_factory=lambda: [256, 512, 1024])
     blocks: list[int] = option(help="residual blocks per group", default_factory=lambda: [2, 2, 2])
     std_scale: float = option(1.0, help="logit scale of g in the mixture")
@@ -513,7 +516,7 @@ def build_from_config(cfg: MixnetTrainConfig, input_shape: Sequence[int], device
         std_model, rob_model, input_shape, widths=cfg.widths, blocks=cfg.blocks,
         taps=tuple(cfg.taps) if cfg.taps else None, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale,
         bn_momentum=cfg.bn_momentum, train_scale=cfg.train_scale, train_shift=cfg.train_shift,
-        train_clamp_std=cfg.train_clamp_std,
+        train_clamp_std=cfg.train_clamp_std, features=cfg.features,
     )
     model.std_checkpoint, model.rob_checkpoint = cfg.std, cfg.rob
     if cfg.rule == "nonlinear":
