@@ -196,15 +196,18 @@ def digits_bases(tmp_path_factory):
 
 
 def test_train_mixnet_on_two_processes_follows_the_one_process_run(digits_bases, tmp_path):
-    """Setting C (APGD-CE on the first half of each global batch, APGD-T on the second), extra clean
-    inputs and EMA: `torchrun --nproc-per-node 2` gives one process's loss curve, alpha statistics,
-    exported network (batch norm re-estimated over both ranks' inputs) and final measurement."""
+    """Setting C (an APGD-CE and a targeted APGD-DLR copy of every input), extra clean inputs, EMA and the
+    per-epoch held-out measurement (rank 0 measures, the others receive its numbers): `torchrun
+    --nproc-per-node 2` gives one process's loss curve, alpha statistics, held-out measurements, exported
+    network (batch norm re-estimated over both ranks' inputs) and final measurement."""
     from safetensors.torch import load_file
 
     cmd = ["train-mixnet", "--std", str(digits_bases / "g"), "--rob", str(digits_bases / "h"), "--widths", "4,8,8",
            "--blocks", "1,1,1", "--setting", "C", "--extra-clean", "1", "--ema-decay", "0.5", "--attack-steps", "2",
            "--epochs", "2", "--batch-size", "16", "--n-train", "64", "--lr", "3e-3", "--eval-examples", "8",
-           "--eval-pgd-steps", "1", "--device", "cpu", "--no-progress"]
+           "--eval-pgd-steps", "1", "--device", "cpu", "--no-progress", "--n-targets", "1", "--monitor-examples", "24",
+           # which epoch is best rests on counts of 24 images: rounding could flip one and export another epoch
+           "--no-keep-best"]
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run([sys.executable, "-m", "adasmooth", *cmd, "-o", str(one)], env=_env(),
                             capture_output=True, text=True)
@@ -219,6 +222,8 @@ def test_train_mixnet_on_two_processes_follows_the_one_process_run(digits_bases,
     for a, b in zip(meta_one["training"]["history"], meta_two["training"]["history"], strict=True):
         for key in ("loss", "alpha_clean", "alpha_adv", "acc_clean", "acc_adv"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+        for key in ("clean_acc", "attacked_acc", "alpha_clean", "alpha_attacked", "detection_auc"):
+            assert a["monitor"][key] == pytest.approx(b["monitor"][key], abs=1e-3), key
     first, last = meta_one["training"]["history"][0], meta_one["training"]["history"][-1]
     assert last["loss"] < first["loss"], "the loss did not move: the comparison would say little"
     for key, value in meta_one["metrics"].items():
