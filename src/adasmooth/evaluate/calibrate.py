@@ -39,7 +39,7 @@ from ..train.loop import clean_accuracy
 from .paired import paired_difference
 from .robustness import evaluate_robustness
 from .mixednuts import calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid, robust_margin_logits
-from .search import bisect_decreasing
+from .search import bisect_decreasing, percent_correct
 from .tables import REPORT_SETTINGS, report_attacks, report_table
 
 __all__ = [
@@ -120,7 +120,7 @@ def _fit_head(model: AdaptiveMixedClassifier, outputs, target_acc: float, param:
     def acc(shift: float, lo: float, hi: float) -> float:
         alpha, _ = ranged_alpha(z * eval_scale + shift, lo, hi)
         logits = model.mix_from_logits(g, h, alpha)  # Eq. 3.4, or the MixedNUTS mixture of a nonlinear model
-        return 100.0 * (logits.argmax(1) == y).float().mean().item()
+        return percent_correct(logits, y)
 
     if param == "shift":
         lo_a, hi_a = float(net.alpha_min), float(net.alpha_max)
@@ -317,7 +317,7 @@ def calibrate_fixed_alpha(std_model: nn.Module, rob_model: nn.Module, data: Data
 
     def acc(a: float) -> float:
         logits = mix_logits(g, h, torch.tensor(a, dtype=torch.float64), std_scale, rob_scale)
-        return 100.0 * (logits.argmax(1) == y).float().mean().item()
+        return percent_correct(logits, y)
 
     alpha, reached_acc, reached = bisect_decreasing(acc, 0.0, 1.0, target_acc)
     return {"alpha": alpha, "clean_acc": reached_acc, "target_acc": target_acc, "reached": reached,
@@ -508,8 +508,7 @@ def calibrate_nonlinear(cfg: CalibrateConfig, g: nn.Module, h: nn.Module, calib:
     def params_of(d: dict) -> NonlinearParams:
         return NonlinearParams(s=d["s"], c=d["c"], p=d["p"], top_k=cfg.top_k, activation=cfg.activation)
 
-    fit["clean_acc"] = 100.0 * (nonlinear_mix_log_probs(gl, hl, fit["alpha"], params_of(fit)).argmax(1) == yl
-                                ).float().mean().item()
+    fit["clean_acc"] = percent_correct(nonlinear_mix_log_probs(gl, hl, fit["alpha"], params_of(fit)), yl)
     summary: dict[str, Any] = {"examples": len(data), "eps": eps, "norm": norm, "attacked_correct": len(attacked),
                                "clean_wrong": len(wrong), "margin_apgd_steps": cfg.margin_apgd_steps, "beta_fit": fit}
     chosen = fit
@@ -549,13 +548,13 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
     g, h, std_path, rob_path, dataset, rob_info = _base_pair(cfg, loaded, device)
     std_scale, rob_scale = (loaded[0][0].std_scale, loaded[0][0].rob_scale) if loaded else (1.0, 1.0)
     calib = _calibration_data(cfg, dataset)
-    if len(calib) < MIN_CALIBRATION_EXAMPLES:
-        raise InputError(f"only {len(calib)} calibration images ({dataset} {cfg.split}, from calib_offset "
-                         f"{cfg.calib_offset}); need at least {MIN_CALIBRATION_EXAMPLES}")
     for path, (_, info) in zip(cfg.mixnet, loaded):
         overlap = calibration_overlap(info.get("training") or {}, dataset, cfg.split, cfg.val_fraction, cfg.seed)
         if overlap:
             logger.warning("%s: %s", path, overlap)
+    if len(calib) < MIN_CALIBRATION_EXAMPLES:
+        raise InputError(f"only {len(calib)} calibration images ({dataset} {cfg.split}, from calib_offset "
+                         f"{cfg.calib_offset}); need at least {MIN_CALIBRATION_EXAMPLES}")
     acc_g, acc_h = clean_accuracy(g, calib, cfg.batch_size, device), clean_accuracy(h, calib, cfg.batch_size, device)
     target = cfg.target_acc
     if cfg.target_between is not None:
