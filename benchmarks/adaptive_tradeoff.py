@@ -20,7 +20,8 @@ For each data set (Fashion-MNIST l_inf eps 0.1 and MNIST l_inf eps 0.3 by defaul
    the images every earlier attack left correct, so the worst case is exact and cheaper).
 7. Against fixed alpha at the same target: the paired difference of worst-case accuracy on the same
    images with a 95 % interval. The goal of issue 20: adaptive >= fixed + 3 points somewhere, interval
-   excluding 0.
+   excluding 0. The interval is Agresti-Min's for matched proportions
+   (adasmooth.evaluate.paired).
 
     PYTHONPATH=src:benchmarks python benchmarks/adaptive_tradeoff.py [--quick] [--datasets fashion-mnist]
 
@@ -44,10 +45,10 @@ from adasmooth.attacks.base import is_mixed_model
 from adasmooth.core.io import format_table, write_result
 from adasmooth.core.plotting import pyplot, save_figure
 from adasmooth.data.base import Dataset, load_dataset
-from adasmooth.evaluate.calibrate import (_base_logits, calibrate_fixed_alpha, calibrate_range,
-                                          paired_difference_interval)
+from adasmooth.evaluate.calibrate import _base_logits, calibrate_fixed_alpha, calibrate_range
 from adasmooth.evaluate.mixednuts import (calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid,
                                           robust_margin_logits)
+from adasmooth.evaluate.paired import paired_difference
 from adasmooth.evaluate.robustness import evaluate_robustness
 from adasmooth.mixing import MixedClassifier
 from adasmooth.mixing.adaptive import load_adaptive_classifier
@@ -167,11 +168,12 @@ def run_dataset(name: str, args) -> dict[str, Any]:
             if method == "fixed alpha":
                 fixed_outcomes = r["per_image_worst"]
             else:
-                diff, lo, hi = paired_difference_interval(r["per_image_worst"], fixed_outcomes)
-                row["vs_fixed"] = {"difference": 100 * diff, "low": 100 * lo, "high": 100 * hi}
+                paired = paired_difference(r["per_image_worst"], fixed_outcomes)
+                diff, (lo, hi) = paired["difference"], paired["interval"]
+                row["vs_fixed"] = {"difference": diff, "low": lo, "high": hi}
             rows.append(row)
             print(f"  target {target:.2f}% ({frac:g}): {method:22s} clean {r['clean']:.2f}  worst {r['worst']:.2f}"
-                  + (f"  vs fixed {100 * diff:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]" if "vs_fixed" in row else "")
+                  + (f"  vs fixed {diff:+.2f} [{lo:+.2f}, {hi:+.2f}]" if "vs_fixed" in row else "")
                   + f"  ({r['seconds']:.0f} s)", flush=True)
     return {"dataset": name, "eps": eps, "norm": "linf", "std_calib_acc": acc_g, "rob_calib_acc": acc_h,
             "calib_examples": len(calib), "eval_examples": len(evald), "beta_fit": _plain(fit),

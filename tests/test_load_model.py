@@ -325,7 +325,11 @@ def test_a_mixture_on_a_robustbench_h_loads_calibrates_and_exports_by_its_record
     assert json.loads((s.out / "mix.json").read_text())["rob_checkpoint"] == s.rb
     assert main(["evaluate", "--mixnet", str(s.out / "mix"), "--data-dir", str(s.data), "--attacks", "B",
                  "--n-examples", "4", "--no-progress", "--output", str(s.out / "e.json")]) == 0
+    _fake_cifar10(s.data / "calibration", n=100)  # calibrate needs 100 images
+    (s.data / "cifar-10-batches-py" / "test_batch").write_bytes(
+        (s.data / "calibration" / "cifar-10-batches-py" / "test_batch").read_bytes())
     assert main(["calibrate", "--mixnet", str(s.out / "mix"), "--data-dir", str(s.data), "--split", "test",
-                 "--target-between", "0.5", "--no-progress"]) == 0
+                 "--target-between", "0.5", "--attack-examples", "4", "--calib-apgd-steps", "1",
+                 "--range-widths", "0.5", "--no-progress"]) == 0
     assert main(["export", "--mixnet", str(s.out / "mix-calibrated"), "--output", str(s.out / "mix.pt")]) == 0
     assert (s.out / "mix.pt").is_file()

@@ -91,7 +91,7 @@ def test_calibrate_command_writes_a_loadable_nonlinear_mixture(tmp_path, std_dig
     save_checkpoint(std_digits_model, tmp_path / "g", {"dataset": "digits"})
     save_checkpoint(robust_model, tmp_path / "h", {"dataset": "digits"})
     rc = main(["calibrate", "--rule", "nonlinear", "--std", str(tmp_path / "g"), "--rob", str(tmp_path / "h"),
-               "--eps", "0.1", "--split", "test", "--calib-examples", "60", "--grid-size", "2",
+               "--eps", "0.1", "--split", "test", "--calib-examples", "100", "--grid-size", "2",
                "--margin-apgd-steps", "5", "--target-between", "0.5", "--no-progress", "-o", str(tmp_path / "mix")])
     assert rc == 0
     out = capsys.readouterr().out

@@ -20,7 +20,7 @@ from adasmooth.mixing.adaptive import build_adaptive_classifier, load_adaptive_c
 from adasmooth.core.errors import CheckpointError
 from adasmooth.core.io import load_resume_state
 from adasmooth.evaluate.calibrate import calibrate_adaptive, calibrate_fixed_alpha, fixed_alpha_classifier
-from adasmooth.evaluate.search import bisect_decreasing
+from adasmooth.core.search import bisect_decreasing
 from adasmooth.train.mixnet import (
     MixnetTrainConfig,
     attack_loss,

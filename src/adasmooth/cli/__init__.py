@@ -30,7 +30,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sweep", "sweep", "accuracy of fixed-alpha mixtures under STD/ROB/MIX PGD attacks, per alpha"),
     ("evaluate", "evaluate", "attack a model or a mixture: PGD, APGD, AutoAttack, adaptive settings A-D"),
     ("train-mixnet", "train_mixnet", "train the mixing network alpha(x) against adaptive attacks"),
-    ("calibrate", "calibrate", "choose the mixing network's shift / the fixed alpha for a target clean accuracy"),
+    ("calibrate", "calibrate", "choose the mixing network's alpha range / the fixed alpha for a target clean "
+                               "accuracy and compare them under attack"),
     ("certify", "certify", "certified radii: randomized smoothing and the mixed classifier's guarantees"),
     ("export", "export", "write a mixed model as one TorchScript file that plain PyTorch loads"),
     ("analyze", "analyze", "local Lipschitz estimates and confidence-gap analysis of base models"),

@@ -1,10 +1,19 @@
-"""One-dimensional search for a target clean accuracy, shared by the calibrations."""
+"""One-dimensional search for a target clean accuracy, shared by the calibrations and the mixing-network
+trainer's per-epoch measurement."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["bisect_decreasing"]
+import torch
+
+__all__ = ["bisect_decreasing", "percent_correct"]
+
+
+def percent_correct(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy (%) of ``logits`` on labels ``y``, from the exact count (a float32 mean is off by rounding,
+    enough to miss a target equal to a base model's accuracy)."""
+    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y)
 
 
 def bisect_decreasing(acc_of: Callable[[float], float], lo: float, hi: float, target: float,

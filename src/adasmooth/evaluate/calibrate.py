@@ -2,7 +2,11 @@
 
 - :func:`calibrate_adaptive`: the mixing network's eval-time shift (or alpha_min with a fixed range
   width) by bisection, keeping alpha as large (robust) as the target allows.
-- :func:`calibrate_fixed_alpha`: the largest fixed alpha with the same clean accuracy.
+- :func:`calibrate_range`: the command's default: alpha confined to [floor, floor + width], the floor
+  bisected per candidate width and the width chosen by the accuracy under setting D on calibration inputs,
+  so that an attack that drives alpha down cannot take it below the floor.
+- :func:`calibrate_fixed_alpha`: the largest fixed alpha with the same clean accuracy;
+  :func:`compare_adaptive_fixed`: both under the same attack on the same inputs, with a paired interval.
 - The training-free calibration of the nonlinear (MixedNUTS) rule is in :mod:`.mixednuts`.
 - :class:`CalibrateConfig` / :func:`run_calibration`: the ``calibrate`` command: both, on held-out
   data, then optionally the Table 2/3 report (:mod:`adasmooth.evaluate.tables`); with
@@ -11,8 +15,9 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -31,12 +36,22 @@ from ..models.checkpoint import checkpoint_paths, recorded_dataset, recorded_thr
 from ..models.loader import load_model, model_info
 from ..core.checks import check_counts, check_eps, check_finite
 from ..train.loop import clean_accuracy
+from .paired import paired_difference
+from .robustness import evaluate_robustness
 from .mixednuts import calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid, robust_margin_logits
-from .search import bisect_decreasing
+from ..core.search import bisect_decreasing, percent_correct
 from .tables import REPORT_SETTINGS, report_attacks, report_table
 
 __all__ = [
     "calibrate_adaptive",
+    "calibrate_range",
+    "attacked_correct",
+    "compare_adaptive_fixed",
+    "check_range_widths",
+    "check_target",
+    "calibration_overlap",
+    "RANGE_WIDTHS",
+    "MIN_CALIBRATION_EXAMPLES",
     "calibrate_fixed_alpha",
     "fixed_alpha_classifier",
     "calibrate_nonlinear",
@@ -44,6 +59,17 @@ __all__ = [
     "CalibrateConfig",
     "run_calibration",
 ]
+
+logger = logging.getLogger(__name__)
+
+RANGE_WIDTHS = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)  # candidate widths of alpha's range (calibrate_range)
+CALIBRATION_ATTACK = "D"  # adaptive AutoAttack with the alpha term: the attack that drives alpha down
+ATTACK_EXAMPLES = 200  # calibration inputs attacked per candidate range
+CALIB_APGD_STEPS = 50
+CALIB_TARGET_CLASSES = 3
+# Below this a single image moves the clean accuracy by more than one point: the bisection's target and
+# the comparison's interval would say little.
+MIN_CALIBRATION_EXAMPLES = 100
 
 
 @torch.no_grad()
@@ -76,18 +102,25 @@ def calibrate_adaptive(
     accuracy on ``data`` is as close to ``target_acc`` (%) from above as the data allow, keeping alpha
     as large (robust) as possible. Writes the result into the network's buffers; returns a summary.
     """
-    net = model.mixing_net
     if not 0 < target_acc <= 100:
         raise InputError(f"target_acc is a percentage in (0, 100], got {target_acc}")
     if scale is not None or alpha_range is not None:
-        net.set_eval_head(scale=scale, alpha_range=alpha_range)
-    g, h, z, y = _cached_outputs(model, data, batch_size)
+        model.mixing_net.set_eval_head(scale=scale, alpha_range=alpha_range)
+    outputs = _cached_outputs(model, data, batch_size)
+    return {**_fit_head(model, outputs, target_acc, param, range_width, shift_bounds), "examples": len(data)}
+
+
+def _fit_head(model: AdaptiveMixedClassifier, outputs, target_acc: float, param: str,
+              range_width: float | None = None, shift_bounds: tuple[float, float] = (-20.0, 20.0)) -> dict[str, Any]:
+    """The bisection of :func:`calibrate_adaptive` on cached (g, h, gamma, y) outputs."""
+    net = model.mixing_net
+    g, h, z, y = outputs
     eval_scale = float(net.eval_scale)
 
     def acc(shift: float, lo: float, hi: float) -> float:
         alpha, _ = ranged_alpha(z * eval_scale + shift, lo, hi)
         logits = model.mix_from_logits(g, h, alpha)  # Eq. 3.4, or the MixedNUTS mixture of a nonlinear model
-        return 100.0 * (logits.argmax(1) == y).float().mean().item()
+        return percent_correct(logits, y)
 
     if param == "shift":
         lo_a, hi_a = float(net.alpha_min), float(net.alpha_max)
@@ -98,15 +131,183 @@ def calibrate_adaptive(
         if not 0 < width <= 1:
             raise InputError(f"range_width must be in (0, 1], got {width}")
         shift = float(net.eval_shift)
-        value, reached_acc, reached = bisect_decreasing(lambda m: acc(shift, m, m + width), 0.0, 1.0 - width,
-                                                         target_acc)
-        net.set_eval_head(alpha_range=(value, value + width))
+        value, reached_acc, reached = bisect_decreasing(lambda m: acc(shift, m, min(1.0, m + width)), 0.0,
+                                                         1.0 - width, target_acc)
+        net.set_eval_head(alpha_range=(value, min(1.0, value + width)))
     else:
         raise InputError(f"param must be 'shift' or 'alpha_min', got {param!r}")
     alpha, _ = ranged_alpha(z * eval_scale + float(net.eval_shift), float(net.alpha_min), float(net.alpha_max))
     return {"param": param, "value": value, "clean_acc": reached_acc, "target_acc": target_acc,
-            "reached": reached, "eval_head": net.eval_head(), "alpha_mean": alpha.mean().item(),
-            "examples": len(data)}
+            "reached": reached, "eval_head": net.eval_head(), "alpha_mean": alpha.mean().item()}
+
+
+def check_range_widths(widths: Sequence[float]) -> list[float]:
+    """The candidate widths of :func:`calibrate_range`, each in (0, 1], sorted narrowest first, no repeats."""
+    widths = list(widths)
+    if not widths:
+        raise ConfigError("range_widths is empty: give at least one width in (0, 1]")
+    bad = [w for w in widths if not (isinstance(w, (int, float)) and 0 < w <= 1)]
+    if bad:
+        raise ConfigError(f"range widths must lie in (0, 1], got {bad}")
+    return sorted(set(float(w) for w in widths))
+
+
+def attacked_correct(model: nn.Module, data: Dataset, eps: float, norm: str = "linf",
+                     apgd_steps: int = CALIB_APGD_STEPS, n_target_classes: int = CALIB_TARGET_CLASSES, seed: int = 0,
+                     batch_size: int = 256, progress: bool = False) -> list[bool]:
+    """Per input of ``data``: correct on the clean input and under setting D (adaptive AutoAttack with
+    the alpha term; on a fixed mixture the alpha term has no gradient and D is its APGD ensemble).
+    Each input's random draws come from (seed, its position in ``data``), so two models attacked on the
+    same data face the same draws."""
+    model.eval()
+    report = evaluate_robustness(model, data, attacks=[CALIBRATION_ATTACK], eps=eps, norm=norm,
+                                 batch_size=batch_size, seed=seed, progress=progress,
+                                 attack_options={"apgd_steps": apgd_steps, "n_target_classes": n_target_classes})
+    return report.worst_case()
+
+
+def calibrate_range(
+    model: AdaptiveMixedClassifier,
+    calib: Dataset,
+    target_acc: float,
+    widths: Sequence[float] = RANGE_WIDTHS,
+    *,
+    eps: float,
+    norm: str = "linf",
+    attack_examples: int = ATTACK_EXAMPLES,
+    apgd_steps: int = CALIB_APGD_STEPS,
+    n_target_classes: int = CALIB_TARGET_CLASSES,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Confine alpha(x) to [floor, floor + width] and choose both by the attacked accuracy.
+
+    For each width (narrowest first) the floor is bisected, with the stored sigmoid scale and shift, to
+    the highest value whose clean accuracy on ``calib`` reaches ``target_acc`` (%); the classifier is then
+    attacked with setting D (:func:`attacked_correct`) on the first ``attack_examples`` inputs of
+    ``calib``. The width with the most inputs correct under attack wins among those that reach the target
+    (all, when none does; ``reached`` then says so); on a tie the narrower width wins: it is closer to a
+    fixed alpha, so it gives the attacker less room to move alpha. The network's eval head is left at
+    the chosen range. Returns a summary with every candidate (width, floor, clean and robust accuracy)
+    and, under ``attacked_correct``, the chosen classifier's per-input outcomes under attack.
+    """
+    widths = check_range_widths(widths)
+    if not 0 < target_acc <= 100:
+        raise InputError(f"target_acc is a percentage in (0, 100], got {target_acc}")
+    if attack_examples < 1:
+        raise InputError(f"attack_examples must be >= 1, got {attack_examples}")
+    outputs = _cached_outputs(model, calib, batch_size)
+    attack_set = calib.subset(attack_examples)
+    candidates, outcomes = [], []
+    for width in widths:
+        fit = _fit_head(model, outputs, target_acc, "alpha_min", width)
+        correct = attacked_correct(model, attack_set, eps, norm, apgd_steps, n_target_classes, seed, batch_size,
+                                   progress)
+        outcomes.append(correct)
+        candidates.append({"width": width, "alpha_min": fit["value"], "alpha_max": fit["eval_head"]["alpha_max"],
+                           "clean_acc": fit["clean_acc"], "reached": fit["reached"], "alpha_mean": fit["alpha_mean"],
+                           "robust_acc": 100.0 * sum(correct) / len(correct)})
+    pool = [i for i, c in enumerate(candidates) if c["reached"]] or list(range(len(candidates)))
+    best = pool[0]
+    for i in pool[1:]:  # strictly more inputs correct: ties keep the narrower width
+        if sum(outcomes[i]) > sum(outcomes[best]):
+            best = i
+    chosen = candidates[best]
+    model.mixing_net.set_eval_head(alpha_range=(chosen["alpha_min"], chosen["alpha_max"]))
+    return {"param": "range", "value": chosen["alpha_min"], "width": chosen["width"],
+            "clean_acc": chosen["clean_acc"], "target_acc": target_acc, "reached": chosen["reached"],
+            "eval_head": model.mixing_net.eval_head(), "alpha_mean": chosen["alpha_mean"], "examples": len(calib),
+            "robust_acc": chosen["robust_acc"], "candidates": candidates,
+            "attack": _attack_record(eps, norm, len(attack_set), apgd_steps, n_target_classes, seed),
+            "attacked_correct": outcomes[best]}
+
+
+def _attack_record(eps: float, norm: str, examples: int, apgd_steps: int, n_target_classes: int,
+                   seed: int) -> dict[str, Any]:
+    return {"setting": CALIBRATION_ATTACK, "eps": eps, "norm": norm, "examples": examples,
+            "apgd_steps": apgd_steps, "n_target_classes": n_target_classes, "seed": seed}
+
+
+def compare_adaptive_fixed(
+    adaptive: nn.Module,
+    fixed: MixedClassifier,
+    data: Dataset,
+    eps: float,
+    norm: str = "linf",
+    apgd_steps: int = CALIB_APGD_STEPS,
+    n_target_classes: int = CALIB_TARGET_CLASSES,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+    adaptive_correct: Sequence[bool] | None = None,
+    fixed_correct: Sequence[bool] | None = None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """The adaptive classifier against the fixed alpha under the same attack (setting D, same seed) on the
+    same inputs ``data``: both accuracies (%), the difference (points) with its paired interval
+    (:func:`adasmooth.evaluate.paired.paired_difference`), and the verdict: ``better`` when the interval
+    lies above 0, ``not clearly better`` when only the difference does, else ``not better``.
+    Outcomes already measured on exactly these inputs and this attack may be passed in."""
+    if adaptive_correct is None:
+        adaptive_correct = attacked_correct(adaptive, data, eps, norm, apgd_steps, n_target_classes, seed,
+                                            batch_size, progress)
+    if fixed_correct is None:
+        fixed_correct = attacked_correct(fixed, data, eps, norm, apgd_steps, n_target_classes, seed, batch_size,
+                                         progress)
+    paired = paired_difference(adaptive_correct, fixed_correct, confidence)
+    if paired["interval"][0] > 0:
+        verdict = "better"
+    elif paired["difference"] > 0:
+        verdict = "not clearly better"
+    else:
+        verdict = "not better"
+    return {"attack": _attack_record(eps, norm, paired["n"], apgd_steps, n_target_classes, seed),
+            "adaptive_acc": paired["first_acc"], "fixed_acc": paired["second_acc"], "fixed_alpha": float(fixed.alpha),
+            "difference": paired["difference"], "interval": paired["interval"], "confidence": confidence,
+            "adaptive_only": paired["first_only"], "fixed_only": paired["second_only"], "verdict": verdict}
+
+
+def check_target(target_acc: float, std_acc: float, rob_acc: float, examples: int) -> None:
+    """A target clean accuracy must lie between h's and g's on the calibration data: above g's it cannot
+    be reached, below h's alpha = 1 (h alone) already meets it."""
+    low, high = min(std_acc, rob_acc), max(std_acc, rob_acc)
+    if target_acc > high or target_acc < low:
+        side = "above" if target_acc > high else "below"
+        raise InputError(f"target clean accuracy {target_acc:.2f}% is {side} what mixing can reach on the "
+                         f"{examples} calibration images: g {std_acc:.2f}%, h {rob_acc:.2f}%; choose a target "
+                         f"between them (or --target-between)")
+
+
+def calibration_overlap(training: dict[str, Any], dataset: str | None, split: str, val_fraction: float,
+                        seed: int) -> str | None:
+    """Why the calibration images may be among the mixing network's training images, from its sidecar's
+    ``training`` record (``images``: split, val_fraction, seed, n_train; else its ``config``); None when the
+    record shows they are not, or records nothing."""
+    images, config = training.get("images") or {}, training.get("config") or {}
+    if not images and not config:
+        return None
+    trained_on = config.get("dataset")
+    if trained_on and dataset and trained_on != dataset:
+        return None
+    trained_split = images.get("split", "train")
+    if split == "test" or trained_split == "test":
+        if split == trained_split:
+            return (f"the mixing network was trained on {dataset} test images and the calibration uses test "
+                    f"images too: they may overlap; calibrate on --split val")
+        return None
+    trained_fraction = float(images.get("val_fraction", config.get("val_fraction")) or 0.0)
+    trained_seed = images.get("seed", config.get("seed"))
+    if trained_fraction == 0:
+        return (f"the mixing network was trained on the whole {dataset} training set (val_fraction 0), so the "
+                f"calibration images (split val) are among its training images; use --split test, or train it "
+                f"with a val_fraction")
+    if trained_fraction != val_fraction or (trained_seed is not None and int(trained_seed) != seed):
+        return (f"the mixing network held out val_fraction {trained_fraction:g} with seed {trained_seed}, the "
+                f"calibration split val uses val_fraction {val_fraction:g} with seed {seed}: its images may be "
+                f"among the network's training images; use --val-fraction {trained_fraction:g} --seed "
+                f"{trained_seed}, or --split test")
+    return None
 
 
 @torch.no_grad()
@@ -117,7 +318,7 @@ def calibrate_fixed_alpha(std_model: nn.Module, rob_model: nn.Module, data: Data
 
     def acc(a: float) -> float:
         logits = mix_logits(g, h, torch.tensor(a, dtype=torch.float64), std_scale, rob_scale)
-        return 100.0 * (logits.argmax(1) == y).float().mean().item()
+        return percent_correct(logits, y)
 
     alpha, reached_acc, reached = bisect_decreasing(acc, 0.0, 1.0, target_acc)
     return {"alpha": alpha, "clean_acc": reached_acc, "target_acc": target_acc, "reached": reached,
@@ -154,10 +355,19 @@ class CalibrateConfig(RunOptions):
                                default_factory=list)
     target_acc: float | None = option(None, help="clean accuracy (percent) to reach on the calibration data")
     target_between: float | None = option(None, help="or: target = acc(h) + this fraction of acc(g) - acc(h)")
-    param: Literal["shift", "alpha_min"] = option("shift", help="what to tune: the sigmoid shift, or alpha_min "
-                                                                "with a fixed range width")
+    param: Literal["range", "shift", "alpha_min"] = option(
+        "range", help="what to tune: range = alpha confined to [floor, floor + width], the floor bisected for "
+                      "each of range_widths and the width with the best accuracy under setting D kept; shift = "
+                      "the sigmoid shift, alpha free in the stored range; alpha_min = the floor of one range width")
+    range_widths: list[float] = option(help="param range: candidate widths of alpha's range, each in (0, 1]",
+                                       default_factory=lambda: list(RANGE_WIDTHS))
+    attack_examples: int = option(ATTACK_EXAMPLES, help="calibration inputs (the first ones) attacked with setting D "
+                                                        "to choose the range and to compare with the fixed alpha")
+    calib_apgd_steps: int = option(CALIB_APGD_STEPS, help="APGD steps of the calibration attack (setting D)")
+    calib_n_target_classes: int = option(CALIB_TARGET_CLASSES, help="target classes of the calibration attack's "
+                                                                    "APGD-T")
     scale: float | None = option(None, help="eval-time sigmoid scale; none: keep the stored one")
-    alpha_range: list[float] | None = option(None, help="eval-time alpha range MIN,MAX")
+    alpha_range: list[float] | None = option(None, help="eval-time alpha range MIN,MAX (param shift or alpha_min)")
     range_width: float | None = option(None, help="alpha_max - alpha_min with param alpha_min")
     dataset: str | None = dataset_option()
     data_dir: str | None = data_dir_option()
@@ -173,8 +383,10 @@ class CalibrateConfig(RunOptions):
     report_settings: list[str] = option(help="columns of the report", default_factory=lambda: list(REPORT_SETTINGS))
     eval_examples: int = option(500, help="test examples in the report")
     eval_offset: int = option(0, help="first test example of the report")
-    eps: float | None = option(None, help="attack radius of the report; none: the training eps")
-    norm: Literal["linf", "l2"] | None = option(None, help="threat model of the report; none: the training one")
+    eps: float | None = option(None, help="attack radius of the calibration attack and the report; none: the "
+                                          "training eps")
+    norm: Literal["linf", "l2"] | None = option(None, help="threat model of the calibration attack and the report; "
+                                                          "none: the training one")
     batch_size: int = option(250, help="batch size")
     # MixedNUTS: training-free calibration of the nonlinear rule
     rule: Literal["prob", "nonlinear"] = option("prob", help="nonlinear: also calibrate the MixedNUTS map (s, c, p) "
@@ -197,6 +409,8 @@ class CalibrateConfig(RunOptions):
         if not self.mixnet and not (nonlinear and self.std and self.rob):
             raise ConfigError("give at least one adaptive classifier checkpoint (mixnet), or rule nonlinear "
                               "with std and rob")
+        if self.mixnet and self.target_acc is None and self.target_between is None:
+            raise ConfigError("calibrating a mixnet needs a target: give target_acc or target_between")
         if not nonlinear and (self.target_acc is None) == (self.target_between is None):
             raise ConfigError("give exactly one of target_acc and target_between")
         if self.target_acc is not None and self.target_between is not None:
@@ -214,10 +428,15 @@ class CalibrateConfig(RunOptions):
         if self.output and len(self.mixnet) + nonlinear > 1:
             raise ConfigError("output names one calibrated checkpoint; with several inputs leave it unset")
         if self.alpha_range is not None and (len(self.alpha_range) != 2
-                                             or not all(0 <= a <= 1 for a in self.alpha_range)):
-            raise ConfigError(f"alpha_range must be two numbers in [0, 1]: min, max; got {self.alpha_range}")
+                                             or not 0 <= self.alpha_range[0] < self.alpha_range[1] <= 1):
+            raise ConfigError(f"alpha_range must be two numbers in [0, 1]: min < max; got {self.alpha_range}")
+        if self.alpha_range is not None and self.param == "range" and self.mixnet:
+            raise ConfigError("param range chooses alpha's range itself; drop alpha_range or use param shift or "
+                              "alpha_min")
         if self.range_width is not None and not 0 < self.range_width <= 1:
             raise ConfigError(f"range_width must be in (0, 1], got {self.range_width}")
+        check_range_widths(self.range_widths)
+        check_counts(self, "attack_examples", "calib_apgd_steps", "calib_n_target_classes")
         check_finite("scale", self.scale, 0, strict=True)
         check_eps(self.eps, self.norm)
         check_finite("val_fraction", self.val_fraction, 0, below=1)
@@ -266,6 +485,17 @@ def _threat(cfg: CalibrateConfig, first_info: dict, rob_info: dict, rob_path: st
     return recorded_threat(cfg.eps, cfg.norm, rob_info, rob_path or "h")
 
 
+def fixed_alpha_command(std_path: str | None, rob_path: str | None, alpha: float, std_scale: float = 1.0,
+                        rob_scale: float = 1.0) -> str:
+    """The command that evaluates the fixed-alpha mixture (what to use when adaptive does not win)."""
+    command = f"adasmooth evaluate --std {std_path or 'G'} --rob {rob_path or 'H'} --alpha {alpha:.4f}"
+    if std_scale != 1.0:
+        command += f" --std-scale {std_scale:g}"
+    if rob_scale != 1.0:
+        command += f" --rob-scale {rob_scale:g}"
+    return command
+
+
 def calibrate_nonlinear(cfg: CalibrateConfig, g: nn.Module, h: nn.Module, calib: Dataset, target: float | None,
                         eps: float, norm: str) -> tuple[MixedClassifier, dict[str, Any]]:
     """The MixedNUTS calibration of the ``calibrate`` command: the beta fit, and the target-accuracy fit
@@ -279,8 +509,7 @@ def calibrate_nonlinear(cfg: CalibrateConfig, g: nn.Module, h: nn.Module, calib:
     def params_of(d: dict) -> NonlinearParams:
         return NonlinearParams(s=d["s"], c=d["c"], p=d["p"], top_k=cfg.top_k, activation=cfg.activation)
 
-    fit["clean_acc"] = 100.0 * (nonlinear_mix_log_probs(gl, hl, fit["alpha"], params_of(fit)).argmax(1) == yl
-                                ).float().mean().item()
+    fit["clean_acc"] = percent_correct(nonlinear_mix_log_probs(gl, hl, fit["alpha"], params_of(fit)), yl)
     summary: dict[str, Any] = {"examples": len(data), "eps": eps, "norm": norm, "attacked_correct": len(attacked),
                                "clean_wrong": len(wrong), "margin_apgd_steps": cfg.margin_apgd_steps, "beta_fit": fit}
     chosen = fit
@@ -320,17 +549,48 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
     g, h, std_path, rob_path, dataset, rob_info = _base_pair(cfg, loaded, device)
     std_scale, rob_scale = (loaded[0][0].std_scale, loaded[0][0].rob_scale) if loaded else (1.0, 1.0)
     calib = _calibration_data(cfg, dataset)
+    for path, (_, info) in zip(cfg.mixnet, loaded):
+        overlap = calibration_overlap(info.get("training") or {}, dataset, cfg.split, cfg.val_fraction, cfg.seed)
+        if overlap:
+            logger.warning("%s: %s", path, overlap)
+    if len(calib) < MIN_CALIBRATION_EXAMPLES:
+        raise InputError(f"only {len(calib)} calibration images ({dataset} {cfg.split}, from calib_offset "
+                         f"{cfg.calib_offset}); need at least {MIN_CALIBRATION_EXAMPLES}")
     acc_g, acc_h = clean_accuracy(g, calib, cfg.batch_size, device), clean_accuracy(h, calib, cfg.batch_size, device)
     target = cfg.target_acc
     if cfg.target_between is not None:
         target = acc_h + cfg.target_between * (acc_g - acc_h)
+    if target is not None:
+        check_target(target, acc_g, acc_h, len(calib))
     results: dict[str, Any] = {"target_acc": target, "calibration": {"split": cfg.split, "examples": len(calib),
                                                                       "std_clean_acc": acc_g, "rob_clean_acc": acc_h},
                                "adaptive": []}
+    fixed = None
+    if target is not None:
+        fixed = results["fixed"] = calibrate_fixed_alpha(g, h, calib, target, std_scale, rob_scale, cfg.batch_size)
+    if loaded:
+        eps, norm = _threat(cfg, first_info, rob_info, rob_path)
+        attack = dict(eps=eps, norm=norm, apgd_steps=cfg.calib_apgd_steps, n_target_classes=cfg.calib_n_target_classes,
+                      seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
+        attack_set = calib.subset(cfg.attack_examples)
+        fixed_model = fixed_alpha_classifier(g, h, fixed["alpha"], std_scale, rob_scale)
+        fixed_correct = attacked_correct(fixed_model, attack_set, **attack)
     for path, (model, info) in zip(cfg.mixnet, loaded):
-        summary = calibrate_adaptive(model, calib, target, cfg.param, cfg.scale,
-                                     tuple(cfg.alpha_range) if cfg.alpha_range else None, cfg.range_width,
-                                     batch_size=cfg.batch_size)
+        adaptive_correct = None
+        if cfg.param == "range":
+            if cfg.scale is not None:
+                model.mixing_net.set_eval_head(scale=cfg.scale)
+            summary = calibrate_range(model, calib, target, cfg.range_widths, attack_examples=cfg.attack_examples,
+                                      **attack)
+            adaptive_correct = summary.pop("attacked_correct")
+        else:
+            summary = calibrate_adaptive(model, calib, target, cfg.param, cfg.scale,
+                                         tuple(cfg.alpha_range) if cfg.alpha_range else None, cfg.range_width,
+                                         batch_size=cfg.batch_size)
+        summary["comparison"] = compare_adaptive_fixed(model, fixed_model, attack_set, adaptive_correct=adaptive_correct,
+                                                       fixed_correct=fixed_correct, **attack)
+        summary["comparison"]["use_instead"] = fixed_alpha_command(std_path, rob_path, fixed["alpha"], std_scale,
+                                                                   rob_scale)
         out = calibrated_output(cfg, path)
         meta = {k: v for k, v in info.items() if k not in ("provenance", "eval_head", "mixing_net", "taps",
                                                            "std_scale", "rob_scale", "detach_features", "nonlinear",
@@ -339,9 +599,6 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
         save_adaptive_classifier(model, out, meta)
         results["adaptive"].append({"checkpoint": str(path), "calibrated": out, "setting": info.get("setting"),
                                     **summary})
-    fixed = None
-    if target is not None:
-        fixed = results["fixed"] = calibrate_fixed_alpha(g, h, calib, target, std_scale, rob_scale, cfg.batch_size)
     nonlinear_model = None
     if cfg.rule == "nonlinear":
         eps, norm = _threat(cfg, first_info, rob_info, rob_path)

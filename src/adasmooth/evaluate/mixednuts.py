@@ -19,7 +19,7 @@ from torch import nn
 from ..core.errors import ConfigError, InputError
 from ..data import Dataset
 from ..mixing.nonlinear import TOP_K, NonlinearParams, nonlinear_map, nonlinear_mix_log_probs
-from .search import bisect_decreasing
+from ..core.search import bisect_decreasing
 
 __all__ = ["robust_margin_logits", "probability_margins", "spca_objective", "nonlinear_grid", "grid_search_nonlinear",
            "calibrate_nonlinear_to_accuracy"]

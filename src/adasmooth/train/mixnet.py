@@ -54,7 +54,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.plotting import pyplot, save_figure
 from ..core.runtime import resolve_device, seed_everything
-from ..core.search import bisect_decreasing
+from ..core.search import bisect_decreasing, percent_correct
 from ..core.stats import roc_auc
 from ..data import Dataset, load_dataset
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
@@ -423,15 +423,14 @@ def monitor_epoch(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrai
     net = model.mixing_net
     x, y = data.x.to(device), data.y.to(device)
     g, h, z = _clean_outputs(model, x, batch_size)
-    acc_g = 100.0 * (g.argmax(1) == y).float().mean().item()
-    acc_h = 100.0 * (h.argmax(1) == y).float().mean().item()
+    acc_g, acc_h = percent_correct(g, y), percent_correct(h, y)
     target = acc_h + cfg.monitor_target_between * (acc_g - acc_h)
     head = net.eval_head()
     scale = head["scale"]
 
     def clean_acc(shift: float) -> float:
         alpha, _ = ranged_alpha(z * scale + shift, head["alpha_min"], head["alpha_max"])
-        return 100.0 * (model.mix_from_logits(g, h, alpha).argmax(1) == y).float().mean().item()
+        return percent_correct(model.mix_from_logits(g, h, alpha), y)
 
     shift, reached_acc, reached = bisect_decreasing(clean_acc, -20.0, 20.0, target)
     net.set_eval_head(shift=shift)
