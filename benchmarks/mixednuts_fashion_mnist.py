@@ -9,7 +9,8 @@ g = the shared standard small CNN, h = the shared PGD-trained small CNN (benchma
    extra clean batch per batch): "adaptive" (Eq. 3.4) and "nonlinear + adaptive" (hardmax g,
    transformed h).
 3. Each of the four classifiers calibrated to the same clean accuracy, halfway between h and g
-   (fixed: alpha; nonlinear: (s, c, p, alpha) at the target; adaptive ones: the sigmoid shift).
+   (fixed: alpha; nonlinear: (s, c, p, alpha) at the target; adaptive ones: ``calibrate``'s default,
+   alpha confined to the range whose floor and width setting D attacks least on the calibration images).
 4. Each attacked on the first test images with A, B, D, surrogate, std and rob transfer, and the
    reference AutoAttack (pyautoattack standard, end to end); the worst case over all of them.
 5. The clean accuracy each reaches at 95 % of h's robust accuracy: the same calibrations at more
@@ -40,7 +41,7 @@ from adasmooth.attacks.autoattack import AutoAttackAttack
 from adasmooth.attacks.base import is_mixed_model
 from adasmooth.core.io import format_table, write_result
 from adasmooth.data.base import Dataset, load_dataset
-from adasmooth.evaluate.calibrate import _base_logits, calibrate_adaptive, calibrate_fixed_alpha
+from adasmooth.evaluate.calibrate import _base_logits, calibrate_fixed_alpha, calibrate_range
 from adasmooth.evaluate.mixednuts import calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid, robust_margin_logits
 from adasmooth.evaluate.robustness import evaluate_robustness
 from adasmooth.mixing import MixedClassifier
@@ -94,7 +95,10 @@ def _calibrated(method: str, target: float, ctx: dict) -> tuple[torch.nn.Module,
         params = NonlinearParams(s=fit["s"], c=fit["c"], p=fit["p"])
         return MixedClassifier(g, h, fit["alpha"], rule=nonlinear_rule(params)).eval(), fit
     model, _ = load_adaptive_classifier(ctx["mixnet"][method], device=ctx["device"])
-    return model, calibrate_adaptive(model, calib, target)
+    # calibrate's default: alpha confined to the range (floor and width) that setting D attacks least
+    return model, calibrate_range(model, calib, target, eps=ctx["eps"], norm="linf",
+                                  attack_examples=ctx["range_attack_examples"], apgd_steps=ctx["apgd_steps"],
+                                  n_target_classes=ctx["n_target_classes"], seed=0)
 
 
 def _clean_at(points: list[tuple[float, float]], robust_target: float) -> float | None:
@@ -178,14 +182,15 @@ def main() -> None:
             cfg = MixnetTrainConfig(
                 std=std_path, rob=rob_path, dataset="fashion-mnist", data_dir=data_dir, setting="B", eps=args.eps,
                 widths=[int(w) for w in args.widths.split(",")], blocks=[1, 1, 1], attack_steps=args.attack_steps,
-                epochs=args.epochs, batch_size=args.batch_size, n_train=args.n_train, lr=args.lr,
+                recipe="cheap", epochs=args.epochs, batch_size=args.batch_size, n_train=args.n_train, lr=args.lr,
                 extra_clean=args.extra_clean, ema_decay=args.ema_decay, rule=rule, nonlinear=params,
                 eval_examples=100, eval_pgd_steps=10, seed=0, device=args.device, output=str(out), progress=progress)
             training[method] = train_mixnet(cfg, train_data=train, eval_data=test)["metrics"]
         timings[f"train {method}"] = time.time() - t0
 
     ctx = {"device": device, "g": g, "h": h, "calib": calib, "attacked": attacked, "grid": grid, "mixnet": mixnet,
-           "logits": _base_logits(g, h, calib)}
+           "logits": _base_logits(g, h, calib), "eps": args.eps, "apgd_steps": args.apgd_steps,
+           "n_target_classes": args.n_target_classes, "range_attack_examples": min(200, len(calib))}
 
     # 3-4. the main point: every classifier at the same clean accuracy, every attack
     target = acc_h + args.target_between * (acc_g - acc_h)
