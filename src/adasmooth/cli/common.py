@@ -2,19 +2,22 @@
 
 Each command module may define ``files(cfg) -> (inputs, outputs)``; :func:`check_run_files` then
 refuses, up front, an output that would overwrite an input, an output that names an existing folder,
-and an output whose folder cannot be created or written. (Defaults read from the checkpoints'
-sidecars live in :mod:`adasmooth.models.checkpoint`.)
+and an output whose folder cannot be created or written; :func:`lock_outputs` then holds a lock on each
+output while the command runs, so that a second run writing the same file is refused. (Defaults read
+from the checkpoints' sidecars live in :mod:`adasmooth.models.checkpoint`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from ..core.errors import ConfigError
+from ..core.io import output_lock
 
-__all__ = ["check_run_files", "checkpoint_files"]
+__all__ = ["check_run_files", "checkpoint_files", "lock_outputs"]
 
 
 def checkpoint_files(*specs: str | Path | None) -> list[Path]:
@@ -45,3 +48,15 @@ def check_run_files(inputs: Iterable[str | Path], outputs: Iterable[str | Path])
         if out.is_dir():
             raise ConfigError(f"output {out} is an existing folder; give a file path")
         _writable_folder(resolved)
+
+
+@contextlib.contextmanager
+def lock_outputs(outputs: Iterable[str | Path]) -> Iterator[None]:
+    """Hold a lock (``<output>.lock``, see :func:`adasmooth.core.io.output_lock`) on every output while
+    the block runs: another run writing one of them is refused with one line. Under torchrun only rank
+    0 locks (the ranks of one run share their outputs; rank 0 writes them)."""
+    with contextlib.ExitStack() as stack:
+        if os.environ.get("RANK", "0") == "0":
+            for out in dict.fromkeys(Path(p).resolve() for p in outputs):
+                stack.enter_context(output_lock(out))
+        yield
