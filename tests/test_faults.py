@@ -153,6 +153,10 @@ def test_an_output_lock_refuses_a_second_holder_and_is_removed_on_release(tmp_pa
     assert not lock.exists()
     with output_lock(out):  # free again
         pass
+    deep = tmp_path / "new" / "folder" / "r.json"
+    with output_lock(deep):
+        assert deep.parent.is_dir()
+    assert not (tmp_path / "new").exists()  # a run that wrote nothing leaves no folder either
 
 
 def test_a_second_evaluate_on_the_same_output_is_refused_and_the_first_finishes(checkpoints, tmp_path):

@@ -10,14 +10,17 @@ from the checkpoints' sidecars live in :mod:`adasmooth.models.checkpoint`.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from ..core.errors import ConfigError
 from ..core.io import output_lock
 
-__all__ = ["check_run_files", "checkpoint_files", "lock_outputs"]
+__all__ = ["check_run_files", "checkpoint_files", "lock_outputs", "warn_class_count"]
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_files(*specs: str | Path | None) -> list[Path]:
@@ -60,3 +63,13 @@ def lock_outputs(outputs: Iterable[str | Path]) -> Iterator[None]:
             for out in dict.fromkeys(Path(p).resolve() for p in outputs):
                 stack.enter_context(output_lock(out))
         yield
+
+
+def warn_class_count(infos: Mapping[str, Mapping[str, Any]], data) -> None:
+    """Warn when a model's class count differs from the data's (e.g. a 1000-class ImageNet model on a
+    2-class folder): labels then index the model's first classes, which is rarely what was meant."""
+    for path, info in infos.items():
+        count = info.get("num_classes")
+        if count is not None and int(count) != data.num_classes:
+            logger.warning("%s predicts %d classes but %s %s has %d: label k is taken to be the model's class k",
+                           path, int(count), data.name, data.split, data.num_classes)

@@ -22,7 +22,7 @@ from ..core.precision import Precision, channels_last_option, compile_option, pa
 from ..data.images import ImageOptions
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import SPEC_HELP, model_dir_option
-from .common import checkpoint_files
+from .common import checkpoint_files, warn_class_count
 
 
 @dataclass
@@ -147,6 +147,7 @@ def run(cfg: EvaluateConfig) -> int:
     cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
     data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
+    warn_class_count(infos, data)
 
     if cfg.batch_size == "auto":
         from ..core.precision import auto_batch_size, prepare_model

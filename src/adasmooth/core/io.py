@@ -159,16 +159,18 @@ def output_lock(path: str | Path) -> Iterator[Path]:
 
     The lock is the operating system's (``flock``), so the kernel releases it when its holder exits,
     however it exits: a killed run never leaves an output locked. The lock file (holding the pid) is
-    removed on release. Without ``fcntl`` (Windows) nothing is locked."""
+    removed on release, and so are the folders made for it that the run left empty. Without ``fcntl``
+    (Windows) nothing is locked."""
     path = Path(path)
     lock = path.with_name(path.name + ".lock")
     if fcntl is None:  # pragma: no cover
         yield lock
         return
+    made: list[Path] = []
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = _take_lock(lock, path)
+        fd = _take_lock(lock, path, made)
     except OSError as err:
+        _remove_empty(made)
         if disk_full(err):
             raise disk_full_error(lock) from err
         raise
@@ -181,10 +183,20 @@ def output_lock(path: str | Path) -> Iterator[Path]:
         # unlinked before the lock goes: whoever opened this file meanwhile sees that it is gone (_take_lock)
         lock.unlink(missing_ok=True)
         os.close(fd)
+        _remove_empty(made)
 
 
-def _take_lock(lock: Path, output: Path) -> int:
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty: the run wrote there
+            folder.rmdir()
+
+
+def _take_lock(lock: Path, output: Path, made: list[Path]) -> int:
     for _ in range(10):
+        missing = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        made.extend(reversed(missing))  # outermost first
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
