@@ -207,3 +207,14 @@ def test_train_base_with_a_huge_lr_is_one_line(tmp_path, capsys):
     assert len(lines) == 1 and "training loss became nan" in lines[0] and "lower the lr" in lines[0], lines
     assert "--lr 1000000.0" in lines[0]
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_journal_emptied_under_a_run_is_one_line_not_a_key_error(checkpoints, tmp_path, capsys, monkeypatch):
+    """The end of evaluate reads the journal back; records gone meanwhile (before the lock: a second
+    run that finished first and removed it) were a KeyError: 0."""
+    monkeypatch.setattr(Journal, "_write_line", lambda self, payload: None)  # nothing reaches the file
+    rc = main(["evaluate", "--model", checkpoints["g"], "--eps", "0.1", "--norm", "linf", "--attacks", "pgd",
+               "--n-examples", "20", "--batch-size", "10", "--no-progress", "-o", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "lacks 20 of the 20 examples" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -60,7 +60,7 @@ def lock_outputs(outputs: Iterable[str | Path]) -> Iterator[None]:
     0 locks (the ranks of one run share their outputs; rank 0 writes them)."""
     with contextlib.ExitStack() as stack:
         if os.environ.get("RANK", "0") == "0":
-            for out in dict.fromkeys(Path(p).resolve() for p in outputs):
+            for out in {Path(p).resolve(): Path(p) for p in outputs}.values():  # each file once, as given
                 stack.enter_context(output_lock(out))
         yield
 
