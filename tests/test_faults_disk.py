@@ -141,3 +141,16 @@ def test_atomic_stream_passes_on_other_errors(tmp_path):
     with pytest.raises(KeyError):
         atomic_stream(tmp_path / "x", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_give_files_the_usual_mode(tmp_path):
+    """mkstemp's temporary file is private (0600): a result renamed from it was unreadable to the group."""
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "new.json", {"a": 1})
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.json").chmod(0o640)
+        write_json(tmp_path / "new.json", {"a": 2})  # a rewrite keeps the file's own mode
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
