@@ -17,7 +17,7 @@ import importlib
 import sys
 
 from ..core.errors import AdasmoothError
-from .common import check_run_files
+from .common import check_run_files, lock_outputs
 from .options import add_config_options, config_from_args
 
 __all__ = ["COMMANDS", "main", "build_parser"]
@@ -91,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(module.CONFIG, args, args.config)
+        outputs = []
         if hasattr(module, "files"):
             inputs, outputs = module.files(cfg)
             check_run_files([*inputs, *([args.config] if args.config else [])], outputs)
-        code = int(module.run(cfg) or 0)
+        with lock_outputs(outputs):
+            code = int(module.run(cfg) or 0)
         if code == 0:
             finish_distributed(success=True)  # under torchrun: exits here
         return code

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.checks import check_eps
+from ..core.errors import CheckpointError
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import SPEC_HELP, model_dir_option
-from .common import checkpoint_files
+from .common import checkpoint_files, warn_class_count
 
 
 @dataclass
@@ -146,6 +147,7 @@ def run(cfg: EvaluateConfig) -> int:
     cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
     data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image).subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
+    warn_class_count(infos, data)
 
     if cfg.batch_size == "auto":
         from ..core.precision import auto_batch_size, prepare_model
@@ -204,6 +206,10 @@ def run(cfg: EvaluateConfig) -> int:
     if not dist.is_main:
         return 0
     journal = Journal(path, fingerprint, part="rank0" if dist.active else None)  # every process's records
+    missing = [i for i in range(len(data)) if i not in journal.done]
+    if missing:  # the journal was removed or cut while this run wrote it
+        raise CheckpointError(f"journal {path} lacks {len(missing)} of the {len(data)} examples this run finished "
+                              f"(first: {missing[0]}); was it removed meanwhile? run again to redo them")
     report = final_report([journal.done[i] for i in range(len(data))], True)
     write_report(cfg.output, report, config=config_record)
     journal.remove_all()

@@ -8,7 +8,8 @@ ValueError for bad arguments keep working.
 
 from __future__ import annotations
 
-__all__ = ["AdasmoothError", "ConfigError", "InputError", "DataError", "CheckpointError", "MissingDependencyError"]
+__all__ = ["AdasmoothError", "ConfigError", "InputError", "DataError", "CheckpointError", "MissingDependencyError",
+           "OutputError", "DivergedError"]
 
 
 class AdasmoothError(ValueError):
@@ -33,3 +34,14 @@ class CheckpointError(AdasmoothError, FileNotFoundError):
 
 class MissingDependencyError(AdasmoothError, ImportError):
     """An optional package the run needs does not import; the message says how to install it."""
+
+
+class OutputError(AdasmoothError, OSError):
+    """An output cannot be written: the disk is full, or another process is writing the same file.
+
+    Raised after the write was undone: no partial or temporary file is left, earlier files are unchanged.
+    """
+
+
+class DivergedError(AdasmoothError, FloatingPointError):
+    """Training diverged: the loss became NaN or infinite (usually a learning rate too large)."""

@@ -7,6 +7,10 @@ Layout under ``--data-dir`` (the same for ``folder`` and ``imagenet``)::
                                              images directly plus a label file
     <split folder>_labels.txt                e.g. val_labels.txt: '<file name> <class name or index>' lines
 
+Crop and resize left unset are chosen from the images (see :mod:`.images`: their own size when they all
+share one) and written into the options given, so that a run's config records the sizes used and the
+test split loaded with the same options gets the training split's sizes.
+
 Class index = position of the class folder's name in the sorted names of ``train/`` (of the test
 folder, or of the label file's names, when there is no ``train/``). Examples are ordered by class, then
 file name (flat folders: by file name), unless a subset list (``--image-subset``) gives the files, one
@@ -25,7 +29,8 @@ import torch
 from ..core.errors import ConfigError, DataError
 from .augment import augment_batch, example_uniforms, uniforms_needed
 from .base import Dataset, register_image_files
-from .images import IMAGE_SUFFIXES, ImageOptions, eval_image, train_image
+from .images import (IMAGE_SUFFIXES, ImageOptions, common_image_size, eval_transform, open_rgb, train_image,
+                     warn_if_upscaled)
 
 __all__ = ["ImageFolderDataset", "scan_image_folder", "load_image_folder"]
 
@@ -45,6 +50,7 @@ class ImageFolderDataset(Dataset):
         self.num_classes, self.name, self.split = int(num_classes), name, split
         self.options, self.classes = options, list(classes) if classes is not None else None
         self._x: torch.Tensor | None = None
+        self._warned_upscale = False
 
     def __len__(self) -> int:
         return len(self.files)
@@ -74,8 +80,10 @@ class ImageFolderDataset(Dataset):
 
     def select(self, indices) -> "ImageFolderDataset":
         idx = torch.as_tensor(indices, dtype=torch.int64).tolist()
-        return ImageFolderDataset([self.files[i] for i in idx], self.labels[idx], self.num_classes, self.name,
+        part = ImageFolderDataset([self.files[i] for i in idx], self.labels[idx], self.num_classes, self.name,
                                   self.split, self.options, self.classes)
+        part._warned_upscale = self._warned_upscale
+        return part
 
     def subset(self, n: int | None) -> "ImageFolderDataset":
         if n is None or n >= len(self):
@@ -98,10 +106,17 @@ class ImageFolderDataset(Dataset):
             u = example_uniforms(seed, epoch, idx, uniforms_needed(augment))
             images = [train_image(self.files[i], self.options, u[j]) for j, i in enumerate(idx.tolist())]
         else:
-            images = [eval_image(self.files[i], self.options) for i in idx.tolist()]
+            images = [self._eval_image(self.files[i]) for i in idx.tolist()]
         size = self.options.size
         x = torch.stack(images) if images else torch.zeros(0, 3, size, size)
         return augment_batch(x, idx, "none" if augment == "resized-crop-flip" else augment, seed, epoch), self.labels[idx]
+
+
+    def _eval_image(self, path: Path) -> torch.Tensor:
+        img = open_rgb(path)
+        if not self._warned_upscale:  # images of several sizes: the first one resized up much says so
+            self._warned_upscale = warn_if_upscaled(f"{self.name} {self.split} ({path})", img.size, self.options)
+        return eval_transform(img, self.options)
 
 
 # ---------------------------------------------------------------------------- scanning a folder
@@ -241,7 +256,15 @@ def load_image_folder(name: str, split: str, data_dir: Path, options: ImageOptio
         raise ConfigError(f"image options must be an ImageOptions, got {type(options).__name__}")
     options.validate()
     files, labels, classes, count = scan_image_folder(name, split, Path(data_dir), options, num_classes)
-    return ImageFolderDataset(files, np.asarray(labels, dtype=np.int64), count, name, split, options, classes)
+    data = ImageFolderDataset(files, np.asarray(labels, dtype=np.int64), count, name, split, options, classes)
+    if options.crop is None or options.resize is None:
+        common = common_image_size(files)
+        chosen = options.resolved(common)
+        options.crop, options.resize = chosen.crop, chosen.resize  # in place: see the module docstring
+        options.validate()
+        if common is not None:
+            data._warned_upscale = warn_if_upscaled(f"{name} {split}", common, options)
+    return data
 
 
 @register_image_files("folder", num_classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="resized-crop-flip")

@@ -1,14 +1,19 @@
 """Image files to tensors with Pillow, without torchvision.
 
 Evaluation: resize so that the short side is ``resize`` (bilinear, Pillow's antialiasing), then a
-centre crop of ``crop`` x ``crop`` (defaults 256 / 224, the usual ImageNet protocol; RobustBench's
-"Res256Crop224"). Training: a random resized crop straight from the decoded file (see
+centre crop of ``crop`` x ``crop``. Training: a random resized crop straight from the decoded file (see
 :mod:`.augment`). Values are in [0, 1]; normalisation stays inside the model.
+
+Sizes left unset (:meth:`ImageOptions.resolved`): when all images share one size, ``crop`` is their short
+side and nothing is resized up (a folder of 32x32 images is used as it is); otherwise the usual ImageNet
+protocol, resize 256 and crop 224 (RobustBench's "Res256Crop224"), with ``resize`` = crop * 8/7 for
+another crop. Images resized up by 2x or more are worth a warning: the model sees mostly interpolation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,11 +26,14 @@ from ..core.config import option
 from ..core.errors import ConfigError, DataError, MissingDependencyError
 from .augment import resized_crop_box
 
-__all__ = ["ImageOptions", "IMAGE_SUFFIXES", "open_rgb", "resize_short_side", "center_crop_box",
-           "eval_image", "train_image", "to_tensor"]
+__all__ = ["ImageOptions", "IMAGE_SUFFIXES", "open_rgb", "image_size", "common_image_size", "resize_short_side",
+           "center_crop_box", "eval_image", "eval_transform", "train_image", "to_tensor", "UPSCALE_WARNING"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_CROP = 224
+UPSCALE_WARNING = 2.0  # images resized up by this factor or more get a warning
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,9 +42,11 @@ class ImageOptions:
 
     crop: int | None = option(None, help="side of the square model input (image data sets): centre crop for "
                                          "evaluation, random resized crop for training (default: the "
-                                         "checkpoint's input size, else 224)")
+                                         "checkpoint's input size, else the images' own when they all share "
+                                         "one, else 224)")
     resize: int | None = option(None, help="short side images are resized to before the centre crop "
-                                           "(default: crop * 8/7, i.e. 256 for 224)")
+                                           "(default: crop * 8/7, i.e. 256 for 224, but no more than images "
+                                           "of one shared size already have)")
     subset: str | None = option(None, help="file listing the images to use, one path per line relative to the "
                                            "split folder, in this order (e.g. RobustBench's 5000 ImageNet images)")
     labels: str | None = option(None, help="label file of a flat image folder: '<file> <class name or index>' "
@@ -44,8 +54,8 @@ class ImageOptions:
 
     def validate(self) -> None:
         check_counts(self, "crop", "resize")
-        if self.resize is not None and self.resize < self.size:
-            raise ConfigError(f"image resize {self.resize} is smaller than the crop {self.size}")
+        if self.resize is not None and self.crop is not None and self.resize < self.crop:
+            raise ConfigError(f"image resize {self.resize} is smaller than the crop {self.crop}")
 
     @property
     def size(self) -> int:
@@ -54,6 +64,19 @@ class ImageOptions:
     @property
     def short_side(self) -> int:
         return self.resize if self.resize is not None else int(round(self.size * 256 / 224))
+
+    def resolved(self, common: tuple[int, int] | None) -> "ImageOptions":
+        """These options with ``crop`` and ``resize`` set: unset ones from ``common``, the (width, height)
+        all images share (None when they differ), as the module docstring says."""
+        short = min(common) if common else None
+        crop = self.crop
+        if crop is None:
+            crop = (self.resize or short) if short else DEFAULT_CROP
+        resize = self.resize
+        if resize is None:
+            protocol = int(round(crop * 256 / 224))
+            resize = max(crop, min(protocol, short)) if short else protocol
+        return dataclasses.replace(self, crop=crop, resize=resize)
 
     def fit(self, input_shapes: Iterable[Sequence[int] | None]) -> "ImageOptions":
         """These options with ``crop`` defaulting to the side of the first known shape of ``input_shapes``
@@ -83,6 +106,43 @@ def open_rgb(path: Path):
         raise DataError(f"cannot read image {path}: {err}") from err
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image at ``path``, from its header (nothing decoded)."""
+    Image = _pil()
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def common_image_size(paths: Iterable[Path]) -> tuple[int, int] | None:
+    """The (width, height) all the images share, None when two differ (or there are none, or one cannot
+    be read: decoding it names the file); reads headers only, up to the first that differs."""
+    common = None
+    for path in paths:
+        try:
+            size = image_size(path)
+        except DataError:
+            return None
+        if common is not None and size != common:
+            return None
+        common = size
+    return common
+
+
+def warn_if_upscaled(where: str, size: tuple[int, int], options: ImageOptions) -> bool:
+    """Log a warning when images of ``size`` (width, height) are resized up by UPSCALE_WARNING or more;
+    whether it did."""
+    factor = options.short_side / min(size)
+    if factor < UPSCALE_WARNING:
+        return False
+    logger.warning("%s: images of %dx%d are resized up %.1fx (short side %d, crop %d): the model sees mostly "
+                   "interpolated pixels; is this the input size it was trained for?", where, size[0], size[1],
+                   factor, options.short_side, options.size)
+    return True
+
+
 def resize_short_side(img, size: int):
     """``img`` scaled so that its short side is ``size`` (the long side rounded down, as torchvision does)."""
     w, h = img.size
@@ -107,9 +167,14 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
-def eval_image(path: Path, options: ImageOptions) -> torch.Tensor:
-    img = resize_short_side(open_rgb(path), options.short_side)
+def eval_transform(img, options: ImageOptions) -> torch.Tensor:
+    """A decoded image resized (short side ``options.short_side``) and centre-cropped, as a tensor."""
+    img = resize_short_side(img, options.short_side)
     return to_tensor(img.crop(center_crop_box(*img.size, options.size)))
+
+
+def eval_image(path: Path, options: ImageOptions) -> torch.Tensor:
+    return eval_transform(open_rgb(path), options)
 
 
 def train_image(path: Path, options: ImageOptions, u: np.ndarray) -> torch.Tensor:

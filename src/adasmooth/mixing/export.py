@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, InputError
-from ..core.io import atomic_write, provenance
+from ..core.io import atomic_stream, provenance
 from ..models.checkpoint import checkpoint_paths
 from ..models.robustbench import PREFIX, parse_robustbench_spec, resolve_model_dir
 from .adaptive import KIND as ADAPTIVE_KIND
@@ -160,5 +160,5 @@ def export_mixture(model: nn.Module, path: str | Path, input_shape: Sequence[int
     extra = {"adasmooth.json": json.dumps(info, default=str)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's, see the module docstring
-        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+        atomic_stream(path, lambda f: torch.jit.save(traced, f, _extra_files=extra))  # a full disk: no C++ abort
     return info

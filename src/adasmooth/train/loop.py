@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..attacks import PGD
 from ..core.config import data_dir_option, option, RunOptions
 from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, DivergedError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.precision import Precision, autocast, grad_scaler, precision_option
 from ..core.runtime import resolve_device, seed_everything
@@ -277,7 +277,8 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             with autocast(cfg.precision, device.type):
                 loss = fn(trained, (x, y, idx), cfg, ctx)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
+                raise DivergedError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(--lr {cfg.lr}); lower the lr")
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients; weighting each rank's mean by its share of the
             # global batch makes that average the gradient of the global batch's mean loss.
