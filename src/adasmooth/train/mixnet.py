@@ -50,7 +50,7 @@ from ..attacks.losses import get_loss
 from ..attacks.nonlinear import surrogate_for
 from ..core.config import CheckpointDataOptions, option
 from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, DivergedError, InputError
 from ..core.io import load_resume_state, save_resume_state
 from ..core.plotting import pyplot, save_figure
 from ..core.runtime import resolve_device, seed_everything
@@ -639,7 +639,8 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                                             cfg.c_ce, cfg.c_bce, cfg.c_prod)
                 loss = (sample_w * per_sample).sum() / total_weight
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"mixing-network loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
+                raise DivergedError(f"mixing-network loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                    f"lower --lr (now {cfg.lr:g})")
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients: scaled by the number of ranks, that is the gradient of the sum
             scaler.scale(loss * dist.world_size).backward()
