@@ -297,3 +297,19 @@ def test_each_epoch_is_measured_and_the_best_kept(digits_bases, tmp_path, monkey
     assert (tmp_path / "m.curve.png").stat().st_size > 1000
     assert meta["training"]["images"] == {"dataset": "digits", "split": "train", "val_fraction": 0.1, "seed": 0,
                                           "n_train": 64}
+
+
+def test_a_diverging_run_is_one_line_through_the_cli(digits_bases, tmp_path, capsys, monkeypatch):
+    import adasmooth.train.mixnet as mt
+    from adasmooth.cli import main
+
+    real = mt.composite_loss
+    monkeypatch.setattr(mt, "composite_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    rc = main(["train-mixnet", "--std", str(digits_bases / "g"), "--rob", str(digits_bases / "h"), "--dataset", "digits",
+               "--eps", "0.2", "--widths", "4,4,4", "--blocks", "1,1,1", "--recipe", "cheap", "--attack-steps", "1",
+               "--epochs", "1",
+               "--batch-size", "16", "--n-train", "32", "--monitor-examples", "0", "--no-progress", "--lr", "5",
+               "-o", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "lower --lr (now 5)" in err[0]
+    assert not (tmp_path / "m.safetensors").exists()
