@@ -37,8 +37,8 @@ LOADER = textwrap.dedent("""
     for exported, out in zip(sys.argv[2::2], sys.argv[3::2]):
         # the default format: a torch.export program (-W error: no deprecation warning); TorchScript where asked for
         if exported.endswith(".pt"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with warnings.catch_warnings():  # a DeprecationWarning in torch 2.13, a FutureWarning in 2.14
+                warnings.filterwarnings("ignore", message=r".*torch\\.jit.*deprecated")
                 model = torch.jit.load(exported)
         else:
             model = torch.export.load(exported).module()
@@ -102,7 +102,7 @@ def test_exported_mixtures_load_without_adasmooth_and_match(tmp_path):
     for name in runs:
         argv += [str(files[name]), str(tmp_path / f"{name}-logits.pt")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-I", "-W", "error::DeprecationWarning", "-c", LOADER, *argv],
+    proc = subprocess.run([sys.executable, "-I", "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", LOADER, *argv],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "adasmooth refused" in proc.stdout
@@ -124,7 +124,7 @@ def test_exported_mixtures_load_without_adasmooth_and_match(tmp_path):
     assert meta["eval_head"]["alpha_min"] == pytest.approx(0.1) and meta["max_abs_diff"] <= 1e-5
     extra = {"adasmooth.json": ""}
     with warnings.catch_warnings():  # newer torch notes TorchScript's deprecation; the file loads all the same
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
         torch.jit.load(str(files["adaptive-ts"]), _extra_files=extra)
     assert json.loads(extra["adasmooth.json"])["format"] == "torchscript"
 

@@ -30,13 +30,14 @@ MixedNUTS model from ``robustbench:cifar100/Linf/Bai2024MixedNUTS`` (a nonlinear
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -141,6 +142,15 @@ def _program_saver(model: nn.Module, example: torch.Tensor) -> Callable[[dict[st
     return save
 
 
+@contextlib.contextmanager
+def _torchscript_deprecation_ignored() -> Iterator[None]:
+    """Torch notes TorchScript's deprecation on every save and load (a DeprecationWarning in 2.13, a
+    FutureWarning in 2.14); here TorchScript was asked for, or is the fallback the command reports."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+        yield
+
+
 def _torchscript_saver(model: nn.Module, example: torch.Tensor) -> Callable[[dict[str, Any]], bytes]:
     """Trace ``model`` with ``torch.jit.trace``; a function from a record to the file's bytes."""
     with warnings.catch_warnings():
@@ -150,8 +160,7 @@ def _torchscript_saver(model: nn.Module, example: torch.Tensor) -> Callable[[dic
 
     def save(record: dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
-        with warnings.catch_warnings():  # torch >= 2.14 notes TorchScript's deprecation on every save
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with _torchscript_deprecation_ignored():
             torch.jit.save(traced, buffer, _extra_files={RECORD: json.dumps(record, default=str)})
         return buffer.getvalue()
 
@@ -169,8 +178,7 @@ def load_exported(file: bytes | str | Path) -> tuple[Callable, dict[str, Any]]:
         source.seek(0)
     extra = {RECORD: ""}
     if torchscript:
-        with warnings.catch_warnings():  # torch >= 2.14 notes TorchScript's deprecation on every load
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with _torchscript_deprecation_ignored():
             module = torch.jit.load(source if isinstance(source, io.BytesIO) else str(source), _extra_files=extra)
     else:
         module = torch.export.load(source, extra_files=extra).module()
