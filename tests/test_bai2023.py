@@ -150,15 +150,15 @@ def test_missing_files_unknown_entries_and_pickles_are_one_line_errors(tmp_path)
         load_bai2023("Bai2023Improving_edm", "cifar10", tmp_path)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
-def test_a_composite_exports_and_runs_as_torchscript(tmp_path):
-    """The composite's parts (weight-standardised convs, the 128x128 resize, hand padding) trace faithfully."""
+def test_a_composite_exports_and_runs_as_a_torch_export_program(tmp_path):
+    """The composite's parts (weight-standardised convs, the 128x128 resize, hand padding) export faithfully."""
     torch.manual_seed(0)
     model = build_bai2023("Bai2023Improving_edm", "cifar100", {"units": (1, 1, 1, 1), "width_factor": 1},
                           {"depth": 10, "width": 1}, {"widths": [8, 8, 8], "blocks": 1})
-    info = export_mixture(model, tmp_path / "bai.pt", (3, 32, 32))
+    info = export_mixture(model, tmp_path / "bai.pt2", (3, 32, 32))
+    assert info["format"] == "export" and "fallback" not in info
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    exported = torch.jit.load(str(tmp_path / "bai.pt"))
+    exported = torch.export.load(str(tmp_path / "bai.pt2")).module()
     with torch.no_grad():
         assert torch.allclose(exported(x), model(x), atol=1e-5, rtol=0)
     assert info["mixing_net"] == "Bai2023MixingNet" and info["eval_head"]["alpha_min"] == pytest.approx(0.84)

@@ -26,7 +26,7 @@ SHAPE = (1, 8, 8)
 # Runs in a fresh interpreter: -I (no PYTHONPATH, no user site), cwd outside the repository, and a
 # meta-path finder in front that refuses adasmooth, since an editable install would otherwise be found.
 LOADER = textwrap.dedent("""
-    import importlib.abc, sys
+    import importlib.abc, sys, warnings
     class Refuse(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] == "adasmooth":
@@ -35,7 +35,13 @@ LOADER = textwrap.dedent("""
     import torch
     x = torch.load(sys.argv[1], weights_only=True)
     for exported, out in zip(sys.argv[2::2], sys.argv[3::2]):
-        model = torch.jit.load(exported)
+        # the default format: a torch.export program (-W error: no deprecation warning); TorchScript where asked for
+        if exported.endswith(".pt"):
+            with warnings.catch_warnings():  # a DeprecationWarning in torch 2.13, a FutureWarning in 2.14
+                warnings.filterwarnings("ignore", message=r".*torch\\.jit.*deprecated")
+                model = torch.jit.load(exported)
+        else:
+            model = torch.export.load(exported).module()
         with torch.no_grad():
             torch.save(model(x), out)
     assert not [m for m in sys.modules if m.split(".")[0] == "adasmooth"]
@@ -84,23 +90,25 @@ def test_exported_mixtures_load_without_adasmooth_and_match(tmp_path):
         "fixed-saved": ["--mixnet", str(tmp_path / "mixnets" / "fixed.json")],
         "fixed-args": ["--std", str(tmp_path / "models" / "g"), "--rob", str(tmp_path / "models" / "h"),
                        "--alpha", "0.7", "--std-scale", "2", "--rob-scale", "0.5"],
+        "adaptive-ts": ["--mixnet", str(tmp_path / "mixnets" / "mix"), "--format", "torchscript"],
     }
+    files = {name: out / (f"{name}.pt" if name.endswith("-ts") else f"{name}.pt2") for name in runs}
     for name, args in runs.items():
-        assert main(["export", *args, "--device", "cpu", "--output", str(out / f"{name}.pt")]) == 0
+        assert main(["export", *args, "--device", "cpu", "--output", str(files[name])]) == 0
 
     x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(7))  # another batch size than traced
     torch.save(x, tmp_path / "x.pt")
     argv = [str(tmp_path / "x.pt")]
     for name in runs:
-        argv += [str(out / f"{name}.pt"), str(tmp_path / f"{name}-logits.pt")]
+        argv += [str(files[name]), str(tmp_path / f"{name}-logits.pt")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-I", "-c", LOADER, *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-I", "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", LOADER, *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "adasmooth refused" in proc.stdout
 
     with torch.no_grad():
-        expected = {"adaptive": adaptive(x), "fixed-saved": fixed(x), "fixed-args": fixed(x)}
+        expected = {"adaptive": adaptive(x), "fixed-saved": fixed(x), "fixed-args": fixed(x), "adaptive-ts": adaptive(x)}
         alpha = adaptive.mix(x).alpha
     assert float(alpha.std()) > 0.02  # the adaptive mixture really is input-dependent
     for name, ref in expected.items():
@@ -109,12 +117,16 @@ def test_exported_mixtures_load_without_adasmooth_and_match(tmp_path):
         assert torch.allclose(got, ref, atol=1e-5, rtol=0), (name, (got - ref).abs().max())
 
     extra = {"adasmooth.json": ""}
-    with warnings.catch_warnings():  # newer torch notes TorchScript's deprecation; the file loads all the same
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.load(str(out / "adaptive.pt"), _extra_files=extra)
+    torch.export.load(str(files["adaptive"]), extra_files=extra)
     meta = json.loads(extra["adasmooth.json"])
     assert meta["kind"] == "adaptive-mixed-classifier" and meta["input_shape"] == list(SHAPE)
+    assert meta["format"] == "export" and "fallback" not in meta
     assert meta["eval_head"]["alpha_min"] == pytest.approx(0.1) and meta["max_abs_diff"] <= 1e-5
+    extra = {"adasmooth.json": ""}
+    with warnings.catch_warnings():  # newer torch notes TorchScript's deprecation; the file loads all the same
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+        torch.jit.load(str(files["adaptive-ts"]), _extra_files=extra)
+    assert json.loads(extra["adasmooth.json"])["format"] == "torchscript"
 
 
 def test_gradient_rules_are_refused_and_bad_options_exit_2(tmp_path, capsys):

@@ -33,7 +33,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("calibrate", "calibrate", "choose the mixing network's alpha range / the fixed alpha for a target clean "
                                "accuracy and compare them under attack"),
     ("certify", "certify", "certified radii: randomized smoothing and the mixed classifier's guarantees"),
-    ("export", "export", "write a mixed model as one TorchScript file that plain PyTorch loads"),
+    ("export", "export", "write a mixed model as one file plain PyTorch loads (torch.export or TorchScript)"),
     ("analyze", "analyze", "local Lipschitz estimates and confidence-gap analysis of base models"),
 ]
 MODULES = {name: module for name, module, _ in COMMANDS}

@@ -1,13 +1,16 @@
-"""``adasmooth export``: a mixed model as one TorchScript file that plain PyTorch loads.
+"""``adasmooth export``: a mixed model as one file that plain PyTorch loads.
 
 Examples::
 
-    adasmooth export --mixnet runs/mixnet-calibrated --output deploy/mixture.pt
-    adasmooth export --mixnet runs/fixed-mixture --output deploy/fixed.pt
-    adasmooth export --std runs/std --rob runs/rob --alpha 0.8 --output deploy/fixed.pt
+    adasmooth export --mixnet runs/mixnet-calibrated --output deploy/mixture.pt2
+    adasmooth export --mixnet runs/fixed-mixture --output deploy/fixed.pt2
+    adasmooth export --std runs/std --rob runs/rob --alpha 0.8 --output deploy/fixed.pt2
+    adasmooth export --mixnet runs/mixnet --format torchscript --output deploy/mixture.pt
 
-Load it anywhere with ``torch.jit.load("deploy/mixture.pt")``; no adasmooth needed. The input shape
-comes from the base models' sidecars unless --input-shape is given.
+Load it anywhere with ``torch.export.load("deploy/mixture.pt2").module()`` (``torch.jit.load`` for
+``--format torchscript``, and where torch.export cannot trace the model: the command says so); no
+adasmooth needed. The input shape is the one the saved mixture records, else the base models',
+unless --input-shape is given.
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ class ExportConfig(RunOptions):
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
     rule: Literal["prob", "logit"] = option("prob", help="mixing rule of a fixed mixture (prob: Eq. 3.4)")
-    input_shape: list[int] | None = option(None, help="C H W of the inputs; none: what the base models record")
-    output: str = output_option("runs/mixture.pt", "the TorchScript file to write")
+    input_shape: list[int] | None = option(None, help="C H W of the inputs; none: what the mixture or its base "
+                                                      "models record")
+    format: Literal["export", "torchscript"] = option(
+        "export", help="export: a torch.export program (torch.export.load(FILE).module()); torchscript: "
+                       "torch.jit.load(FILE), also used where torch.export cannot trace the model")
+    output: str = output_option("runs/mixture.pt2", "the file to write")
 
     def validate(self) -> None:
         fixed = (self.std, self.rob, self.alpha)
@@ -62,17 +69,21 @@ def run(cfg: ExportConfig) -> int:
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.mixnet is not None:
-        model, _ = load_mixture(cfg.mixnet, device)
+        model, recorded = load_mixture(cfg.mixnet, device)
         source = {"mixture": cfg.mixnet}
     else:
-        g, _ = load_model(cfg.std, device)
-        h, _ = load_model(cfg.rob, device)
+        g, std_info = load_model(cfg.std, device)
+        h, rob_info = load_model(cfg.rob, device)
         model = MixedClassifier(g, h, cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, rule=cfg.rule)
+        recorded = {"input_shape": std_info.get("input_shape") or rob_info.get("input_shape")}
         source = {"std": cfg.std, "rob": cfg.rob}
-    shape = cfg.input_shape or mixture_input_shape(model)
+    shape = cfg.input_shape or recorded.get("input_shape") or mixture_input_shape(model)
     if shape is None:
-        raise ConfigError("the base models record no input shape; give --input-shape C H W")
-    info = export_mixture(model, cfg.output, shape, {"source": source}, seed=cfg.seed)
+        raise ConfigError("neither the mixture nor its base models record an input shape; give --input-shape C H W")
+    info = export_mixture(model, cfg.output, shape, {"source": source}, seed=cfg.seed, format=cfg.format)
+    if "fallback" in info:
+        print(f"export: torch.export cannot export this model ({info['fallback']}); wrote TorchScript instead")
+    loader = "torch.jit.load" if info["format"] == "torchscript" else "torch.export.load(...).module()"
     print(f"export: {info['kind']} mixture, input {tuple(info['input_shape'])}, written to {cfg.output} "
-          f"(TorchScript; max |logit difference| to the library {info['max_abs_diff']:.2g})")
+          f"({info['format']}: load with {loader}; max |logit difference| to the library {info['max_abs_diff']:.2g})")
     return 0

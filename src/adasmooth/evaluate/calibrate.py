@@ -606,6 +606,7 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
         out = cfg.output or str(checkpoint_paths(rob_path)[0].with_suffix("")) + "-mixednuts"
         recorded = {**summary, "beta_fit": {k: v for k, v in summary["beta_fit"].items() if k != "objectives"}}
         save_fixed_mixture(nonlinear_model, out, {"std_checkpoint": std_path, "rob_checkpoint": rob_path,
+                                                  "input_shape": list(calib.input_shape),
                                                   "dataset": dataset, "calibration": recorded})
         results["nonlinear"] = {**summary, "saved": str(checkpoint_paths(out)[1])}
     first_out = results["adaptive"][0]["calibrated"] if results["adaptive"] else out

@@ -37,9 +37,9 @@ from .network import (
     MixingNetwork,
     as_feature_map,
     pair_features,
-    resolve_module,
+    tap_name,
 )
-from .bases import load_bases
+from .bases import load_bases, mixture_input_shape
 from .bases import relative_to as _relative_to
 from .protocol import MixOutput
 from .nonlinear import NonlinearParams, nonlinear_mix_log_probs
@@ -96,10 +96,8 @@ def _normalize_taps(std_model: nn.Module, rob_model: nn.Module, taps) -> tuple[t
     for t in (std_t, rob_t):
         if len(t) != 2 or not all(isinstance(n, str) for n in t):
             raise ConfigError(f"each model needs exactly two tap names, got {t!r}")
-    for model, t in ((std_model, std_t), (rob_model, rob_t)):
-        for name in t:
-            resolve_module(model, name)
-    return std_t, rob_t
+    # full module paths, so the records name exactly what was tapped
+    return tuple(tap_name(std_model, n) for n in std_t), tuple(tap_name(rob_model, n) for n in rob_t)
 
 
 def _class_count(model: nn.Module) -> int | None:
@@ -147,9 +145,10 @@ class AdaptiveMixedClassifier(nn.Module):
         self.features = features
         # MixedNUTS map on h with a hardmax g (mixing.nonlinear) instead of Eq. 3.4's softmaxes, or None
         self.nonlinear: NonlinearParams | None = None
-        # where the base models came from, recorded by save_adaptive_classifier
+        # where the base models came from and the (C, H, W) it was built for, recorded by save_adaptive_classifier
         self.std_checkpoint: str | None = None
         self.rob_checkpoint: str | None = None
+        self.input_shape: tuple[int, ...] | None = None
 
     def train(self, mode: bool = True) -> "AdaptiveMixedClassifier":
         # Only the mixing network has a training mode here; the base models always run in eval
@@ -259,7 +258,9 @@ def build_adaptive_classifier(
     net = MixingNetwork(cfg)
     if param is not None:
         net = net.to(param.device)
-    return AdaptiveMixedClassifier(std_model, rob_model, net, std_scale, rob_scale, taps, detach_features, features)
+    model = AdaptiveMixedClassifier(std_model, rob_model, net, std_scale, rob_scale, taps, detach_features, features)
+    model.input_shape = tuple(int(v) for v in input_shape)
+    return model
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -269,8 +270,9 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
                              metadata: dict[str, Any] | None = None) -> Path:
     """Write ``path.safetensors`` (mixing network, its buffers included) and ``path.json``.
 
-    The sidecar records the network config, the taps, the logit scales, the detach switch and the
-    base models' checkpoint paths (``metadata["std_checkpoint"]``/``["rob_checkpoint"]``, else the
+    The sidecar records the network config, the taps, the logit scales, the detach switch, the input
+    shape (``metadata["input_shape"]``, else :func:`~.bases.mixture_input_shape`) and the base models'
+    checkpoint paths (``metadata["std_checkpoint"]``/``["rob_checkpoint"]``, else the
     classifier's ``std_checkpoint``/``rob_checkpoint`` attributes), relative to the sidecar's folder,
     so the folder holding both can move.
     """
@@ -281,6 +283,7 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
     metadata = dict(metadata or {})
     std_ckpt = metadata.pop("std_checkpoint", None) or model.std_checkpoint
     rob_ckpt = metadata.pop("rob_checkpoint", None) or model.rob_checkpoint
+    input_shape = metadata.pop("input_shape", None) or mixture_input_shape(model)
     weights, sidecar = checkpoint_paths(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.mixing_net.state_dict().items()}
     info = {
@@ -297,6 +300,7 @@ def save_adaptive_classifier(model: AdaptiveMixedClassifier, path: str | Path,
         "std_checkpoint": _relative_to(std_ckpt, sidecar.parent),
         "rob_checkpoint": _relative_to(rob_ckpt, sidecar.parent),
         "num_classes": _class_count(model.std_model),
+        "input_shape": list(input_shape) if input_shape else None,
         **metadata,
         "provenance": provenance(),
     }
@@ -338,6 +342,7 @@ def load_adaptive_classifier(path: str | Path, std_model: nn.Module | None = Non
                                     info["std_scale"], info["rob_scale"], taps, info["detach_features"],
                                     info.get("features", "both"))
     model.std_checkpoint, model.rob_checkpoint = bases["std"], bases["rob"]
+    model.input_shape = tuple(info["input_shape"]) if info.get("input_shape") else None
     model.nonlinear = NonlinearParams.from_dict(info["nonlinear"]) if info.get("nonlinear") else None
     info["std_checkpoint"], info["rob_checkpoint"] = bases["std"], bases["rob"]
     return model.eval(), info

@@ -156,6 +156,7 @@ class Bai2023MixingNet(nn.Module):
     # the eval head is ours (same buffers), so its setters are ours too
     set_eval_head = MixingNetwork.set_eval_head
     eval_head = MixingNetwork.eval_head
+    alpha_range = MixingNetwork.alpha_range
 
     def gamma(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         out = self.layers[0](first) + self.conv1x1(second)
@@ -175,7 +176,7 @@ class Bai2023MixingNet(nn.Module):
         u = z * self.eval_scale.to(z.dtype) + self.eval_shift.to(z.dtype)
         if self.training:  # the alpha range applies at evaluation only
             return torch.sigmoid(u), u
-        return ranged_alpha(u, float(self.alpha_min), float(self.alpha_max))
+        return ranged_alpha(u, *self.alpha_range())
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.normalized_gamma(self.gamma(first, second)))

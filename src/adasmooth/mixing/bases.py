@@ -17,7 +17,18 @@ from ..core.errors import CheckpointError
 from ..models.checkpoint import checkpoint_paths
 from ..models.loader import load_model, spec_kind
 
-__all__ = ["relative_to", "recorded_path", "find_base", "load_bases"]
+__all__ = ["relative_to", "recorded_path", "find_base", "load_bases", "mixture_input_shape"]
+
+
+def mixture_input_shape(model) -> tuple[int, int, int] | None:
+    """The (C, H, W) a mixture takes: its own ``input_shape`` (set where it was built for a data set or
+    loaded from a file that records one), else what its base models record (``spec.input_shape``), or None."""
+    for shape in (getattr(model, "input_shape", None),
+                  *(getattr(getattr(getattr(model, part, None), "spec", None), "input_shape", None)
+                    for part in ("std_model", "rob_model"))):
+        if shape:
+            return tuple(int(v) for v in shape)  # type: ignore[return-value]
+    return None
 
 
 def relative_to(path: str | Path | None, folder: Path) -> str | None:

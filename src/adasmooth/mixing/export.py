@@ -1,18 +1,24 @@
 """A mixed model as one self-contained file that plain PyTorch loads: deployment and submission elsewhere.
 
-:func:`export_mixture` writes a TorchScript file (``torch.jit.trace``) of any mixed model of adasmooth
-(fixed-alpha or adaptive, any base models); ``torch.jit.load(path)`` gives back a module whose
-``forward(x)`` returns the same logits, with adasmooth not installed. The file also carries
-``adasmooth.json`` (kind, input shape, alpha or the mixing network's eval head, provenance), readable
-with ``torch.jit.load(path, _extra_files={"adasmooth.json": ""})``.
+:func:`export_mixture` writes any mixed model of adasmooth (fixed-alpha or adaptive, any base models)
+as a ``torch.export`` program by default: ``torch.export.load(path).module()`` gives back a module
+whose ``forward(x)`` returns the same logits, with adasmooth not installed. The file carries
+``adasmooth.json`` (kind, format, input shape, alpha or the mixing network's eval head, provenance),
+readable with ``torch.export.load(path, extra_files={"adasmooth.json": ""})``.
 
-Why TorchScript tracing and not ``torch.export``: tracing records the tensor operations the model
-runs on an example input, so the library's Python-level checks (alpha within [0, 1], input shapes,
-the ``frozen()`` context and the forward hooks that tap the base models' features) run once while
-tracing and leave plain tensor graphs behind. ``torch.export`` refuses exactly those checks (a
-data-dependent ``bool(tensor)`` / ``float(buffer)`` is a guard it cannot keep), for both kinds.
-Shapes stay symbolic in the trace, so the exported model takes any batch size; every export is
-verified on a fresh input of another batch size before it is written.
+The program is traced without strict mode, so the library's Python-level parts (the ``frozen()``
+context, the forward hooks that tap the base models' features, shape checks) run once while
+tracing and leave a plain graph behind. Checks on values cannot be traced: they are skipped while
+``torch.compiler.is_exporting()`` (the bounds of alpha are checked where they are set). The batch
+dimension is symbolic, so the program takes any batch size.
+
+``format="torchscript"`` writes a TorchScript file (``torch.jit.trace``; ``torch.jit.load``, with
+``_extra_files`` for the record) instead; it is also the fallback where ``torch.export`` cannot trace
+a model (a base model with data-dependent Python control flow, say): the reason is logged and
+recorded as ``fallback``. TorchScript is deprecated upstream (torch 2.14 warns on every save and load).
+
+Either way the file is verified before it is written: saved to memory, loaded back, and compared
+with the library on a fresh input of another batch size than the one traced.
 
 Rules that differentiate inside the forward pass (the gradient-based trust weights R_i of
 Eq. 3.3) cannot be traced; they are refused with a ConfigError.
@@ -24,26 +30,36 @@ MixedNUTS model from ``robustbench:cifar100/Linf/Bai2024MixedNUTS`` (a nonlinear
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, InputError
-from ..core.io import atomic_stream, provenance
+from ..core.io import atomic_write, provenance
 from ..models.checkpoint import checkpoint_paths
 from ..models.robustbench import PREFIX, parse_robustbench_spec, resolve_model_dir
+from .bases import mixture_input_shape
 from .adaptive import KIND as ADAPTIVE_KIND
 from .adaptive import AdaptiveMixedClassifier, load_adaptive_classifier
 from .fixed import FIXED_KIND, MixedClassifier, load_fixed_mixture
 
-__all__ = ["export_mixture", "load_mixture", "mixture_files", "mixture_input_shape", "EXPORT_TOLERANCE", "TRACEABLE_RULES"]
+__all__ = ["export_mixture", "load_mixture", "mixture_files", "mixture_input_shape", "load_exported",
+           "EXPORT_FORMATS", "EXPORT_TOLERANCE", "TRACEABLE_RULES"]
 
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("export", "torchscript")  # torch.export program (.pt2) | TorchScript
 EXPORT_TOLERANCE = 1e-5  # max |logit difference| between the exported file and the library
 TRACEABLE_RULES = ("prob", "logit")  # the others take input gradients inside forward
+RECORD = "adasmooth.json"  # the name of the record inside an exported file
 
 
 def load_mixture(path: str | Path, device: str | torch.device = "cpu",
@@ -98,15 +114,6 @@ def _load_released_composite(spec: str, device, model_dir) -> tuple[nn.Module, d
     return model, info
 
 
-def mixture_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
-    """The (C, H, W) the base models record (their ``spec.input_shape``), or None."""
-    for part in (getattr(model, "std_model", None), getattr(model, "rob_model", None)):
-        shape = getattr(getattr(part, "spec", None), "input_shape", None)
-        if shape:
-            return tuple(int(v) for v in shape)  # type: ignore[return-value]
-    return None
-
-
 def _describe(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, MixedClassifier):
         return {"kind": FIXED_KIND, "alpha": model.alpha, "rule": model.rule,
@@ -118,18 +125,99 @@ def _describe(model: nn.Module) -> dict[str, Any]:
     return {"kind": type(model).__name__}
 
 
-def export_mixture(model: nn.Module, path: str | Path, input_shape: Sequence[int],
-                   metadata: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Trace ``model`` (in eval mode) to TorchScript, verify it, and write it to ``path`` atomically.
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
-    The example inputs are uniform in [0, 1] of shape (2, *input_shape) for the trace and
-    (3, *input_shape) for the check, on the model's device. Returns the recorded description with
-    ``max_abs_diff`` (exported vs library logits on the check input). The model's own training
-    flag is restored afterwards.
+
+def _program_saver(model: nn.Module, example: torch.Tensor) -> Callable[[dict[str, Any]], bytes]:
+    """Trace ``model`` with ``torch.export`` (batch dimension symbolic); a function from a record to the file's bytes."""
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+
+    def save(record: dict[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files={RECORD: json.dumps(record, default=str)})
+        return buffer.getvalue()
+
+    return save
+
+
+@contextlib.contextmanager
+def _torchscript_deprecation_ignored() -> Iterator[None]:
+    """Torch notes TorchScript's deprecation on every save and load (a DeprecationWarning in 2.13, a
+    FutureWarning in 2.14); here TorchScript was asked for, or is the fallback the command reports."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+        yield
+
+
+def _torchscript_saver(model: nn.Module, example: torch.Tensor) -> Callable[[dict[str, Any]], bytes]:
+    """Trace ``model`` with ``torch.jit.trace``; a function from a record to the file's bytes."""
+    with warnings.catch_warnings():
+        # the tracer warns about each Python-level check it runs once: those are the point
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+
+    def save(record: dict[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        with _torchscript_deprecation_ignored():
+            torch.jit.save(traced, buffer, _extra_files={RECORD: json.dumps(record, default=str)})
+        return buffer.getvalue()
+
+    return save
+
+
+def load_exported(file: bytes | str | Path) -> tuple[Callable, dict[str, Any]]:
+    """An exported file of either format (told apart by its archive: TorchScript's holds ``code/``) as
+    (callable module, its record); what a user without adasmooth does with ``torch.export.load(path).module()``
+    or ``torch.jit.load(path)``."""
+    source = io.BytesIO(file) if isinstance(file, bytes) else Path(file)
+    with zipfile.ZipFile(source) as archive:
+        torchscript = any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    extra = {RECORD: ""}
+    if torchscript:
+        with _torchscript_deprecation_ignored():
+            module = torch.jit.load(source if isinstance(source, io.BytesIO) else str(source), _extra_files=extra)
+    else:
+        module = torch.export.load(source, extra_files=extra).module()
+    record = extra[RECORD]
+    return module, json.loads(record.decode() if isinstance(record, bytes) else record)
+
+
+def _verified(data: bytes, model: nn.Module, check: torch.Tensor) -> float:
+    """max |logit difference| between the file in ``data`` and the library on ``check``; a ConfigError
+    where the file returns another shape or differs by more than EXPORT_TOLERANCE."""
+    module, _ = load_exported(data)
+    with torch.no_grad():
+        expected, got = model(check), module(check)
+    if got.shape != expected.shape:
+        raise ConfigError(f"the exported model returns {tuple(got.shape)} for a batch of {check.shape[0]}, the "
+                          f"library {tuple(expected.shape)}")
+    diff = float((got - expected).abs().max())
+    if not diff <= EXPORT_TOLERANCE:
+        raise ConfigError(f"the exported model differs from the library by {diff:.3g} on a fresh input: it has "
+                          "input-dependent Python control flow")
+    return diff
+
+
+def export_mixture(model: nn.Module, path: str | Path, input_shape: Sequence[int],
+                   metadata: dict[str, Any] | None = None, seed: int = 0,
+                   format: Literal["export", "torchscript"] = "export") -> dict[str, Any]:
+    """Export ``model`` (in eval mode) in ``format``, verify the file, and write it to ``path`` atomically.
+
+    The example inputs are uniform in [0, 1] of shape (2, *input_shape) for tracing and
+    (3, *input_shape) for the check, on the model's device. ``format="export"`` falls back to
+    TorchScript where ``torch.export`` cannot trace the model (logged; recorded as ``fallback``).
+    Returns the recorded description with ``format`` and ``max_abs_diff`` (exported vs library
+    logits on the check input). The model's own training flag is restored afterwards.
     """
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     if isinstance(model, MixedClassifier) and (model.rule not in TRACEABLE_RULES or model.differentiate_r):
         raise ConfigError(f"rule {model.rule!r} takes input gradients inside forward and cannot be exported; "
                           f"exportable rules: {', '.join(TRACEABLE_RULES)}")
@@ -138,27 +226,26 @@ def export_mixture(model: nn.Module, path: str | Path, input_shape: Sequence[int
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand((2, *shape), generator=gen).to(device)
     check = torch.rand((3, *shape), generator=gen).to(device)
+    info = {**_describe(model), "input_shape": list(shape), **(metadata or {}), "provenance": provenance()}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the tracer warns about each Python-level check it runs once; those are the point
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, example, check_trace=False)
-            expected, got = model(check), traced(check)
+        with torch.no_grad():
+            if format == "export":
+                try:
+                    save = _program_saver(model, example)
+                    diff = _verified(save({**info, "format": format}), model, check)
+                except Exception as err:  # torch.export raises many types for what it cannot trace
+                    info["fallback"] = _first_line(err)
+                    log.warning("torch.export cannot export this model (%s); writing TorchScript instead",
+                                info["fallback"])
+                    format = "torchscript"
+            if format == "torchscript":
+                save = _torchscript_saver(model, example)
+                diff = _verified(save({**info, "format": format}), model, check)
     finally:
         model.train(was_training)
-    if got.shape != expected.shape:
-        raise ConfigError(f"the traced model returns {tuple(got.shape)} for a batch of 3, the library "
-                          f"{tuple(expected.shape)}: it cannot be exported by tracing")
-    diff = float((got - expected).abs().max())
-    if not diff <= EXPORT_TOLERANCE:
-        raise ConfigError(f"the traced model differs from the library by {diff:.3g} on a fresh input: it has "
-                          "input-dependent Python control flow and cannot be exported by tracing")
-    info = {**_describe(model), "input_shape": list(shape), "format": "torchscript",
-            "max_abs_diff": diff, **(metadata or {}), "provenance": provenance()}
-    extra = {"adasmooth.json": json.dumps(info, default=str)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's, see the module docstring
-        atomic_stream(path, lambda f: torch.jit.save(traced, f, _extra_files=extra))  # a full disk: no C++ abort
+    info = {**info, "format": format, "max_abs_diff": diff}
+    data = save(info)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return info

@@ -21,7 +21,7 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.io import provenance, write_json
 from ..models.checkpoint import checkpoint_paths
-from .bases import load_bases, relative_to
+from .bases import load_bases, mixture_input_shape, relative_to
 from .protocol import MixedModel, MixOutput
 from .rules import MIXING_RULES, MixingRule, MixInputs
 
@@ -93,9 +93,10 @@ class MixedClassifier(nn.Module):
         self.std_hardmax = std_hardmax
         self.norm = norm
         self.differentiate_r = differentiate_r
-        # where the base models came from, recorded by save_fixed_mixture
+        # where the base models came from and the (C, H, W) it takes, recorded by save_fixed_mixture
         self.std_checkpoint: str | None = None
         self.rob_checkpoint: str | None = None
+        self.input_shape: tuple[int, ...] | None = None
 
     @property
     def alpha(self) -> float:
@@ -136,13 +137,15 @@ def save_fixed_mixture(model: MixedClassifier, path: str | Path, metadata: dict[
     A fixed mixture has no weights of its own, so the sidecar is the whole file. The base models are
     ``metadata["std_checkpoint"]``/``["rob_checkpoint"]``, else the classifier's ``std_checkpoint`` /
     ``rob_checkpoint`` attributes, recorded relative to the sidecar's folder so that folder can move.
-    A rule with parameters (the MixedNUTS map, :mod:`.nonlinear`) stores them beside its name.
+    A rule with parameters (the MixedNUTS map, :mod:`.nonlinear`) stores them beside its name. The
+    input shape is ``metadata["input_shape"]``, else :func:`~.bases.mixture_input_shape` (None if unknown).
     """
     from .nonlinear import nonlinear_params_of
 
     metadata = dict(metadata or {})
     std_ckpt = metadata.pop("std_checkpoint", None) or model.std_checkpoint
     rob_ckpt = metadata.pop("rob_checkpoint", None) or model.rob_checkpoint
+    input_shape = metadata.pop("input_shape", None) or mixture_input_shape(model)
     params = nonlinear_params_of(model)
     registered = model.rule in MIXING_RULES and MIXING_RULES.get(model.rule) is model.rule_fn
     if params is None and not registered:
@@ -165,6 +168,7 @@ def save_fixed_mixture(model: MixedClassifier, path: str | Path, metadata: dict[
         "differentiate_r": model.differentiate_r,
         "std_checkpoint": relative_to(std_ckpt, sidecar.parent),
         "rob_checkpoint": relative_to(rob_ckpt, sidecar.parent),
+        "input_shape": list(input_shape) if input_shape else None,
         **metadata,
         "provenance": provenance(),
     }
@@ -199,5 +203,6 @@ def load_fixed_mixture(path: str | Path, std_model: nn.Module | None = None, rob
                             std_hardmax=info.get("std_hardmax", False), rule=rule,
                             norm=info.get("norm", "linf"), differentiate_r=info.get("differentiate_r", False))
     model.std_checkpoint, model.rob_checkpoint = bases["std"], bases["rob"]
+    model.input_shape = tuple(info["input_shape"]) if info.get("input_shape") else None
     info["std_checkpoint"], info["rob_checkpoint"] = bases["std"], bases["rob"]
     return model.eval(), info

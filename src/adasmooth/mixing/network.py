@@ -26,6 +26,7 @@ from ..models.resnet import PreActBlock
 
 __all__ = [
     "FeatureTaps",
+    "tap_name",
     "resolve_module",
     "as_feature_map",
     "match_spatial",
@@ -46,16 +47,33 @@ SMALL_WIDTHS = (32, 64, 128)
 # ---------------------------------------------------------------------------- feature taps
 
 
-def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (dotted names as in ``named_modules``), or a ConfigError."""
+# prefixes of wrapped models (``models.loader.PixelInput.model``, DataParallel's ``module``), which tap
+# names may leave out as weight files do
+WRAPPER_PREFIXES = ("model.", "module.")
+
+
+def tap_name(model: nn.Module, name: str) -> str:
+    """The module path ``name`` stands for in ``model``: itself, or with a wrapper prefix in front
+    (``layer1`` for ``model.layer1``); a ConfigError listing the stages and modules if neither exists."""
     modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        stages = getattr(model, "stage_names", None)
-        hint = f"; its stages are {list(stages)}" if stages else ""
-        children = [n for n, _ in model.named_children()]
-        raise ConfigError(f"tap {name!r} is not a module of {type(model).__name__}{hint}; its modules are "
-                          f"{', '.join(children) or 'none'} (and the dotted names below them, as in named_modules())")
-    return modules[name]
+    if name and name in modules:
+        return name
+    found = [p + name for p in WRAPPER_PREFIXES if name and p + name in modules]
+    if found:
+        return found[0]
+    stages = getattr(model, "stage_names", None)
+    hint = f"; its stages are {list(stages)}" if stages else ""
+    children = [n for n, _ in model.named_children()]
+    wrapped = [p[:-1] for p in WRAPPER_PREFIXES if p[:-1] in children]
+    inner = [f"{wrapped[0]}.{n}" for n, _ in modules[wrapped[0]].named_children()] if wrapped else []
+    raise ConfigError(f"tap {name!r} is not a module of {type(model).__name__}{hint}; its modules are "
+                      f"{', '.join(children + inner) or 'none'} (and the dotted names below them, as in "
+                      f"named_modules(){'; the prefix ' + wrapped[0] + '. may be left out' if wrapped else ''})")
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` stands for (see :func:`tap_name`), or a ConfigError."""
+    return dict(model.named_modules())[tap_name(model, name)]
 
 
 class FeatureTaps:
@@ -239,22 +257,35 @@ class MixingNetwork(nn.Module):
         if self.training:
             logit = z * self.config.train_scale + self.config.train_shift
             return torch.sigmoid(logit), logit
-        return ranged_alpha(z * self.eval_scale.to(z.dtype) + self.eval_shift.to(z.dtype),
-                             float(self.alpha_min), float(self.alpha_max))
+        return ranged_alpha(z * self.eval_scale.to(z.dtype) + self.eval_shift.to(z.dtype), *self.alpha_range())
+
+    def alpha_range(self) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_min, alpha_max): floats, or the buffers themselves while ``torch.export`` traces
+        (their values cannot be read then, and the exported program must keep them as tensors)."""
+        if torch.compiler.is_exporting():
+            return self.alpha_min, self.alpha_max
+        return float(self.alpha_min), float(self.alpha_max)
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.normalized_gamma(self.gamma(first, second)))
 
 
-def ranged_alpha(u: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha = sigmoid(u) * (hi - lo) + lo and its logit, computed in log space for stability."""
-    if lo == 0.0 and hi == 1.0:
+def ranged_alpha(u: torch.Tensor, lo: float | torch.Tensor, hi: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = sigmoid(u) * (hi - lo) + lo and its logit, computed in log space for stability.
+
+    ``lo`` and ``hi`` are floats, or 0-d tensors where their values cannot be read (while
+    ``torch.export`` traces, buffers have no values)."""
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        lo, hi = (torch.as_tensor(v, device=u.device).to(u.dtype) for v in (lo, hi))
+        log_lo, log_1m_hi, log_width = torch.log(lo), torch.log1p(-hi), torch.log(hi - lo)
+    elif lo == 0.0 and hi == 1.0:
         return torch.sigmoid(u), u
-    width = hi - lo
-    alpha = torch.sigmoid(u) * width + lo
+    else:
+        log_lo = math.log(lo) if lo > 0 else -math.inf
+        log_1m_hi = math.log(1 - hi) if hi < 1 else -math.inf
+        log_width = math.log(hi - lo)
+    alpha = torch.sigmoid(u) * (hi - lo) + lo
     # log(alpha) - log(1 - alpha) with 1 - alpha = (1 - hi) + width * sigmoid(-u)
-    log_a = torch.logaddexp(torch.full_like(u, math.log(lo) if lo > 0 else -math.inf),
-                            math.log(width) + F.logsigmoid(u))
-    log_1ma = torch.logaddexp(torch.full_like(u, math.log(1 - hi) if hi < 1 else -math.inf),
-                              math.log(width) + F.logsigmoid(-u))
+    log_a = torch.logaddexp(torch.zeros_like(u) + log_lo, log_width + F.logsigmoid(u))
+    log_1ma = torch.logaddexp(torch.zeros_like(u) + log_1m_hi, log_width + F.logsigmoid(-u))
     return alpha, log_a - log_1ma

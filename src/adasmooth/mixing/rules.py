@@ -68,7 +68,8 @@ def _weight_tensor(weight: torch.Tensor | float, like: torch.Tensor) -> torch.Te
     # Outside [0, 1] the log-weights are NaN and the output silently NaN. Weights on an accelerator
     # come from the classifiers, which check alpha where it is set (MixedClassifier) or make it in
     # [0, 1] (a sigmoid); checking them here would synchronise with the device on every forward.
-    if w.device.type == "cpu" and bool(((w < 0) | (w > 1) | torch.isnan(w)).any()):
+    # torch.export cannot keep a check on values (it traces without them).
+    if w.device.type == "cpu" and not torch.compiler.is_exporting() and bool(((w < 0) | (w > 1) | torch.isnan(w)).any()):
         raise InputError(f"alpha must lie in [0, 1], got {w.detach().flatten()[:8].tolist()}")
     w = w.to(device=like.device, dtype=like.dtype)
     if w.dim() == 0:
