@@ -28,25 +28,11 @@ from adasmooth.mixing.export import load_mixture, mixture_files
 from adasmooth.mixing.fixed import MixedClassifier
 from adasmooth.mixing.nonlinear import nonlinear_params_of
 
-from robustbench_peer import forget_peer_modules, randomize_normalisation, stand_in_packages
+from robustbench_peer import TorchvisionSE, forget_peer_modules, randomize_normalisation, stand_in_packages
 
 _SPEC = importlib.util.find_spec("robustbench")
 needs_peer = pytest.mark.skipif(_SPEC is None, reason="robustbench==1.1.1 not installed (pip install --no-deps)")
 SPEC = "robustbench:cifar100/Linf/Bai2024MixedNUTS"
-
-
-class _TorchvisionSE(torch.nn.Module):
-    """torchvision.ops.SqueezeExcitation(input_channels, squeeze_channels, activation): x * sigmoid(fc2(act(fc1(avgpool(x)))))."""
-
-    def __init__(self, input_channels, squeeze_channels, activation=torch.nn.ReLU):
-        super().__init__()
-        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
-        self.fc1 = torch.nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = torch.nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = activation()
-
-    def forward(self, x):
-        return x * self.fc2(self.activation(self.fc1(self.avgpool(x)))).sigmoid()
 
 
 @pytest.fixture
@@ -59,7 +45,7 @@ def peer(monkeypatch):
     # robustarch_wide_resnet.py imports torchvision (which does not import here) for two layers; RaWRN
     # uses only the squeeze-excitation, stood in for by torchvision's documented function
     misc = types.ModuleType("torchvision.ops.misc")
-    misc.SqueezeExcitation, misc.Conv2dNormActivation = _TorchvisionSE, None
+    misc.SqueezeExcitation, misc.Conv2dNormActivation = TorchvisionSE, None
     for name in ("torchvision", "torchvision.ops"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, misc.__name__, misc)

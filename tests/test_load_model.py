@@ -73,7 +73,7 @@ def test_robustbench_spec_reads_model_dir_argument_then_environment(tiny_zoo, mo
     monkeypatch.setenv("ADASMOOTH_MODEL_DIR", str(model_dir))
     again, _ = load_model("robustbench:cifar10/linf/TinyTest")  # lower-case threat, folder from the environment
     assert torch.equal(again(x), reference(x))
-    assert info["threat"] == {"norm": "linf", "eps": pytest.approx(8 / 255)}
+    assert info["threat"] == {"model": "Linf", "norm": "linf", "eps": pytest.approx(8 / 255)}
     assert recorded_threat(None, None, info, "h") == (pytest.approx(8 / 255), "linf")
     assert spec_files(f"robustbench:{TINY.key}") == [model_dir / "cifar10" / "Linf" / "TinyTest.pt"]
     assert model_info(f"robustbench:{TINY.key}")["input_shape"] == [3, 32, 32]
@@ -134,7 +134,7 @@ def test_pickled_code_in_a_pt_file_is_refused_without_running(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("spec,error,text", [
-    ("robustbench:cifar10/Linf/Nobody2099", ConfigError, "supported for cifar10/Linf: Andriushchenko2020Understanding"),
+    ("robustbench:cifar10/Linf/Nobody2099", ConfigError, "cifar10/Linf table (names are case-sensitive"),
     ("robustbench:cifar10/Carmon2019Unlabeled", ConfigError, "expected robustbench:<dataset>/<threat>/<name>"),
     ("robustbench:cifar10/Linf/Carmon2019Unlabeled", CheckpointError, "never downloads"),
     ("hf:some/model", ConfigError, "unknown kind 'hf'"),
@@ -290,7 +290,7 @@ def test_train_mixnet_with_default_taps_on_a_robustbench_h_then_evaluate(cifar_s
 
 
 @pytest.mark.parametrize("spec,text", [
-    ("robustbench:cifar10/Linf/Nobody2099", "is not supported"),
+    ("robustbench:cifar10/Linf/Nobody2099", "not in RobustBench 1.1.1"),
     ("hf:x/y", "unknown kind"),
     ("model.pt", "bare weights file"),
 ])

@@ -19,6 +19,11 @@ only outside the weights: its input normalisation is a pair of parameters ``mean
 that the released file may or may not hold (RobustBench loads it non-strictly for that reason), and
 it resizes inside ``forward``. Both are honoured: a file's ``mean``/``std`` replace the 0.5s.
 
+ImageNet's entry mixes RobustBench's ConvNeXt V2-L (``models/convnext_v2.py``; it sees raw pixels, its
+file's unused ``mean``/``std`` are dropped) with Liu2023Comprehensive's Swin-L (the zoo entry, timm
+from the ``[vision]`` extra, its file adapted by timm's Swin checkpoint filter as RobustBench does),
+at 224x224 (RobustBench preprocesses with ``BicubicRes256Crop224``).
+
 CIFAR-10's entry uses Peng2023Robust's RaWRN-70-16 as h (:mod:`adasmooth.models.ra_wide_resnet`,
 ``ra-wrn-70-16``: RobustBench's ``robustarch_wide_resnet.py`` with torchvision's squeeze-excitation
 written out), CIFAR-100's Wang2023Better's WRN-70-16 with SiLU (``dm-wrn-70-16``).
@@ -34,14 +39,16 @@ import torch
 
 from ..core.errors import CheckpointError, ConfigError
 from ..models import create_model
+from ..models.convnext_v2 import convnext_v2_config_from_state_dict
 from ..models.dm_wide_resnet import dm_wrn_config_from_state_dict
+from ..models.robustbench import ZOO, build_entry, library_state, threat_record
 from ..models.ra_wide_resnet import ra_wrn_config_from_state_dict
 from .bai2023 import (_CIFAR_STATS, _load_strict, _read_pt, _tensors, base_configs, base_models, bit_std_model,
                       released_entry, released_files)
 from .fixed import MixedClassifier
 from .nonlinear import NonlinearParams, nonlinear_rule
 
-__all__ = ["Bai2024Entry", "BAI2024_ENTRIES", "bai2024_files", "build_bai2024", "load_bai2024"]
+__all__ = ["Bai2024Entry", "BAI2024_ENTRIES", "bai2024_files", "bai2024_info", "build_bai2024", "load_bai2024"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class Bai2024Entry:
     """One MixedNUTS entry: h's RobustBench name and optimal_spca.yaml's values for it."""
 
     rob_name: str
-    rob_arch: str  # "dm-wrn-silu" (DeepMind WRN with SiLU) or "ra-wrn-70-16"
+    rob_arch: str  # "dm-wrn-silu" (DeepMind WRN with SiLU), "ra-wrn-70-16", or "zoo" (h is the zoo entry rob_name)
     s: float
     c: float
     p: float
@@ -69,7 +76,13 @@ BAI2024_ENTRIES: dict[tuple[str, str], Bai2024Entry] = {
     ("cifar10", "Bai2024MixedNUTS"): Bai2024Entry(
         "Peng2023Robust", "ra-wrn-70-16", s=5.0, c=-1.1, p=4.0,
         alpha=0.9987500602493457, alpha_diffable=0.9570535356459247),
+    # gelu branch at default_beta 99.0; none branch at its default beta 95.0
+    ("imagenet", "Bai2024MixedNUTS"): Bai2024Entry(
+        "Liu2023Comprehensive_Swin-L", "zoo", s=0.023535468936502525, c=-0.2857142857142858, p=2.7142857142857144,
+        alpha=0.9971266414518896, alpha_diffable=0.90683792395046),
 }
+
+_IMAGENET_SHAPE = (3, 224, 224)
 
 _BIT_NORM_KEYS = ("mean", "std")  # bit_rn_v2.ResNetV2's normalisation parameters
 
@@ -87,7 +100,10 @@ def build_bai2024(name: str, dataset: str, std_arch: Mapping[str, Any] | None = 
                   rob_arch: Mapping[str, Any] | None = None) -> MixedClassifier:
     """The MixedNUTS model with fresh weights: BiT-M-R152x2 + WRN-70-16 (SiLU) unless the overrides say otherwise."""
     entry = _entry(name, dataset)
-    if entry.rob_arch == "ra-wrn-70-16":
+    if entry.rob_arch == "zoo":
+        g = create_model("convnext-v2", 1000, input_shape=_IMAGENET_SHAPE, dataset=dataset, **(std_arch or {}))
+        h = build_entry(ZOO[f"{dataset}/Linf/{entry.rob_name}"])
+    elif entry.rob_arch == "ra-wrn-70-16":
         mean, std = _CIFAR_STATS[dataset]
         g = bit_std_model(dataset, std_arch)
         h = create_model("ra-wrn-70-16", 10 if dataset == "cifar10" else 100, mean=mean, std=std,
@@ -110,6 +126,8 @@ def load_bai2024(name: str, dataset: str, model_dir: str | Path = "models",
     if threat != "Linf":
         raise ConfigError(f"the MixedNUTS entries are Linf entries, not {threat}")
     files = bai2024_files(entry_name, dataset, model_dir, threat)
+    if entry.rob_arch == "zoo":
+        return _load_zoo_pair(entry_name, dataset, entry, files).to(device).eval()
     std_state = _tensors(_read_pt(files[0]), files[0], "standard-model")
     rob_state = _tensors(_read_pt(files[1]), files[1], "robust-model")
     norm = {k: std_state.pop(k) for k in _BIT_NORM_KEYS if k in std_state}
@@ -126,3 +144,31 @@ def load_bai2024(name: str, dataset: str, model_dir: str | Path = "models",
     _load_strict(g, std_state, files[0])
     _load_strict(h, rob_state, files[1])
     return model.to(device).eval()
+
+
+def _load_zoo_pair(name: str, dataset: str, entry: Bai2024Entry, files: list[Path]) -> MixedClassifier:
+    """ImageNet's MixedNUTS: ConvNeXt V2 (sizes read from its file) and the zoo entry ``entry.rob_name``."""
+    std_state = _tensors(_read_pt(files[0]), files[0], "standard-model")
+    rob_state = _tensors(_read_pt(files[1]), files[1], "robust-model")
+    for unused in _BIT_NORM_KEYS:  # ConvNeXtV2.mean/std: parameters its forward never reads
+        std_state.pop(unused, None)
+    sizes = convnext_v2_config_from_state_dict(std_state, str(files[0]))
+    zoo_entry = ZOO[f"{dataset}/Linf/{entry.rob_name}"]
+    if sizes.pop("num_classes") != zoo_entry.num_classes:
+        raise CheckpointError(f"{files[0]} has {std_state['head.weight'].shape[0]} classes; "
+                              f"{dataset} has {zoo_entry.num_classes}")
+    model = build_bai2024(name, dataset, std_arch=sizes)
+    g, h = model.std_model, model.rob_model
+    rob_state = library_state(rob_state, h, zoo_entry, str(files[1]))
+    for part, state in ((g, std_state), (h, rob_state)):
+        state.update({k: v for k, v in part.state_dict().items() if k.startswith("normalize.")})
+    _load_strict(g, std_state, files[0])
+    _load_strict(h, rob_state, files[1])
+    return model
+
+
+def bai2024_info(name: str, dataset: str, threat: str = "Linf") -> dict[str, Any]:
+    """What a MixedNUTS entry records: its input shape and RobustBench's threat model."""
+    entry = _entry(name, dataset)
+    shape = _IMAGENET_SHAPE if entry.rob_arch == "zoo" else (3, 32, 32)
+    return {"input_shape": list(shape), "threat": threat_record(dataset, threat), "alpha_diffable": entry.alpha_diffable}

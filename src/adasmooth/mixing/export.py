@@ -96,14 +96,13 @@ def mixture_files(spec: str | Path, model_dir: str | Path | None = None) -> list
 
 def _load_released_composite(spec: str, device, model_dir) -> tuple[nn.Module, dict[str, Any]]:
     from .bai2023 import BAI2023_ENTRIES, load_bai2023
-    from .bai2024 import BAI2024_ENTRIES, load_bai2024
+    from .bai2024 import BAI2024_ENTRIES, bai2024_info, load_bai2024
 
     dataset, threat, name = parse_robustbench_spec(spec)
     if name.startswith("Bai2024"):  # MixedNUTS: a fixed-alpha nonlinear mixture (unsupported entries refused there)
         model = load_bai2024(name, dataset, resolve_model_dir(model_dir), device, threat)
-        info = {"kind": FIXED_KIND, "dataset": dataset, "input_shape": [3, 32, 32], "spec": spec,
-                "threat": {"norm": "linf", "eps": 8 / 255}, "rule": "nonlinear", "alpha": model.alpha,
-                "alpha_diffable": BAI2024_ENTRIES[(dataset, name)].alpha_diffable}
+        info = {"kind": FIXED_KIND, "dataset": dataset, "spec": spec, "rule": "nonlinear", "alpha": model.alpha,
+                **bai2024_info(name, dataset, threat)}
         return model, info
     if (dataset, name) not in BAI2023_ENTRIES:
         known = ", ".join(f"{PREFIX}{d}/Linf/{n}" for d, n in [*BAI2023_ENTRIES, *BAI2024_ENTRIES])

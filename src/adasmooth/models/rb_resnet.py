@@ -1,5 +1,6 @@
-"""RobustBench's own WideResNet (the TRADES one: Carmon 2019, Zhang 2019, ...), PreActResNet-18 and ResNet-18:
-``rb-wrn-<depth>-<width>``, ``rb-preact-resnet18``, ``rb-resnet18``.
+"""RobustBench's own WideResNet (the TRADES one: Carmon 2019, Zhang 2019, ...), PreActResNet-18, ResNet-18 and
+the CIFAR ResNet-50 (Engstrom 2019, Augustin 2020): ``rb-wrn-<depth>-<width>``, ``rb-preact-resnet18``,
+``rb-resnet18``, ``rb-resnet50``.
 
 The module names are RobustBench's (``block1.layer.0.convShortcut``, ``layer2.1.shortcut.0``,
 ``linear``, ...), so its files load without renaming; adasmooth's own ``wrn-D-W`` and ``resnet18``
@@ -18,7 +19,7 @@ from .dm_wide_resnet import global_pool
 from .resnet import BasicBlock, PreActConvs, make_stage
 from .wideresnet import wide_resnet_layout
 
-__all__ = ["RBWideResNet", "RBPreActResNet18", "RBResNet18"]
+__all__ = ["RBWideResNet", "RBPreActResNet18", "RBResNet18", "RBResNet50"]
 
 
 class _WideBasicBlock(PreActConvs):
@@ -131,6 +132,54 @@ class RBResNet18(StagedModel):
         self.layer3 = make_stage(BasicBlock, 128, 256, 2, 2)
         self.layer4 = make_stage(BasicBlock, 256, 512, 2, 2)
         self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(self.normalized(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(global_pool(out))
+
+
+class _Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 to four times the width, batch norm after each; projection shortcut."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+def _bottleneck_stage(cin: int, width: int, n: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(*[_Bottleneck(cin if i == 0 else 4 * width, width, stride if i == 0 else 1) for i in range(n)])
+
+
+@register_model("rb-resnet50")
+class RBResNet50(StagedModel):
+    """The CIFAR ResNet-50 of RobustBench's ``resnet.py`` (3x3 stem, no max-pool, bottlenecks 3-4-6-3)."""
+
+    stage_names = ("conv1", "layer1", "layer2", "layer3", "layer4", "linear")
+
+    def __init__(self, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = _bottleneck_stage(64, 64, 3, 1)
+        self.layer2 = _bottleneck_stage(256, 128, 4, 2)
+        self.layer3 = _bottleneck_stage(512, 256, 6, 2)
+        self.layer4 = _bottleneck_stage(1024, 512, 3, 2)
+        self.linear = nn.Linear(2048, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(self.normalized(x))))
