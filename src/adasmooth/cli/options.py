@@ -130,11 +130,13 @@ def _help(f: dataclasses.Field, extra: str = "", shown_default: str | None = Non
         raise TypeError(f"config field {f.name!r} has no help text: declare it with adasmooth.core.config.option")
     names = _registry_names(f)
     if names is not None:
-        text = f"{text}: {', '.join(names)}"
-    # a help text that says what its default means already (e.g. what none stands for) shows it once
+        head, sep, tail = text.partition(";")  # the names go right after what the option is
+        text = f"{head}: {', '.join(names)}{sep}{tail}"
+    default = _default_of(f)
+    # a help text that says what its default is already shows it once, not twice
     if "(default:" in text:
         return f"{text}{extra}".replace("%", "%%")
-    shown = shown_default if shown_default is not None else _show(_default_of(f))
+    shown = shown_default if shown_default is not None else _show(default)
     return f"{text}{extra} (default: {shown})".replace("%", "%%")
 
 
@@ -164,7 +166,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str =
             if _default_of(f) is True:
                 no_flag = "--" + prefix + "no-" + f.name.rstrip("_").replace("_", "-")
                 target.add_argument(no_flag, dest=dest, action="store_const", const=False, default=None,
-                                    help=_help(f, f"; {no_flag} turns it off", shown_default="on"))
+                                    help=_help(f, shown_default="on; this flag turns it off"))
             else:
                 target.add_argument(*names, dest=dest, action="store_const", const=True, default=None,
                                     help=_help(f, shown_default="off"))

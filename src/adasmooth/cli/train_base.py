@@ -19,7 +19,9 @@ def files(cfg: TrainConfig) -> tuple[list, list]:
 def epilog() -> str:
     from ..train.methods import TRAINING_METHODS
 
-    return "methods: " + ", ".join(TRAINING_METHODS.names())
+    width = max(map(len, TRAINING_METHODS.names()))
+    return "methods:\n" + "\n".join(f"  {name:<{width}}  {TRAINING_METHODS.info(name).get('description', '')}"
+                                     for name in TRAINING_METHODS)
 
 
 def run(cfg: TrainConfig) -> int:

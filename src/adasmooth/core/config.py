@@ -74,8 +74,8 @@ def data_dir_option() -> Any:
 
 
 def dataset_option(default: str | None = None) -> Any:
-    text = "data set (digits, mnist, fashion-mnist, cifar10, cifar100)"
-    return option(default, help=text + ("; none: the one the checkpoints record" if default is None else ""))
+    text = "data set" + ("; none: the one the checkpoints record" if default is None else "")
+    return option(default, help=text, registry="adasmooth.data:DATASETS")
 
 
 def force_dataset_option() -> Any:

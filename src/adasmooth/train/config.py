@@ -17,6 +17,7 @@ from ..core.config import data_dir_option, option, RunOptions
 from ..core.errors import ConfigError
 from ..core.precision import Precision, channels_last_option, compile_option, precision_option
 from ..data import DATASETS, ImageOptions, dataset_info
+from ..data.images import image_options
 from .methods import TRAINING_METHODS
 from .methods.base import method_options
 
@@ -33,7 +34,7 @@ class SharedTrainConfig(RunOptions):
 
     dataset: str = option("digits", help="data set", registry=_DATASETS)
     data_dir: str | None = data_dir_option()
-    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
+    image: ImageOptions = image_options()
     augment: Literal["auto", "none", "crop", "crop-flip", "resized-crop-flip"] = option(
         "auto", help="training augmentation, seeded per example, applied before noise and attacks; auto: "
                      "the data set's own (crop-flip for cifar10/cifar100, resized-crop-flip for folder/imagenet, "
