@@ -185,3 +185,29 @@ def test_select_best_without_held_out_data_is_refused():
 
     with pytest.raises(ConfigError, match="select_best.*val_fraction"):
         TrainConfig(select_best=True).validate()
+
+
+def test_the_fingerprint_holds_only_the_option_block_of_the_method_in_use():
+    from adasmooth.train.config import result_config
+    from adasmooth.train.methods.base import method_options
+
+    blocks = set(method_options())
+    assert "catrs" in blocks
+    assert not blocks & set(result_config(TrainConfig(method="pgd")))
+    assert blocks & set(result_config(TrainConfig(method="cat-rs"))) == {"catrs"}
+    # neutral engine options are left out, so that adding them kept earlier resume files valid
+    assert "accumulate" not in result_config(TrainConfig()) and result_config(TrainConfig(accumulate=2))["accumulate"] == 2
+
+
+def test_channels_last_trains_the_same_model(tmp_path, digits_train):
+    data = digits_train.subset(128)
+    common = dict(dataset="digits", model_kwargs={"width": 4, "hidden": 16}, epochs=1, batch_size=32,
+                  eval_examples=10, eval_pgd_steps=1, progress=False, seed=2)
+    from adasmooth.models.checkpoint import load_checkpoint
+
+    train_base(TrainConfig(**common, output=str(tmp_path / "plain")), train_data=data)
+    train_base(TrainConfig(**common, channels_last=True, output=str(tmp_path / "cl")), train_data=data)
+    plain, _ = load_checkpoint(str(tmp_path / "plain"))
+    last, _ = load_checkpoint(str(tmp_path / "cl"))
+    for (name, a), b in zip(plain.state_dict().items(), last.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), name
