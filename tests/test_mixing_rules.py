@@ -12,7 +12,6 @@ from adasmooth.core.errors import ConfigError
 from adasmooth.data.base import load_dataset
 from adasmooth.evaluate.sweep import SweepConfig, alpha_sweep, check_variants, variant_labels
 from adasmooth.mixing import MIXING_RULES, MixedClassifier, MixInputs
-from adasmooth.models.base import create_model
 
 
 def geometric_pooling(inputs: MixInputs, alpha: torch.Tensor) -> torch.Tensor:
@@ -26,14 +25,6 @@ def toy_rule():
     MIXING_RULES.register("test-log-linear-pool", label="log-linear pooling")(geometric_pooling)
     yield "test-log-linear-pool"
     MIXING_RULES.remove("test-log-linear-pool")
-
-
-@pytest.fixture(scope="module")
-def bases():
-    torch.manual_seed(0)
-    g = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8).eval()
-    h = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8).eval()
-    return g, h
 
 
 def test_builtin_rules_are_registered():

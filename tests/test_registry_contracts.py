@@ -16,7 +16,6 @@ from torch import nn
 from adasmooth.cli import build_parser
 from adasmooth.data import DATASETS, dataset_info
 from adasmooth.mixing import MIXING_RULES, MixedClassifier
-from adasmooth.models import create_model
 from adasmooth.train.config import TrainConfig
 from adasmooth.train.engine import TrainContext
 from adasmooth.train.methods import TRAINING_METHODS
@@ -93,14 +92,6 @@ def test_every_training_method_meets_the_contract(name):
 
 
 # ------------------------------------------------------------------ mixing rules
-
-
-@pytest.fixture(scope="module")
-def bases():
-    torch.manual_seed(0)
-    g = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8).eval()
-    h = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8).eval()
-    return g, h
 
 
 @pytest.mark.parametrize("name", MIXING_RULES.names())

@@ -96,21 +96,19 @@ def test_weight_average_follows_the_recurrence_over_the_trained_weights():
 
 
 def test_warm_up_rises_linearly_then_follows_the_schedule():
-    p = nn.Parameter(torch.zeros(1))
-    opt, sched = make_optimizer([p], lr=0.8, momentum=0.0, schedule="constant", total_steps=10, warmup_steps=4)
-    rates = []
-    for _ in range(6):
-        rates.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
-    opt, sched = make_optimizer([p], lr=1.0, momentum=0.0, schedule="step", total_steps=8, warmup_steps=2)
-    rates = []
-    for _ in range(8):
-        rates.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert rates == pytest.approx([0.5, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    def rates(steps, **schedule):
+        opt, sched = make_optimizer([nn.Parameter(torch.zeros(1))], momentum=0.0, **schedule)
+        seen = []
+        for _ in range(steps):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen
+
+    assert rates(6, lr=0.8, schedule="constant", total_steps=10, warmup_steps=4) == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
+    assert rates(8, lr=1.0, schedule="step", total_steps=8, warmup_steps=2) == pytest.approx(
+        [0.5, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_best_epoch_by_the_evaluated_metric_is_the_result():
