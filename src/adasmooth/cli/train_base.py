@@ -9,11 +9,11 @@ CONFIG = TrainConfig
 
 
 def files(cfg: TrainConfig) -> tuple[list, list]:
-    from ..train.loop import resume_path
+    from ..train.engine import history_paths, resume_path
 
     uses_targets = cfg.method == "cat-rs" and "cached" in (cfg.catrs.confidence, cfg.catrs.target)
     inputs = checkpoint_files(cfg.catrs.target_path) if uses_targets else []
-    return inputs, [*checkpoint_files(cfg.output), resume_path(cfg.output)]
+    return inputs, [*checkpoint_files(cfg.output), resume_path(cfg.output), *history_paths(cfg.output)]
 
 
 def epilog() -> str:
