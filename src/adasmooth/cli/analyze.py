@@ -17,9 +17,9 @@ from typing import Literal
 
 from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import model_dir_option
-from .common import checkpoint_files, load_checkpoint_data
+from .common import checkpoint_files
 from ..data.images import ImageOptions, image_options
 
 

@@ -27,9 +27,9 @@ from ..core.checks import check_finite
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions, image_options
-from ..models.checkpoint import check_input_shape, recorded_dataset
+from ..models.checkpoint import check_input_shape, recorded_dataset, load_checkpoint_data
 from ..models.loader import model_dir_option
-from .common import checkpoint_files, load_checkpoint_data
+from .common import checkpoint_files
 
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 

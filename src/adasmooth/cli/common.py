@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..core.errors import ConfigError
 
-__all__ = ["check_run_files", "checkpoint_files", "load_checkpoint_data"]
+__all__ = ["check_run_files", "checkpoint_files"]
 
 
 def checkpoint_files(*specs: str | Path | None) -> list[Path]:
@@ -45,13 +45,3 @@ def check_run_files(inputs: Iterable[str | Path], outputs: Iterable[str | Path])
         if out.is_dir():
             raise ConfigError(f"output {out} is an existing folder; give a file path")
         _writable_folder(resolved)
-
-
-def load_checkpoint_data(cfg, infos: dict, dataset: str, split: str):
-    """``(image options, data)`` of a run on checkpoints: ``split`` of ``dataset`` read with
-    ``cfg.data_dir`` and ``cfg.image``, the image crop defaulting to the checkpoints' input size."""
-    from ..data import load_dataset
-    from ..models.checkpoint import trained_input_shape
-
-    image = cfg.image.fit(map(trained_input_shape, infos.values()))
-    return image, load_dataset(dataset, split, cfg.data_dir, image=image)

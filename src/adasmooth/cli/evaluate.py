@@ -19,9 +19,9 @@ from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions, image_options
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import SPEC_HELP, model_dir_option
-from .common import checkpoint_files, load_checkpoint_data
+from .common import checkpoint_files
 
 RULES = "adasmooth.mixing:MIXING_RULES"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluate.sweep import SweepConfig
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
-from .common import checkpoint_files, load_checkpoint_data
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
+from .common import checkpoint_files
 
 CONFIG = SweepConfig
 OUTPUT_FILES = ("sweep.json", "sweep.csv", "accuracy_vs_alpha.png", "tradeoff.png")
