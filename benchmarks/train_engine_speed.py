@@ -68,8 +68,8 @@ def plain_epoch(model, opt, sched, data, args, device, scaler) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=10, help="measured epochs of each (after one warm-up epoch)")
-    p.add_argument("--n", type=int, default=512, help="training examples (random 3 x size x size images)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of each after one warm-up epoch (all timed but the engine's last)")
+    p.add_argument("--n", type=int, default=1024, help="training examples (random 3 x size x size images)")
     p.add_argument("--size", type=int, default=16, help="image side")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--arch", default="small-cnn")
