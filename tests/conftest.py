@@ -85,3 +85,12 @@ def robust_model():
 def test_data():
     data = load_dataset("digits", "test")
     return data.x, data.y
+
+
+@pytest.fixture(scope="module")
+def bases():
+    """Two tiny untrained small CNNs (g, h) on 1x8x8 inputs, in eval mode, for mixing-rule checks."""
+    torch.manual_seed(0)
+    g = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8).eval()
+    h = create_model("small-cnn", 10, in_channels=1, width=4, hidden=8).eval()
+    return g, h

@@ -188,13 +188,13 @@ def test_errors(models, toy, test_data):
     std_model, _ = models
     x, y = test_data[0][:4], test_data[1][:4]
     with pytest.raises(ValueError, match="unknown attack"):
-        make_attack("cw", toy, EPS)
+        make_attack("no-such-attack-xyz", toy, EPS)
     with pytest.raises(ValueError, match="needs a mixed classifier"):
         make_attack("D", std_model, EPS)
     with pytest.raises(ValueError, match="eps"):
         make_attack("pgd", toy, -1.0)
     with pytest.raises(ValueError, match="unknown attack"):
-        evaluate_robustness(toy, (x, y), attacks=["apgd-ce", "fgsm"], progress=False)
+        evaluate_robustness(toy, (x, y), attacks=["apgd-ce", "no-such-attack-xyz"], progress=False)
     with pytest.raises(ValueError, match="probabilities"):
         evaluate_robustness(nn.Sequential(std_model, nn.Softmax(dim=1)), (x, y), attacks=["pgd"], progress=False)
     with pytest.raises(ValueError, match="alpha"):

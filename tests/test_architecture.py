@@ -30,24 +30,26 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only, never executed)."""
+def _runtime_nodes(tree: ast.AST, type_checking: bool = False):
+    """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only, never
+    executed), unless ``type_checking``."""
     stack = [tree]
     while stack:
         node = stack.pop()
         yield node
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)
             continue
         stack.extend(ast.iter_child_nodes(node))
 
 
-def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
-    """adasmooth modules imported by the file at ``path`` (module ``name``), resolved to known module names."""
+def imports_of(path: Path, name: str, known: set[str], type_checking: bool = False) -> set[str]:
+    """adasmooth modules imported by the file at ``path`` (module ``name``), resolved to known module
+    names; with ``type_checking`` also those imported for annotations only."""
     is_package = path.name == "__init__.py"
     package = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path)), type_checking):
         targets = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -68,10 +70,10 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
     return found
 
 
-def import_graph(root: Path) -> dict[str, set[str]]:
+def import_graph(root: Path, type_checking: bool = False) -> dict[str, set[str]]:
     files = {module_name(p, root): p for p in root.rglob("*.py")}
     known = set(files)
-    return {name: imports_of(path, name, known) for name, path in files.items()}
+    return {name: imports_of(path, name, known, type_checking) for name, path in files.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -127,7 +129,9 @@ def test_every_package_is_placed_in_a_layer():
 
 
 def test_no_import_cycle():
-    cycle = find_cycle(import_graph(SRC))
+    # annotation-only imports count here: a circle hidden behind `if TYPE_CHECKING:` is still a circle
+    # in the design (two modules that each need the other), only one Python happens not to execute
+    cycle = find_cycle(import_graph(SRC, type_checking=True))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -152,6 +156,25 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
     assert layer_violations(graph) == ["adasmooth.attacks.pgd (attacks) imports adasmooth.train.loop (train)"]
     cycle = find_cycle(graph)
     assert cycle is not None and set(cycle) == {"adasmooth.core.a", "adasmooth.core.b"}
+
+
+def test_the_cycle_check_sees_circles_inside_a_package_also_behind_type_checking(tmp_path):
+    """The train/ circle of issue 21: methods/base.py named loop.py's config for annotations while
+    loop.py imported the methods."""
+    pkg = tmp_path / "adasmooth"
+    (pkg / "train" / "methods").mkdir(parents=True)
+    for init in (pkg, pkg / "train", pkg / "train" / "methods"):
+        (init / "__init__.py").write_text("")
+    (pkg / "train" / "loop.py").write_text("from .methods import base\n")
+    (pkg / "train" / "methods" / "base.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..loop import TrainConfig\n")
+    assert find_cycle(import_graph(pkg)) is None  # Python never runs the annotation import ...
+    cycle = find_cycle(import_graph(pkg, type_checking=True))  # ... but the design has the circle
+    assert cycle is not None and set(cycle) == {"adasmooth.train.loop", "adasmooth.train.methods.base"}
+    # a lazy import inside a function is a runtime edge: the same circle is found without the flag
+    (pkg / "train" / "methods" / "base.py").write_text("def f():\n    from ..loop import TrainConfig\n")
+    cycle = find_cycle(import_graph(pkg))
+    assert cycle is not None and set(cycle) == {"adasmooth.train.loop", "adasmooth.train.methods.base"}
 
 
 @pytest.mark.parametrize("name", sorted(m for m in import_graph(SRC) if not m.endswith("__main__")))

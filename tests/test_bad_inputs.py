@@ -124,7 +124,7 @@ def test_a_perturbation_never_leaves_the_ball_or_the_input_range(model, batch):
 
 
 @pytest.mark.parametrize("name, options, fragment", [
-    ("fgsm", {}, "unknown attack 'fgsm'"),
+    ("no-such-attack-xyz", {}, "unknown attack 'no-such-attack-xyz'"),
     ("D", {}, "needs a mixed classifier"),
     ("pgd", {"momentum_decay": 0.5}, "momentum_decay"),
 ])
@@ -151,7 +151,7 @@ def test_mixed_classifier_refuses_bases_with_other_class_counts(model):
 
 def test_mixed_classifier_refuses_an_unknown_rule(model):
     with pytest.raises(ConfigError, match="unknown mixing rule"):
-        MixedClassifier(model, model, 0.5, rule="geometric")
+        MixedClassifier(model, model, 0.5, rule="no-such-rule-xyz")
 
 
 def test_mix_log_probs_refuses_mismatched_shapes():
@@ -235,7 +235,7 @@ def test_resolve_device_errors(device, fragment):
     ({"lr": math.nan}, "lr"), ({"lr": math.inf}, "lr"), ({"lr": -1.0}, "lr"), ({"epochs": 0}, "epochs"),
     ({"eps": math.inf}, "eps"), ({"eps": 1e9}, "eps"), ({"sigma": 0.0}, "sigma"), ({"batch_size": 0}, "batch_size"),
     ({"learning_rate": 0.1}, "unknown key"), ({"epochs": "ten"}, "expected an integer"),
-    ({"method": "madry"}, "unknown training method"), ({"optimizer": "lion"}, "not one of"),
+    ({"method": "no-such-method-xyz"}, "unknown training method"), ({"optimizer": "lion"}, "not one of"),
 ])
 def test_training_config_errors(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -272,7 +272,7 @@ EVALUATE_CASES = {
     "eps-nan": (lambda c, t: evaluate_args(c, t, "--eps", "nan"), "eps must be a finite number"),
     "eps-huge": (lambda c, t: evaluate_args(c, t, "--eps", "1e9"), "eps must be a finite number >= 0 and <= 1"),
     "eps-text": (lambda c, t: evaluate_args(c, t, "--eps", "big"), "expected a number"),
-    "unknown-attack": (lambda c, t: evaluate_args(c, t, "--attacks", "fgsm"), "unknown attack"),
+    "unknown-attack": (lambda c, t: evaluate_args(c, t, "--attacks", "no-such-attack-xyz"), "unknown attack"),
     "mixed-only-attack": (lambda c, t: evaluate_args(c, t, "--attacks", "A"), "needs a mixed classifier"),
     "other-dataset": (lambda c, t: evaluate_args(c, t, "--dataset", "mnist"), "trained on digits"),
     "alpha-out-of-range": (lambda c, t: ["evaluate", "--std", c / "std", "--rob", c / "rob", "--alpha", "2",
@@ -330,7 +330,7 @@ TRAIN_CASES = {
     "lr-nan": (["--lr", "nan"], "lr must be a finite number"),
     "lr-inf": (["--lr", "inf"], "lr must be a finite number"),
     "epochs-0": (["--epochs", "0"], "epochs must be >= 1"),
-    "unknown-method": (["--method", "madry"], "unknown training method 'madry'"),
+    "unknown-method": (["--method", "no-such-method-xyz"], "unknown training method 'no-such-method-xyz'"),
     "unknown-dataset": (["--dataset", "imagenet-22k"], "unknown data set"),
     "unknown-arch": (["--arch", "vit-huge"], "unknown model"),
     "eps-huge": (["--eps", "1e9"], "eps"),

@@ -78,10 +78,29 @@ def test_bad_values_are_errors(tmp_path, capsys):
 def test_help_shows_each_default_and_library_only_fields_stay_hidden():
     text = toy_parser().format_help()
     for fragment in ("radius (default: 0.1)", "alphas; one or more, comma-separated allowed (default: 0,1)",
-                     "--no-progress", "turn off: show bars (default: on)", "cascade attacks (default: off)",
+                     "--no-progress show bars (default: on; this flag turns it off)", "cascade attacks (default: off)",
                      "--noise-m", "draws per input (default: 4)", "--noise-lambda", "--output OUTPUT, -o OUTPUT"):
         assert fragment in " ".join(text.split()), fragment
     assert "--hidden" not in text
+    assert "noise (--noise-*):" in " ".join(text.split())  # the group title is the field's help text
+
+
+@dataclasses.dataclass
+class Described:
+    """The ``block:`` of a config, in reST."""
+
+    crop: int | None = option(None, help="crop side (default: the checkpoint's)")
+    rule: str = option("prob", help="mixing rule; registered ones only", registry="adasmooth.mixing:MIXING_RULES")
+    block: Noise = option(default_factory=Noise, help="noise options of method x")
+
+
+def test_help_says_each_default_once_and_lists_registry_entries():
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, Described)
+    text = " ".join(parser.format_help().split())
+    assert "crop side (default: the checkpoint's) --" in text and "checkpoint's) (default: none)" not in text
+    assert "mixing rule: prob, logit, grad_g" in text and "; registered ones only (default: prob)" in text
+    assert "noise options of method x (--block-*)" in text and "``" not in text
 
 
 def test_a_field_without_help_is_a_programming_error():

@@ -121,7 +121,7 @@ def test_bad_config_files(tmp_path):
 def test_train_config_validation():
     cfg = from_mapping(TrainConfig, {"method": "pgd", "eps": 0.2, "model_kwargs": {"width": 16}, "n_train": 100})
     assert cfg.method == "pgd" and cfg.model_kwargs == {"width": 16}
-    for bad, match in [({"method": "madry"}, "madry"), ({"eps": -0.1}, "eps"), ({"sigma": 0.0}, "sigma"),
+    for bad, match in [({"method": "no-such-method-xyz"}, "no-such-method-xyz"), ({"eps": -0.1}, "eps"), ({"sigma": 0.0}, "sigma"),
                        ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"trades_beta": -1.0}, "trades_beta"),
                        ({"optimizer": "rmsprop"}, "optimizer"), ({"schedule": "linear"}, "schedule"),
                        ({"norm": "l1"}, "norm"), ({"epoch": 3}, "epoch")]:

@@ -86,7 +86,7 @@ def test_evaluate_single_model_writes_partial_progress(checkpoints, tmp_path, mo
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--attacks", "apgd-ce,fgsm"], "unknown attack"),
+        (["--attacks", "apgd-ce,no-such-attack-xyz"], "unknown attack"),
         (["--eps", "-0.5"], "eps must be a finite number >= 0 and <= 1"),
         (["--eps", "0.1", "--attacks", "D"], "needs a mixed classifier"),
         ([], "records no eps; give --eps"),

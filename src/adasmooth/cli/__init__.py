@@ -25,7 +25,7 @@ __all__ = ["COMMANDS", "main", "build_parser"]
 # (command, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "train a standard and a robust model on digits, run the alpha sweep (offline, CPU)"),
-    ("train-base", "train_base", "train a base model: standard, pgd, trades, gaussian, cat-rs"),
+    ("train-base", "train_base", "train a base model with one of the training methods listed in its help"),
     ("catrs-targets", "catrs_targets", "cache smoothed soft labels of a training set for CAT-RS"),
     ("sweep", "sweep", "accuracy of fixed-alpha mixtures under STD/ROB/MIX PGD attacks, per alpha"),
     ("evaluate", "evaluate", "attack a model or a mixture: PGD, APGD, AutoAttack, adaptive settings A-D"),

@@ -17,9 +17,10 @@ from typing import Literal
 
 from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import model_dir_option
 from .common import checkpoint_files
+from ..data.images import ImageOptions, image_options
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AnalyzeConfig(CheckpointDataOptions):
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius; none: the robust checkpoint's evaluation eps")
+    image: ImageOptions = image_options()
     n_examples: int | None = n_examples_option(1000)
     batch_size: int = batch_size_option(250)
     aa_steps: int = option(100, help="APGD iterations for the AutoAttack-style column")
@@ -77,7 +79,6 @@ def files(cfg: AnalyzeConfig) -> tuple[list, list]:
 def run(cfg: AnalyzeConfig) -> int:
     from ..evaluate.analysis import confidence_gap_table, lipschitz_analysis, plot_gap_histograms, plot_lipschitz_histogram
     from ..models.loader import load_model
-    from ..data import load_dataset
     from ..core.io import format_table, write_result
     from ..core.runtime import resolve_device, seed_everything
 
@@ -93,8 +94,9 @@ def run(cfg: AnalyzeConfig) -> int:
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     reference = cfg.rob or cfg.std
     eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[reference], reference)
-    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir).subset(cfg.n_examples)
+    image, data = load_checkpoint_data(cfg, infos, dataset, cfg.split)
+    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
+    data = data.subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
     x, y = data.x.to(device), data.y.to(device)
     results: dict = {"dataset": dataset, "eps": eps, "norm": cfg.norm, "n": len(data)}

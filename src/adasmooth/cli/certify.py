@@ -26,8 +26,8 @@ from typing import Literal
 from ..core.checks import check_finite
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
-from ..data.images import ImageOptions
-from ..models.checkpoint import check_input_shape, recorded_dataset, trained_input_shape
+from ..data.images import ImageOptions, image_options
+from ..models.checkpoint import check_input_shape, recorded_dataset, load_checkpoint_data
 from ..models.loader import model_dir_option
 from .common import checkpoint_files
 
@@ -45,7 +45,7 @@ class CertifyConfig(CheckpointDataOptions):
     alpha: list[float] = option(default_factory=list, help="mixing weight(s) of h to certify, e.g. 0.8,0.9")
     hardmax: bool = option(False, help="use a one-hot g (Appendix A.2)")
     std_scale: float = option(1.0, help="logit scale of g")
-    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
+    image: ImageOptions = image_options()
     split: Literal["train", "val", "test"] = option("test", help="data split")
     n0: int = option(100, help="selection draws per input")
     # -N: under torchrun, whose parser takes --n for an abbreviation of its own --nnodes/--nproc-per-node
@@ -116,7 +116,6 @@ def run(cfg: CertifyConfig) -> int:
     from ..core.journal import Journal, journal_path
     from ..core.precision import auto_batch_size, numerics, prepare_model
     from ..core.runtime import resolve_device, seed_everything
-    from ..data import load_dataset
     from ..models.loader import load_model, model_info
 
     dist = init_distributed(cfg.device)
@@ -141,9 +140,8 @@ def run(cfg: CertifyConfig) -> int:
         if int(infos[cfg.std]["num_classes"]) != num_classes:
             raise ValueError(f"g has {infos[cfg.std]['num_classes']} classes but h has {num_classes}")
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
-    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    image, data = load_checkpoint_data(cfg, infos, dataset, cfg.split)
     cfg = dataclasses.replace(cfg, dataset=dataset, image=image)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image)
     check_input_shape(infos, data.input_shape, dataset)
     models = {s: prepare_model(m, cfg.precision, cfg.channels_last, cfg.compile) for s, m in models.items()}
     if std_model is not None:

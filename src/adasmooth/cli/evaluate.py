@@ -19,10 +19,12 @@ from ..core.checks import check_eps
 from ..core.errors import CheckpointError
 from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
-from ..data.images import ImageOptions
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, trained_input_shape
+from ..data.images import ImageOptions, image_options
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import SPEC_HELP, model_dir_option
 from .common import checkpoint_files, warn_class_count
+
+RULES = "adasmooth.mixing:MIXING_RULES"
 
 
 @dataclass
@@ -36,7 +38,8 @@ class EvaluateConfig(CheckpointDataOptions):
                                            "released one: robustbench:<dataset>/Linf/Bai2023Improving_*")
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
-    image: ImageOptions = option(help="image-folder options (folder, imagenet)", default_factory=ImageOptions)
+    rule: str = option("prob", help="mixing rule of a fixed mixture (with --alpha)", registry=RULES)
+    image: ImageOptions = image_options()
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
     eps: float | None = option(None, help="attack radius in [0, 1] pixel units; none: the robust checkpoint's")
@@ -54,6 +57,9 @@ class EvaluateConfig(CheckpointDataOptions):
 
     def validate(self) -> None:
         from ..attacks import ATTACK_NAMES
+        from ..mixing import MIXING_RULES
+
+        MIXING_RULES.get(self.rule)  # an unknown name lists the known ones
 
         check_eps(self.eps, self.norm)
         self.batch_size = parse_batch_size(self.batch_size)
@@ -118,9 +124,9 @@ def _load_model(cfg: EvaluateConfig, device):
         if rob:
             infos[cfg.rob] = rob[1]
         return model.eval(), infos, cfg.rob or cfg.mixnet, {"mixnet": cfg.mixnet, "std": cfg.std, "rob": cfg.rob}
-    model = MixedClassifier(std[0], rob[0], cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale)
+    model = MixedClassifier(std[0], rob[0], cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, rule=cfg.rule)
     return model.eval(), {cfg.std: std[1], cfg.rob: rob[1]}, cfg.rob, {"std": cfg.std, "rob": cfg.rob,
-                                                                      "alpha": cfg.alpha}
+                                                                      "alpha": cfg.alpha, "rule": cfg.rule}
 
 
 # Fields that do not change any example's outcome: a journal made under other values still resumes.
@@ -134,7 +140,6 @@ def run(cfg: EvaluateConfig) -> int:
     from ..core.distributed import init_distributed, shard
     from ..core.journal import Journal, journal_path
     from ..core.runtime import resolve_device, seed_everything
-    from ..data import load_dataset
     from ..evaluate.robustness import evaluate_robustness, format_report, report_from_examples, write_report
 
     dist = init_distributed(cfg.device)
@@ -143,9 +148,9 @@ def run(cfg: EvaluateConfig) -> int:
     model, infos, threat_source, source = _load_model(cfg, device)
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[threat_source], threat_source)
-    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    image, data = load_checkpoint_data(cfg, infos, dataset, cfg.split)
     cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
-    data = load_dataset(dataset, cfg.split, cfg.data_dir, image=image).subset(cfg.n_examples)
+    data = data.subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
     warn_class_count(infos, data)
 

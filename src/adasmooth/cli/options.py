@@ -113,12 +113,37 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _registry_names(f: dataclasses.Field) -> list[str] | None:
+    """The entries of the registry an option names (``option(registry="package.module:NAME")``)."""
+    ref = f.metadata.get("registry")
+    if not ref:
+        return None
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    return list(getattr(importlib.import_module(module), attr).names())
+
+
 def _help(f: dataclasses.Field, extra: str = "", shown_default: str | None = None) -> str:
     text = f.metadata.get("help")
     if not text:
         raise TypeError(f"config field {f.name!r} has no help text: declare it with adasmooth.core.config.option")
-    shown = shown_default if shown_default is not None else _show(_default_of(f))
+    names = _registry_names(f)
+    if names is not None:
+        head, sep, tail = text.partition(";")  # the names go right after what the option is
+        text = f"{head}: {', '.join(names)}{sep}{tail}"
+    default = _default_of(f)
+    # a help text that says what its default is already shows it once, not twice
+    if "(default:" in text:
+        return f"{text}{extra}".replace("%", "%%")
+    shown = shown_default if shown_default is not None else _show(default)
     return f"{text}{extra} (default: {shown})".replace("%", "%%")
+
+
+def _group_title(f: dataclasses.Field, tp: type, flag: str) -> str:
+    """A group's title: the field's help text (plain words, unlike a class docstring's reST markup)."""
+    text = f.metadata.get("help") or (tp.__doc__ or tp.__name__).strip().splitlines()[0]
+    return f"{text.replace('``', '').rstrip('.')} ({flag}-*)"
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
@@ -134,15 +159,14 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str =
         flag = flag_name(f.name, prefix)
         names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
         if dataclasses.is_dataclass(tp):
-            title = (tp.__doc__ or tp.__name__).strip().splitlines()[0].rstrip(".")
-            sub = parser.add_argument_group(f"{title} ({flag}-*)")
+            sub = parser.add_argument_group(_group_title(f, tp, flag))
             add_config_options(parser, tp, prefix=flag[2:] + "-", group=sub)
             continue
         if tp is bool and not optional:
             if _default_of(f) is True:
                 no_flag = "--" + prefix + "no-" + f.name.rstrip("_").replace("_", "-")
                 target.add_argument(no_flag, dest=dest, action="store_const", const=False, default=None,
-                                    help="turn off: " + _help(f, shown_default="on"))
+                                    help=_help(f, shown_default="on; this flag turns it off"))
             else:
                 target.add_argument(*names, dest=dest, action="store_const", const=True, default=None,
                                     help=_help(f, shown_default="off"))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluate.sweep import SweepConfig
-from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat
+from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from .common import checkpoint_files
 
 CONFIG = SweepConfig
@@ -56,7 +56,6 @@ def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str |
 
 def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[str, Path]]:
     """Load what ``cfg`` names (unless given), sweep, write outputs after every alpha; print the table."""
-    from ..data import load_dataset
     from ..core.io import format_table
     from ..evaluate.sweep import alpha_sweep
     from ..core.runtime import resolve_device, seed_everything
@@ -69,8 +68,9 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
     infos = {cfg.std or "g": g_info or {}, cfg.rob or "h": h_info or {}}
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, h_info or {}, cfg.rob or "h")
-    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
-    data = load_dataset(dataset, "test", cfg.data_dir).subset(cfg.n_examples)
+    image, data = load_checkpoint_data(cfg, infos, dataset, "test")
+    cfg = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm, image=image)
+    data = data.subset(cfg.n_examples)
     check_input_shape(infos, data.input_shape, dataset)
     n_classes = (g_info or {}).get("num_classes") or data.num_classes
     if n_classes != data.num_classes:

@@ -9,17 +9,19 @@ CONFIG = TrainConfig
 
 
 def files(cfg: TrainConfig) -> tuple[list, list]:
-    from ..train.loop import resume_path
+    from ..train.engine import history_paths, resume_path
 
     uses_targets = cfg.method == "cat-rs" and "cached" in (cfg.catrs.confidence, cfg.catrs.target)
     inputs = checkpoint_files(cfg.catrs.target_path) if uses_targets else []
-    return inputs, [*checkpoint_files(cfg.output), resume_path(cfg.output)]
+    return inputs, [*checkpoint_files(cfg.output), resume_path(cfg.output), *history_paths(cfg.output)]
 
 
 def epilog() -> str:
     from ..train.methods import TRAINING_METHODS
 
-    return "methods: " + ", ".join(TRAINING_METHODS.names())
+    width = max(map(len, TRAINING_METHODS.names()))
+    return "methods:\n" + "\n".join(f"  {name:<{width}}  {TRAINING_METHODS.info(name).get('description', '')}"
+                                     for name in TRAINING_METHODS)
 
 
 def run(cfg: TrainConfig) -> int:

@@ -42,13 +42,16 @@ def option(
     short: str | None = None,
     metavar: str | None = None,
     cli: bool = True,
+    registry: str | None = None,
 ) -> Any:
     """A config field with its help text: the one declaration the command line is generated from.
 
     ``short`` adds a one-letter alias (``-o``); ``cli=False`` keeps a field out of the command line
-    (library-only values such as ``model_kwargs`` still come from ``--config`` files).
+    (library-only values such as ``model_kwargs`` still come from ``--config`` files). ``registry``
+    ("package.module:NAME") names the registry whose entries the value is one of: ``--help`` lists
+    them (the registry checks the value), so nothing is listed by hand.
     """
-    metadata = {"help": help, "short": short, "metavar": metavar, "cli": cli}
+    metadata = {"help": help, "short": short, "metavar": metavar, "cli": cli, "registry": registry}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -71,8 +74,8 @@ def data_dir_option() -> Any:
 
 
 def dataset_option(default: str | None = None) -> Any:
-    text = "data set (digits, mnist, fashion-mnist, cifar10, cifar100)"
-    return option(default, help=text + ("; none: the one the checkpoints record" if default is None else ""))
+    text = "data set" + ("; none: the one the checkpoints record" if default is None else "")
+    return option(default, help=text, registry="adasmooth.data:DATASETS")
 
 
 def force_dataset_option() -> Any:

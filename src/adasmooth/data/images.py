@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from ..core.config import option
 from ..core.errors import ConfigError, DataError, MissingDependencyError
 from .augment import resized_crop_box
 
-__all__ = ["ImageOptions", "IMAGE_SUFFIXES", "open_rgb", "image_size", "common_image_size", "resize_short_side",
-           "center_crop_box", "eval_image", "eval_transform", "train_image", "to_tensor", "UPSCALE_WARNING"]
+__all__ = ["ImageOptions", "image_options", "IMAGE_SUFFIXES", "open_rgb", "image_size", "common_image_size",
+           "resize_short_side", "center_crop_box", "eval_image", "eval_transform", "train_image", "to_tensor",
+           "UPSCALE_WARNING"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_CROP = 224
@@ -187,3 +188,10 @@ def train_image(path: Path, options: ImageOptions, u: np.ndarray) -> torch.Tenso
     if u[-1] < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(out)
+
+
+def image_options() -> Any:
+    """The one declaration of the image-file options (``--image-crop``, ``--image-resize``,
+    ``--image-subset``, ``--image-labels``) of every command that reads data."""
+    return option(help="image-file options (folder, imagenet; the other data sets ignore them)",
+                  default_factory=ImageOptions)

@@ -34,6 +34,7 @@ from ..core.checks import check_eps, check_finite
 from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
+from ..data.images import ImageOptions, image_options
 from ..mixing import MIXING_RULES, MixedClassifier
 from ..models.loader import model_dir_option
 from ..attacks.nonlinear import surrogate_for
@@ -73,8 +74,8 @@ class SweepConfig(CheckpointDataOptions):
     steps: int = option(20, help="PGD steps of the STD, ROB and MIX attacks")
     step_size: float | None = option(None, help="PGD step size; none: 2.5 * eps / steps")
     variants: list[str] = option(default_factory=lambda: ["prob"],
-                                 help="mixing rules to sweep (see adasmooth.mixing.MIXING_RULES): "
-                                      "prob (Eq. 3.4), logit, grad_g, grad_max_g, grad_ratio")
+                                 help="mixing rules to sweep", registry="adasmooth.mixing:MIXING_RULES")
+    image: ImageOptions = image_options()
     n_examples: int | None = n_examples_option(1000)
     batch_size: int = batch_size_option(256)
     std_scale: float = option(1.0, help="logit scale s_g of the standard model")

@@ -31,6 +31,7 @@ from .base import ModelSpec, create_model
 
 __all__ = [
     "recorded_dataset",
+    "load_checkpoint_data",
     "check_input_shape",
     "recorded_threat",
     "save_checkpoint",
@@ -373,3 +374,13 @@ def recorded_threat(eps: float | None, norm: str | None, info: Mapping[str, Any]
     if eps is None:
         raise ConfigError(f"{path} records no eps; give --eps")
     return float(eps), norm
+
+
+def load_checkpoint_data(cfg: Any, infos: Mapping[str, Mapping[str, Any]], dataset: str, split: str):
+    """``(image options, data)`` of a run on checkpoints: ``split`` of ``dataset`` read with
+    ``cfg.data_dir`` and ``cfg.image`` (declared by :func:`adasmooth.data.images.image_options`), the
+    image crop defaulting to the input size the checkpoints were trained on."""
+    from ..data import load_dataset
+
+    image = cfg.image.fit(map(trained_input_shape, infos.values()))
+    return image, load_dataset(dataset, split, cfg.data_dir, image=image)

@@ -8,62 +8,59 @@ A method is a function ``(model, batch, cfg, ctx) -> scalar loss`` registered wi
 ``batch = (x, y, idx)``: inputs, labels and their indices in the training set (for methods that
 cache per-example targets, and to seed each example's random draws: ``ctx.generators(idx, device,
 "noise")`` gives one generator per example from (seed, epoch, purpose, index), so a batch split over
-torchrun processes draws what one process would). ``cfg`` is the run's ``TrainConfig``; ``ctx`` a :class:`TrainContext`.
-A method may also register ``check=fn``: ``fn(cfg)`` raises a ConfigError when the config cannot
-run it (the loop calls it before training starts).
+torchrun processes draws what one process would). ``cfg`` is the run's ``TrainConfig``; ``ctx`` the
+engine's :class:`~adasmooth.train.engine.TrainContext`. With ``cfg`` bound, a method is a step
+function of :func:`adasmooth.train.engine.run_training`.
+
+Registration info a method may give:
+
+- ``options=SomeOptions``: a dataclass of the method's own options. ``TrainConfig`` gets a block of
+  them named after the method (``cat-rs`` -> ``catrs``; the CLI shows ``--catrs-m`` ...; YAML
+  ``catrs: {m: 4}``), and only the block of the method in use enters a run's resume fingerprint.
+- ``check=fn``: ``fn(cfg)`` raises a ConfigError when the config cannot run the method (called
+  before training starts).
+- ``smoothing=True``: the model is a base of randomized smoothing (its sigma is recorded).
+- ``distributed=False``: the method cannot run on a share of the batch under torchrun.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
-
-import zlib
+import re
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ...attacks import PGD
-from ...attacks.base import ExampleGenerators
 from ...core.distributed import unwrap
 from ...core.registry import Registry
-from ...data.augment import derived_seed
+from ..engine import TrainContext
 
-if TYPE_CHECKING:  # the config type is only named in signatures; importing it here would be a cycle
-    from ..loop import TrainConfig
-
-__all__ = ["TrainContext", "LossFn", "TRAINING_METHODS", "attack_step_size", "craft_adversarial"]
+__all__ = ["TrainContext", "LossFn", "TRAINING_METHODS", "attack_step_size", "craft_adversarial",
+           "options_field", "method_options"]
 
 
-@dataclass
-class TrainContext:
-    """Per-run state a training method may use (e.g. cached targets); methods keep their own in ``extras``."""
-
-    epoch: int = 0
-    num_epochs: int = 1
-    generator: torch.Generator | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-
-    def stream_seed(self, purpose: str) -> int:
-        """A seed for one kind of draw (``purpose``: "noise", "pgd", ...) in this epoch."""
-        return derived_seed(self.seed ^ zlib.crc32(purpose.encode()), self.epoch)
-
-    def generators(self, idx: torch.Tensor, device: torch.device | str, purpose: str) -> ExampleGenerators:
-        """One generator per example of the batch, seeded from (seed, epoch, purpose, example index)."""
-        return ExampleGenerators.seeded(self.stream_seed(purpose), idx, torch.device(device))
-
-
-LossFn = Callable[[nn.Module, tuple, "TrainConfig", TrainContext], torch.Tensor]
+LossFn = Callable[[nn.Module, tuple, Any, TrainContext], torch.Tensor]  # (model, batch, TrainConfig, ctx)
 TRAINING_METHODS: Registry[LossFn] = Registry("training method")
 
 
-def attack_step_size(cfg: "TrainConfig") -> float:
+def options_field(method: str) -> str:
+    """The config field of a method's own options: its name without non-alphanumerics (``cat-rs`` -> ``catrs``)."""
+    return re.sub(r"[^0-9a-zA-Z]", "", method).lower()
+
+
+def method_options() -> dict[str, tuple[str, type]]:
+    """``{config field: (method, options dataclass)}`` of the registered methods that declare options."""
+    return {options_field(name): (name, TRAINING_METHODS.info(name)["options"])
+            for name in TRAINING_METHODS if TRAINING_METHODS.info(name).get("options") is not None}
+
+
+def attack_step_size(cfg) -> float:
     """The training attack's step: ``attack_step_size`` if given, else 2.5 * eps / steps."""
     return cfg.attack_step_size if cfg.attack_step_size is not None else 2.5 * cfg.eps / cfg.attack_steps
 
 
-def craft_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "TrainConfig", loss="ce", *,
+def craft_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, loss="ce", *,
                       ctx: TrainContext | None = None, idx: torch.Tensor | None = None,
                       **pgd_options) -> torch.Tensor:
     """PGD inputs against ``model`` in eval mode (batch-norm statistics stay untouched); mode restored.

@@ -57,7 +57,7 @@ _TINY = 1e-12
 
 @dataclass
 class CatrsOptions:
-    """The ``catrs:`` block of a training config (used only by ``method: cat-rs``)."""
+    """CAT-RS options (method cat-rs): the catrs block of a training config."""
 
     m: int = option(4, help="noise draws per input")
     lambda_: float | None = option(None, help="weight of the worst-case KL term; none: 2*sigma (the "
@@ -343,7 +343,7 @@ def _cached_targets(opts: CatrsOptions, ctx: TrainContext) -> SmoothedTargets | 
 # distributed=False: which inputs take the adversarial branch depends on the batch's noise, so the
 # ranks of a torchrun run would disagree on the number of synchronised forward passes.
 @TRAINING_METHODS.register("cat-rs", description="confidence-aware randomized smoothing training (Jeong et al.)",
-                           smoothing=True, check=_check_config, distributed=False)
+                           smoothing=True, check=_check_config, distributed=False, options=CatrsOptions)
 def catrs_method(model: nn.Module, batch: tuple, cfg, ctx: TrainContext) -> torch.Tensor:
     """CAT-RS loss for one batch, configured by ``cfg.catrs`` and ``cfg.sigma``."""
     x, y, idx = batch
