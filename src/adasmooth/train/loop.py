@@ -20,6 +20,7 @@ resume file, measures the model and writes the checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +29,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..attacks import PGD
 from ..core.config import data_dir_option, option, RunOptions
+from ..core.progress import progress_bar
 from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
 from ..core.errors import ConfigError
 from ..core.io import load_resume_state, save_resume_state
@@ -43,6 +44,8 @@ from ..models import create_model
 from ..models.checkpoint import checkpoint_paths, save_checkpoint
 from ..core.checks import check_counts, check_eps, check_finite
 from .methods import TRAINING_METHODS, CatrsOptions, TrainContext
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "TrainConfig",
@@ -244,7 +247,7 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
             partial = (0.0, 0)
         where = f", step {start_step}" if start_step else ""
         if dist.is_main:
-            print(f"resuming {cfg.output} from epoch {start_epoch}{where}")
+            _log.info("resuming %s from epoch %d%s", cfg.output, start_epoch, where)
     trained = data_parallel(model, dist, device)
 
     def save_state(epochs_done: int, step: int, partial: tuple[float, int]) -> None:
@@ -270,8 +273,8 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         batches = train_data.stream(cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=first,
                                     workers=cfg.workers, augment=augment, pin_memory=device.type == "cuda",
                                     shard=(dist.rank, dist.world_size))
-        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", initial=first,
-                   total=steps_per_epoch, disable=not (cfg.progress and dist.is_main), leave=False)
+        bar = progress_bar(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", initial=first,
+                           total=steps_per_epoch, disable=not (cfg.progress and dist.is_main), leave=False)
         for step, (x, y, idx) in enumerate(bar, start=first):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(cfg.precision, device.type):
@@ -295,7 +298,7 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
         history.append({"epoch": epoch + 1, "train_loss": total / count})
         save_state(epoch + 1, 0, (0.0, 0))
         if cfg.progress and dist.is_main:
-            print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {total / count:.4f}")
+            _log.info("[%s] epoch %d/%d loss %.4f", cfg.method, epoch + 1, cfg.epochs, total / count)
     train_seconds = time.time() - t0
     restore_batchnorm(model)
     if not dist.is_main:  # rank 0 measures and writes the checkpoint; the others take its record
@@ -322,5 +325,5 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
 def _warn_dropped_batch(n: int, batch_size: int, dist: Distributed) -> None:
     if dist.is_main and batches_per_epoch(n, batch_size, world_size=dist.world_size) < math.ceil(n / batch_size):
         last = n - (math.ceil(n / batch_size) - 1) * batch_size
-        print(f"note: the last batch of each epoch ({last} example(s)) is smaller than the {dist.world_size} "
-              f"processes and is left out")
+        _log.warning("the last batch of each epoch (%d example(s)) is smaller than the %d processes and is left out",
+                     last, dist.world_size)
