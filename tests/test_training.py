@@ -152,7 +152,7 @@ def _interrupt_after_first_epoch(cfg, data):
 
 
 @pytest.mark.parametrize("method", ["standard", "pgd"])
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, digits_train, method):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, caplog, digits_train, method):
     data = digits_train.subset(384)
     over = dict(method=method, epochs=3, attack_steps=2, eval_examples=40, eval_pgd_steps=2, seed=5)
     straight_cfg = _cfg(tmp_path, "straight", **over)
@@ -162,9 +162,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys, digits_tr
     resume_file = tmp_path / "resumed.resume.pt"
     assert resume_file.is_file() and not (tmp_path / "resumed.safetensors").exists()
     assert load_resume_state(resume_file, result_config(cfg))["epoch"] == 1
-    capsys.readouterr()
-    meta = train_base(cfg, train_data=data)
-    assert "resuming" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="adasmooth"):
+        meta = train_base(cfg, train_data=data)
+    assert "resuming" in caplog.text
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2, 3]
     assert not resume_file.exists()
     resumed, _ = load_checkpoint(cfg.output)

@@ -201,14 +201,14 @@ def count_inputs(
     ``indices`` given, in that order; the counts per sigma. ``on_input(record, counts)`` runs after each
     input (to journal the record, or flush partial files). ``done_before``: inputs an earlier run
     finished (the progress bar starts there)."""
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     examples = _examples(data, skip, max_examples, indices, device)
     out = {float(s): SmoothingCounts(sigma=float(s), n0=n0, n=n) for s in smooths}
     total = len(indices) if indices is not None else expected_count(data, skip, max_examples)
     names = ",".join(f"{s:g}" for s in out)
-    bar = tqdm(total=None if total is None else total + done_before, initial=done_before,
-               desc=f"smoothing counts sigma={names}", disable=not progress, leave=False)
+    bar = progress_bar(total=None if total is None else total + done_before, initial=done_before,
+                       desc=f"smoothing counts sigma={names}", disable=not progress, leave=False)
     try:
         for idx, x, label in examples:
             record = count_input(smooths, x, idx, label, n0, n, batch_size, std_model)

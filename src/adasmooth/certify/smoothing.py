@@ -287,13 +287,13 @@ def certify_dataset(
     ``data`` is a ``Dataset``, an (x, y) pair of tensors or an iterable of (x, label). Rows go to
     ``tsv_path`` (Cohen's layout) as they are computed.
     """
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     examples = selected_examples(data, skip, max_examples, device)
     total = expected_count(data, skip, max_examples)
     rows: list[dict[str, Any]] = []
     tsv = TsvLog(tsv_path) if tsv_path is not None else None
-    bar = tqdm(total=total, desc=f"certify sigma={smooth.sigma}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"certify sigma={smooth.sigma}", disable=not progress, leave=False)
     try:
         for idx, x, label in examples:
             start = time.perf_counter()

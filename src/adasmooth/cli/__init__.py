@@ -5,7 +5,10 @@ are generated from it, see :mod:`adasmooth.cli.options`), ``run(cfg) -> int`` an
 ``epilog() -> str`` (text shown after the options in ``--help``) and ``files(cfg) -> (inputs, outputs)``
 (checked before the run: no output may overwrite an input, every output must be writable). Only the chosen module
 is imported. Every command also takes ``--config FILE`` (YAML/JSON with the same keys as the options;
-options given on the command line win) and ``--debug``.
+options given on the command line win), ``--debug``, ``--quiet`` and ``--verbose``.
+
+The library speaks through the ``adasmooth`` logger and never prints; the command shows its INFO lines on
+stdout and its warnings on stderr (``--quiet``: warnings only and no progress; ``--verbose``: DEBUG too).
 
 Errors caused by the user's input print one line and exit with code 2; ``--debug`` shows the traceback.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from ..core.errors import AdasmoothError
@@ -66,6 +70,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", default=None,
                        help="YAML/JSON file with the same keys as the options; options given here win")
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        talk = p.add_mutually_exclusive_group()
+        talk.add_argument("--quiet", "-q", action="store_true", help="show only warnings and errors, no progress (default: off)")
+        talk.add_argument("--verbose", "-v", action="store_true", help="show debug messages too (default: off)")
         add_config_options(p, module.CONFIG)
     return parser
 
@@ -76,6 +83,33 @@ def _one_line(err: BaseException) -> str:
             and getattr(err, "filename", None) and str(err.filename) not in text:
         text += f": {err.filename}"
     return text
+
+
+class _ConsoleHandler(logging.Handler):
+    """INFO and below to stdout, warnings and errors to stderr (the streams of the moment, so that a
+    caller that swaps ``sys.stdout``/``sys.stderr`` captures them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                sys.stderr.write(f"{record.levelname.lower()}: {text}\n")
+                sys.stderr.flush()
+            else:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging must never end the run
+            self.handleError(record)
+
+
+def _show_logs(quiet: bool, verbose: bool) -> tuple[logging.Logger, logging.Handler, int]:
+    """Route the library's ``adasmooth`` logger to the console at the level the flags choose."""
+    logger = logging.getLogger("adasmooth")
+    handler = _ConsoleHandler()
+    previous = logger.level
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.addHandler(handler)
+    return logger, handler, previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     module = command_module(args.command)
     from ..core.distributed import finish_distributed
 
+    logger, handler, previous_level = _show_logs(args.quiet, args.verbose)
     try:
         cfg = config_from_args(module.CONFIG, args, args.config)
         outputs = []
+        if args.quiet and hasattr(cfg, "progress"):
+            cfg.progress = False
         if hasattr(module, "files"):
             inputs, outputs = module.files(cfg)
             check_run_files([*inputs, *([args.config] if args.config else [])], outputs)
@@ -110,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         finish_distributed(success=False)  # no-op when the run already tore its group down
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
 
 
 if __name__ == "__main__":

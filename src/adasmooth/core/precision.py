@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
+import logging
 from typing import Any, Callable, Iterator, Literal
 
 import torch
@@ -28,6 +28,8 @@ from torch import nn
 
 from .config import option
 from .errors import ConfigError
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "PRECISIONS",
@@ -230,8 +232,7 @@ class _Compiled(nn.Module):
                 return self._compiled(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - any compiler failure must fall back, not end the run
                 self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                print(f"torch.compile failed ({self.failed}); running {type(self.model).__name__} uncompiled",
-                      file=sys.stderr)
+                _log.warning("torch.compile failed (%s); running %s uncompiled", self.failed, type(self.model).__name__)
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -254,8 +255,7 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
             return model.rewrap(compile_model(model.model, **compile_kwargs))
         bases = [n for n in ("std_model", "rob_model") if isinstance(getattr(model, n, None), nn.Module)]
         if not bases:
-            print(f"--compile: {type(model).__name__} has no base models to compile; running it uncompiled",
-                  file=sys.stderr)
+            _log.warning("--compile: %s has no base models to compile; running it uncompiled", type(model).__name__)
             return model
         mixed = copy.copy(model)
         mixed._modules = dict(model._modules)  # copy.copy shares the module dict: keep the caller's intact

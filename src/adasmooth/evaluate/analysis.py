@@ -129,14 +129,14 @@ def confidence_gap_table(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Table 1: rows {model, setting, accuracy, gap means / medians}, and the raw gaps for histograms."""
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     for s in settings:
         if s not in SETTINGS:
             raise ConfigError(f"unknown setting {s!r}; use one of {SETTINGS}")
     rows, raw = [], {}
     total = len(models) * len(settings) * math.ceil(x.shape[0] / batch_size)
-    bar = tqdm(total=total, desc="confidence gap", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc="confidence gap", disable=not progress, leave=False)
     try:
         for name, model in models.items():
             raw[name] = {}
@@ -176,10 +176,11 @@ def lipschitz_analysis(
 ) -> dict[str, Any]:
     """Appendix C.3 for model h: local Lipschitz constants within the eps-ball (Eq. C.1, PGD) and the
     fraction of inputs where h is correct and Theorem 3.5's estimated radius is >= eps, per alpha."""
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     lips, probs, preds = [], [], []
-    for start in tqdm(range(0, x.shape[0], batch_size), desc="local Lipschitz", disable=not progress, leave=False):
+    for start in progress_bar(range(0, x.shape[0], batch_size), desc="local Lipschitz", disable=not progress,
+                              leave=False):
         est = estimate_local_lipschitz(model, x[start:start + batch_size], eps, norm, steps=steps,
                                        restarts=restarts, seed=seed + start)
         lips.append(est.lipschitz)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..core.progress import progress_bar
 
 from ..attacks import Attack, attack_description, check_attack_requirements, list_attacks, make_attack
 from ..attacks.base import AttackResult, check_attack_args, check_batch
@@ -224,8 +224,8 @@ def evaluate_robustness(
             report.component_broken_by[a] = []
 
     n = x_all.shape[0]
-    bar = tqdm(total=(n + done_before) * len(attacks), initial=done_before * len(attacks), disable=not progress,
-               desc="evaluate", unit="attack-input")
+    bar = progress_bar(total=(n + done_before) * len(attacks), initial=done_before * len(attacks),
+                       disable=not progress, desc="evaluate", unit="attack-input")
     try:
         for start in range(0, n, batch_size):
             xb = x_all[start : start + batch_size].to(device)

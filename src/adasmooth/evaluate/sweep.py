@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..core.progress import progress_bar
 
 from ..attacks import PGD
 from ..core.checks import check_eps, check_finite
@@ -226,7 +226,7 @@ def alpha_sweep(
         "h_std_attack_acc": _pct(_correct(rob_model, x_std, y, batch_size)),
     }
     result = SweepResult(rows=[], reference=reference, n_examples=len(data))
-    bar = tqdm(total=len(alphas) * len(variants), desc="alpha sweep", disable=not progress, leave=False)
+    bar = progress_bar(total=len(alphas) * len(variants), desc="alpha sweep", disable=not progress, leave=False)
     for alpha in alphas:
         for variant in variants:
             mixed = variant_classifier(std_model, rob_model, alpha, variant, norm, std_scale, rob_scale, nonlinear)

@@ -14,6 +14,7 @@ was not trained on.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -28,6 +29,8 @@ from ..core.errors import CheckpointError, ConfigError
 from ..core.io import atomic_write, provenance, write_json
 from ..data import DATASETS, dataset_info
 from .base import ModelSpec, create_model
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "recorded_dataset",
@@ -352,7 +355,7 @@ def recorded_dataset(requested: str | None, infos: Mapping[str, Mapping[str, Any
         raise ConfigError(f"--dataset {requested}, but {path} was trained on {distinct[0]}; leave --dataset out "
                           f"to use {distinct[0]}, or add --force-dataset to run on {requested} anyway")
     if distinct and requested != distinct[0]:
-        print(f"note: running models trained on {distinct[0]} on {requested} (--force-dataset)")
+        _log.warning("running models trained on %s on %s (--force-dataset)", distinct[0], requested)
     return requested
 
 

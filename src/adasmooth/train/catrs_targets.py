@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from ..core.progress import progress_bar
 
 from ..core.config import data_dir_option, dataset_option, option, RunOptions
 from ..core.errors import CheckpointError, ConfigError, DataError, InputError
@@ -94,7 +94,8 @@ def smoothed_targets(
     block = max(1, batch_size // per_pass)
     rows = []
     try:
-        for start in tqdm(range(0, x.shape[0], block), desc="smoothed targets", disable=not progress, leave=False):
+        for start in progress_bar(range(0, x.shape[0], block), desc="smoothed targets", disable=not progress,
+                                  leave=False):
             xb = x[start : start + block]
             total = None
             remaining = num_samples

@@ -34,6 +34,8 @@ building its model, data and optimizer; see ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import copy
 import math
@@ -45,17 +47,20 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..attacks.base import ExampleGenerators
 from ..core.distributed import Distributed, data_parallel
 from ..core.errors import DivergedError
+from ..core.progress import progress_bar
 from ..core.io import load_resume_state, save_resume_state, write_result
 from ..core.precision import autocast, compile_model, grad_scaler, to_channels_last
 from ..data import Dataset
 from ..data.augment import derived_seed
 from ..data.stream import batches_per_epoch
 from ..models.checkpoint import checkpoint_paths
+
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TrainContext",
@@ -270,7 +275,7 @@ def run_training(
         resumed_from = (start_epoch, start_step)
         if dist.is_main:
             where = f", step {start_step}" if start_step else ""
-            print(f"resuming {opts.run_name or resume_file} from epoch {start_epoch}{where}")
+            logger.info(f"resuming {opts.run_name or resume_file} from epoch {start_epoch}{where}")
     if opts.channels_last:
         to_channels_last(model)
     # compiled inside the DDP wrapper, so that unwrap() (attacks, fixed targets) reaches the compiled model
@@ -300,7 +305,7 @@ def run_training(
         batches = data.stream(opts.batch_size, seed=opts.seed, epoch=epoch, start_batch=first, workers=opts.workers,
                               augment=opts.augment, pin_memory=device.type == "cuda",
                               shard=(dist.rank, dist.world_size))
-        bar = tqdm(batches, desc=f"{opts.label} epoch {epoch + 1}/{opts.epochs}", initial=first,
+        bar = progress_bar(batches, desc=f"{opts.label} epoch {epoch + 1}/{opts.epochs}", initial=first,
                    total=steps_per_epoch, disable=not (opts.progress and dist.is_main), leave=False)
         for index, (x, y, idx) in enumerate(bar, start=first):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -353,7 +358,7 @@ def run_training(
             if opts.progress:
                 extra = "".join(f" {k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "train_loss")
                                 and isinstance(v, float))
-                print(f"[{opts.label}] epoch {epoch + 1}/{opts.epochs} loss {total / count:.4f}{extra}")
+                logger.info(f"[{opts.label}] epoch {epoch + 1}/{opts.epochs} loss {total / count:.4f}{extra}")
     seconds = time.time() - t0
     if average is not None:
         model.load_state_dict(average.state_dict())

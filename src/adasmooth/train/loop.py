@@ -16,6 +16,7 @@ measures the model and writes the checkpoint.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import asdict
 from typing import Any
@@ -160,5 +161,5 @@ def _method_step(method, cfg: TrainConfig, model: nn.Module, batch: tuple, ctx: 
 def _warn_dropped_batch(n: int, batch_size: int, dist: Distributed) -> None:
     if dist.is_main and batches_per_epoch(n, batch_size, world_size=dist.world_size) < math.ceil(n / batch_size):
         last = n - (math.ceil(n / batch_size) - 1) * batch_size
-        print(f"note: the last batch of each epoch ({last} example(s)) is smaller than the {dist.world_size} "
+        logging.getLogger(__name__).warning(f"the last batch of each epoch ({last} example(s)) is smaller than the {dist.world_size} "
               f"processes and is left out")

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
 from ..attacks.nonlinear import surrogate_for
+from ..core.progress import progress_bar
 from ..core.config import CheckpointDataOptions, option
 from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
 from ..core.errors import ConfigError, DivergedError, InputError
@@ -593,7 +593,7 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         if state.get("best") is not None:
             best = (state["best"]["epoch"], state["best"]["attacked_acc"], state["best"]["net"])
         if dist.is_main:
-            print(f"resuming {cfg.output} from epoch {start_epoch}")
+            logger.info(f"resuming {cfg.output} from epoch {start_epoch}")
     trained_net = data_parallel(net, dist, device)  # net itself in one process
     t0 = time.time()
     recent: collections.deque = collections.deque(maxlen=max(1, cfg.bn_recalibration_batches))
@@ -607,8 +607,8 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         extra_perm = torch.randperm(len(train_data), generator=gen) if extra_clean else None
         sums = {"loss": 0.0, "alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
         count = count_adv = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and dist.is_main), leave=False)
+        bar = progress_bar(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
+                           disable=not (cfg.progress and dist.is_main), leave=False)
         for step in bar:
             # this rank's rows of the global batch (all of them in one process)
             rows = torch.arange(dist.rank, cfg.batch_size, dist.world_size)
@@ -668,8 +668,8 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         best = _end_epoch(model, ema, cfg, history, record, epoch, opt, sched, list(recent), fingerprint, dist,
                           monitor_data, device, best)
         if cfg.progress and dist.is_main:
-            print(f"[mixnet {cfg.setting}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
-                  f"alpha clean {record['alpha_clean']:.3f} adv {record['alpha_adv']:.3f}")
+            logger.info(f"[mixnet {cfg.setting}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
+                        f"alpha clean {record['alpha_clean']:.3f} adv {record['alpha_adv']:.3f}")
     if cfg.keep_best and best is not None:
         net.load_state_dict(best[2])
     else:
