@@ -226,7 +226,7 @@ def test_sidecar_lacks_a_field(tmp_path, field):
 
 
 @pytest.mark.parametrize("edit,fragment", [
-    (lambda info: info.update(architecture="vgg99"), "unknown model 'vgg99'; known: dm-preact-resnet, dm-wideresnet, mlp, "),
+    (lambda info: info.update(architecture="vgg99"), "unknown model 'vgg99'; known: "),
     (lambda info: info.update(num_classes="many"), "does not describe a model"),
     (lambda info: info.update(normalization=[0.5]), "'normalization' must hold 'mean' and 'std'"),
     (lambda info: info.update(model_kwargs={"depth": 3}), "does not describe a model"),

@@ -112,7 +112,7 @@ def interruptible():
 
 
 @pytest.mark.parametrize("method", ["gaussian", "pgd"])
-def test_training_resumed_mid_epoch_gives_the_same_weights(tmp_path, capsys, digits_train, interruptible, method):
+def test_training_resumed_mid_epoch_gives_the_same_weights(tmp_path, caplog, digits_train, interruptible, method):
     data = digits_train.subset(160)  # 5 steps per epoch
     add, state = interruptible
     over = dict(dataset="digits", method=add(method), epochs=2, batch_size=32, attack_steps=2, eval_examples=20,
@@ -128,9 +128,9 @@ def test_training_resumed_mid_epoch_gives_the_same_weights(tmp_path, capsys, dig
     state.update(stop=None)
     state = load_resume_state(tmp_path / "resumed.resume.pt", result_config(cfg))
     assert (state["epoch"], state["step"]) == (1, 2)
-    capsys.readouterr()
-    meta = train_base(cfg, train_data=data)
-    assert "from epoch 1, step 2" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="adasmooth"):
+        meta = train_base(cfg, train_data=data)
+    assert "from epoch 1, step 2" in caplog.text
     resumed, _ = load_checkpoint(cfg.output)
     reference, reference_info = load_checkpoint(straight.output)
     for (name, a), (_, b) in zip(resumed.state_dict().items(), reference.state_dict().items()):

@@ -223,7 +223,7 @@ def test_batch_size_search_doubles_until_memory_runs_out():
     assert find_batch_size(attempt, "cpu", cpu_default=123) == 123  # no device memory to fill
 
 
-def test_compile_failure_falls_back_to_eager(capsys):
+def test_compile_failure_falls_back_to_eager(caplog):
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("no compiler here")
 
@@ -232,7 +232,7 @@ def test_compile_failure_falls_back_to_eager(capsys):
     x = torch.rand(2, 4)
     assert torch.equal(compiled(x), lin(x))
     assert compiled.failed is not None
-    assert "torch.compile failed" in capsys.readouterr().err
+    assert "torch.compile failed" in caplog.text  # a library warning, through the adasmooth logger
     assert torch.equal(compiled(x), lin(x))  # later calls go straight to eager
 
 
