@@ -38,10 +38,6 @@ from typing import Any
 
 import torch
 
-from adasmooth.attacks import ATTACKS
-from adasmooth.attacks.adaptive import LogitsOnly
-from adasmooth.attacks.autoattack import AutoAttackAttack
-from adasmooth.attacks.base import is_mixed_model
 from adasmooth.core.io import format_table, write_result
 from adasmooth.core.plotting import pyplot, save_figure
 from adasmooth.data.base import Dataset, load_dataset
@@ -58,21 +54,11 @@ from adasmooth.train.mixnet import MixnetTrainConfig, clean_accuracy, train_mixn
 import common
 
 OUT = common.RESULTS / "adaptive_tradeoff"
-AA = "autoattack-reference"
+AA = common.REFERENCE_AUTOATTACK
 # cheapest first: the cascade runs each later attack only on the images still correct
 ATTACK_ORDER = ["std", "rob", "A", "B", "surrogate", "D", AA]
 METHODS = ("fixed alpha", "nonlinear", "adaptive", "nonlinear + adaptive")
 DATASETS = {"fashion-mnist": ("fmnist-std", "fmnist-pgd", 0.1), "mnist": ("mnist-std", "mnist-pgd", 0.3)}
-SQUARE_QUERIES = {"value": 5000}
-
-
-@ATTACKS.register(AA, description="reference AutoAttack (pyautoattack standard: APGD-CE, APGD-T, FAB-T, Square) "
-                  "end to end, with the benchmark's target classes and Square query budget",
-                  options=("n_target_classes",), requires="pyautoattack")
-def build_reference_autoattack(model, eps, norm, seed, batch_size, n_target_classes: int = 9) -> AutoAttackAttack:
-    target = LogitsOnly(model) if is_mixed_model(model) else model
-    return AutoAttackAttack(target, eps=eps, norm=norm, version="standard", seed=seed, batch_size=batch_size,
-                            n_target_classes=n_target_classes, square_queries=SQUARE_QUERIES["value"])
 
 
 def _attack_options(args) -> dict[str, Any]:
@@ -254,7 +240,7 @@ def main() -> None:
         args.pgd_steps, args.attack_steps, args.range_attack_examples, args.targets = 3, 3, 40, "0.5"
         args.range_widths = "0.1,1.0"
     torch.set_num_threads(int(os.environ.get("ADASMOOTH_THREADS", "1")))
-    SQUARE_QUERIES["value"] = args.square_queries
+    common.SQUARE_QUERIES["value"] = args.square_queries
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = [run_dataset(name, args) for name in args.datasets.split(",")]

@@ -19,6 +19,30 @@ RESULTS = ROOT / "results"
 CACHE = RESULTS / "cache"
 
 
+REFERENCE_AUTOATTACK = "autoattack-ref"
+SQUARE_QUERIES = {"value": 5000}  # a benchmark sets its budget before attacking
+
+
+def _register_reference_autoattack() -> None:
+    """The reference AutoAttack (pyautoattack, standard version) end to end, as an attack name of the registry,
+    with the benchmark's target classes and Square query budget (SQUARE_QUERIES)."""
+    from adasmooth.attacks import ATTACKS
+    from adasmooth.attacks.adaptive import LogitsOnly
+    from adasmooth.attacks.autoattack import AutoAttackAttack
+    from adasmooth.attacks.base import is_mixed_model
+
+    @ATTACKS.register(REFERENCE_AUTOATTACK, description="reference AutoAttack (pyautoattack standard: APGD-CE, "
+                      "APGD-T, FAB-T, Square) end to end, with the benchmark's target classes and Square budget",
+                      options=("n_target_classes",), requires="pyautoattack")
+    def build(model, eps, norm, seed, batch_size, n_target_classes: int = 9) -> AutoAttackAttack:
+        target = LogitsOnly(model) if is_mixed_model(model) else model
+        return AutoAttackAttack(target, eps=eps, norm=norm, version="standard", seed=seed, batch_size=batch_size,
+                                n_target_classes=n_target_classes, square_queries=SQUARE_QUERIES["value"])
+
+
+_register_reference_autoattack()
+
+
 def data_dir() -> Path:
     env = os.environ.get("ADASMOOTH_DATA")
     return Path(env) if env else ROOT.parent.parent / "shared" / "data"

@@ -35,10 +35,6 @@ from typing import Any
 
 import torch
 
-from adasmooth.attacks import ATTACKS
-from adasmooth.attacks.adaptive import LogitsOnly
-from adasmooth.attacks.autoattack import AutoAttackAttack
-from adasmooth.attacks.base import is_mixed_model
 from adasmooth.core.io import format_table, write_result
 from adasmooth.data.base import Dataset, load_dataset
 from adasmooth.evaluate.calibrate import _base_logits, calibrate_fixed_alpha, calibrate_range
@@ -52,22 +48,12 @@ from adasmooth.train.mixnet import MixnetTrainConfig, clean_accuracy, train_mixn
 import common
 
 OUT = common.RESULTS / "mixednuts_fashion_mnist"
-AA = "autoattack-ref"  # the reference AutoAttack (pyautoattack, standard version) with the budget below
+AA = common.REFERENCE_AUTOATTACK
 MIXED_ATTACKS = ["A", "B", "D", "surrogate", "std", "rob", AA]
 BASE_ATTACKS = ["pgd", "apgd-ce", "apgd-t", AA]
 METHODS = ("fixed alpha", "nonlinear", "adaptive", "nonlinear + adaptive")
 
 
-SQUARE_QUERIES = {"value": 5000}
-
-
-@ATTACKS.register(AA, description="reference AutoAttack (pyautoattack standard: APGD-CE, APGD-T, FAB-T, Square) "
-                  "end to end, with the benchmark's target classes and Square query budget",
-                  options=("n_target_classes",), requires="pyautoattack")
-def build_reference_autoattack(model, eps, norm, seed, batch_size, n_target_classes: int = 9) -> AutoAttackAttack:
-    target = LogitsOnly(model) if is_mixed_model(model) else model
-    return AutoAttackAttack(target, eps=eps, norm=norm, version="standard", seed=seed, batch_size=batch_size,
-                            n_target_classes=n_target_classes, square_queries=SQUARE_QUERIES["value"])
 
 
 def _worst(report, attacks) -> float:
@@ -144,7 +130,7 @@ def main() -> None:
         args.apgd_steps, args.n_target_classes, args.grid_size, args.square_queries = 5, 2, 3, 100
     torch.set_num_threads(int(os.environ.get("ADASMOOTH_THREADS", "1")))
     progress = not args.no_progress
-    SQUARE_QUERIES["value"] = args.square_queries
+    common.SQUARE_QUERIES["value"] = args.square_queries
     device = torch.device(args.device)
     OUT.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
