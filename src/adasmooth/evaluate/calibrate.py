@@ -74,15 +74,15 @@ MIN_CALIBRATION_EXAMPLES = 100
 
 @torch.no_grad()
 def _cached_outputs(model: AdaptiveMixedClassifier, data: Dataset, batch_size: int = 256):
-    """g and h logits and the BN-normalised gamma of every example, computed once."""
+    """g and h logits, the BN-normalised gamma and the label of every example, computed once."""
     model.eval()
     device = next(model.mixing_net.parameters()).device
     gs, hs, zs, ys = [], [], [], []
     for x, y in data.batches(batch_size):
-        g, h, first, second = model.base_outputs(x.to(device))
-        zs.append(model.mixing_net.normalized_gamma(model.mixing_net.gamma(first, second)))
+        g, h, z = model.head_inputs(x.to(device))
         gs.append(g)
         hs.append(h)
+        zs.append(z)
         ys.append(y.to(device))
     return torch.cat(gs), torch.cat(hs), torch.cat(zs), torch.cat(ys)
 

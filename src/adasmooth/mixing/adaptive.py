@@ -173,6 +173,13 @@ class AdaptiveMixedClassifier(nn.Module):
         first, second = select_features(self.features, (s1, s2), (r1, r2))
         return g, h, first, second
 
+    @torch.no_grad()
+    def head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(g logits, h logits, normalised gamma): all that the eval head needs to give alpha and the mixture
+        for any scale, shift and range, so calibrations compute them once and replay the head."""
+        g, h, first, second = self.base_outputs(x)
+        return g, h, self.mixing_net.normalized_gamma(self.mixing_net.gamma(first, second))
+
     def alpha_from_features(self, first: torch.Tensor, second: torch.Tensor,
                             detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if detach or self.detach_features:

@@ -398,16 +398,6 @@ def recalibrate_batchnorm(model: AdaptiveMixedClassifier, batches: Sequence[torc
         model.eval()
 
 
-@torch.no_grad()
-def _clean_outputs(model: AdaptiveMixedClassifier, x: torch.Tensor, batch_size: int):
-    """g and h logits and the normalised gamma (evaluation mode) of every row of ``x``."""
-    parts = []
-    for i in range(0, x.shape[0], batch_size):
-        g, h, first, second = model.base_outputs(x[i:i + batch_size])
-        parts.append((g, h, model.mixing_net.normalized_gamma(model.mixing_net.gamma(first, second))))
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
 def monitor_epoch(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrainConfig, device,
                   batch_size: int = 256) -> dict[str, float]:
     """The per-epoch measurement on held-out images, of the network as it would be exported.
@@ -422,7 +412,8 @@ def monitor_epoch(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrai
     model.eval()
     net = model.mixing_net
     x, y = data.x.to(device), data.y.to(device)
-    g, h, z = _clean_outputs(model, x, batch_size)
+    g, h, z = (torch.cat(p) for p in zip(*(model.head_inputs(x[i:i + batch_size])
+                                          for i in range(0, x.shape[0], batch_size))))
     acc_g, acc_h = percent_correct(g, y), percent_correct(h, y)
     target = acc_h + cfg.monitor_target_between * (acc_g - acc_h)
     head = net.eval_head()
@@ -606,7 +597,7 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
         perm = torch.randperm(len(train_data), generator=gen)
         extra_perm = torch.randperm(len(train_data), generator=gen) if extra_clean else None
         sums = {"loss": 0.0, "alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
-        count = count_adv = 0
+        count = 0
         bar = progress_bar(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
                            disable=not (cfg.progress and dist.is_main), leave=False)
         for step in bar:
