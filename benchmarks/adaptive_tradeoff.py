@@ -41,14 +41,12 @@ import torch
 from adasmooth.core.io import format_table, write_result
 from adasmooth.core.plotting import pyplot, save_figure
 from adasmooth.data.base import Dataset, load_dataset
-from adasmooth.evaluate.calibrate import _base_logits, calibrate_fixed_alpha, calibrate_range
-from adasmooth.evaluate.mixednuts import (calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid,
-                                          robust_margin_logits)
+from adasmooth.evaluate.calibrate import _base_logits
+from adasmooth.evaluate.mixednuts import grid_search_nonlinear, nonlinear_grid, robust_margin_logits
 from adasmooth.evaluate.paired import paired_difference
 from adasmooth.evaluate.robustness import evaluate_robustness
 from adasmooth.mixing import MixedClassifier
-from adasmooth.mixing.adaptive import load_adaptive_classifier
-from adasmooth.mixing.nonlinear import NonlinearParams, nonlinear_rule
+from adasmooth.mixing.nonlinear import NonlinearParams
 from adasmooth.train.mixnet import MixnetTrainConfig, clean_accuracy, train_mixnet
 
 import common
@@ -97,23 +95,6 @@ def _train_mixnets(name: str, std: str, rob: str, eps: float, params: NonlinearP
     return paths
 
 
-def _calibrated(method: str, target: float, ctx: dict, args) -> tuple[torch.nn.Module, dict]:
-    g, h, calib = ctx["g"], ctx["h"], ctx["calib"]
-    if method == "fixed alpha":
-        fit = calibrate_fixed_alpha(g, h, calib, target)
-        return MixedClassifier(g, h, fit["alpha"]).eval(), fit
-    if method == "nonlinear":
-        fit = calibrate_nonlinear_to_accuracy(*ctx["logits"], ctx["attacked"], ctx["grid"], target)
-        params = NonlinearParams(s=fit["s"], c=fit["c"], p=fit["p"])
-        return MixedClassifier(g, h, fit["alpha"], rule=nonlinear_rule(params)).eval(), fit
-    model, _ = load_adaptive_classifier(ctx["mixnet"][method], device=args.device)
-    fit = calibrate_range(model, calib, target, widths=[float(w) for w in args.range_widths.split(",")],
-                          eps=ctx["eps"], norm="linf", attack_examples=args.range_attack_examples,
-                          apgd_steps=args.apgd_steps, n_target_classes=args.n_target_classes, seed=0,
-                          batch_size=250)
-    return model, fit
-
-
 def run_dataset(name: str, args) -> dict[str, Any]:
     std_name, rob_name, eps = DATASETS[name]
     eps = args.eps if args.eps is not None else eps
@@ -136,8 +117,11 @@ def run_dataset(name: str, args) -> dict[str, Any]:
     t0 = time.time()
     mixnet = _train_mixnets(name, std, rob, eps, params, args)
     train_seconds = time.time() - t0
-    ctx = {"g": g, "h": h, "calib": calib, "attacked": attacked, "grid": grid, "mixnet": mixnet, "eps": eps,
-           "logits": _base_logits(g, h, calib)}
+    ctx = {"g": g, "h": h, "calib": calib, "attacked": attacked, "grid": grid, "mixnet": mixnet, "device": args.device,
+           "logits": _base_logits(g, h, calib),
+           "range": {"widths": [float(w) for w in args.range_widths.split(",")], "eps": eps,
+                     "attack_examples": args.range_attack_examples, "apgd_steps": args.apgd_steps,
+                     "n_target_classes": args.n_target_classes, "batch_size": 250}}
 
     rows: list[dict[str, Any]] = []
     base = {"g (standard)": _evaluate(MixedClassifier(g, h, 0.0).eval(), evald, eps, args),
@@ -148,7 +132,7 @@ def run_dataset(name: str, args) -> dict[str, Any]:
         target = acc_h + frac * (acc_g - acc_h)
         fixed_outcomes = None
         for method in METHODS:
-            model, fit_info = _calibrated(method, target, ctx, args)
+            model, fit_info = common.calibrated_mixture(method, target, ctx)
             r = _evaluate(model, evald, eps, args)
             row = {"method": method, "fraction": frac, "target": target, **r, "fit": _plain(fit_info)}
             if method == "fixed alpha":
@@ -171,7 +155,7 @@ def _plain(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("objectives",) and not hasattr(v, "shape")}
 
 
-def plot(results: list[dict], path, args) -> None:
+def plot(results: list[dict], path, args):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
     markers = {"fixed alpha": "o-", "nonlinear": "s-", "adaptive": "^-", "nonlinear + adaptive": "v-"}
@@ -199,7 +183,7 @@ def plot(results: list[dict], path, args) -> None:
                      f"Square {args.square_queries} queries); bars: 95 % intervals", fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def main() -> None:
@@ -262,8 +246,8 @@ def main() -> None:
                   f"target {best['target']:.2f}%: {v['difference']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]")
     name = "results-quick" if args.quick else "results"
     path = write_result(OUT / f"{name}.json", {"datasets": results, "seconds": time.time() - t0}, vars(args), 0)
-    plot(results, OUT / f"{'tradeoff-quick' if args.quick else 'tradeoff'}.png", args)
-    print(f"wrote {path} and {OUT / 'tradeoff.png'} ({time.time() - t0:.0f} s in all)")
+    png = plot(results, OUT / f"{'tradeoff-quick' if args.quick else 'tradeoff'}.png", args)
+    print(f"wrote {path} and {png} ({time.time() - t0:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,30 @@ def _register_reference_autoattack() -> None:
 _register_reference_autoattack()
 
 
+def calibrated_mixture(method: str, target: float, ctx: dict):
+    """(classifier, fit) of ``method`` calibrated to clean accuracy ``target`` (%) on ``ctx["calib"]``: "fixed alpha"
+    (bisection), "nonlinear" ((s, c, p, alpha) at the target, from the cached ``ctx["logits"]`` and h's attacked
+    margins ``ctx["attacked"]`` over ``ctx["grid"]``), or a mixing network ``ctx["mixnet"][method]`` with calibrate's
+    default: alpha confined to the range (floor and width) that setting D attacks least (``ctx["range"]`` holds
+    calibrate_range's keyword options)."""
+    from adasmooth.evaluate.calibrate import calibrate_fixed_alpha, calibrate_range
+    from adasmooth.evaluate.mixednuts import calibrate_nonlinear_to_accuracy
+    from adasmooth.mixing import MixedClassifier
+    from adasmooth.mixing.adaptive import load_adaptive_classifier
+    from adasmooth.mixing.nonlinear import NonlinearParams, nonlinear_rule
+
+    g, h, calib = ctx["g"], ctx["h"], ctx["calib"]
+    if method == "fixed alpha":
+        fit = calibrate_fixed_alpha(g, h, calib, target)
+        return MixedClassifier(g, h, fit["alpha"]).eval(), fit
+    if method == "nonlinear":
+        fit = calibrate_nonlinear_to_accuracy(*ctx["logits"], ctx["attacked"], ctx["grid"], target)
+        params = NonlinearParams(s=fit["s"], c=fit["c"], p=fit["p"])
+        return MixedClassifier(g, h, fit["alpha"], rule=nonlinear_rule(params)).eval(), fit
+    model, _ = load_adaptive_classifier(ctx["mixnet"][method], device=ctx["device"])
+    return model, calibrate_range(model, calib, target, norm="linf", seed=0, **ctx["range"])
+
+
 def data_dir() -> Path:
     env = os.environ.get("ADASMOOTH_DATA")
     return Path(env) if env else ROOT.parent.parent / "shared" / "data"

@@ -37,12 +37,10 @@ import torch
 
 from adasmooth.core.io import format_table, write_result
 from adasmooth.data.base import Dataset, load_dataset
-from adasmooth.evaluate.calibrate import _base_logits, calibrate_fixed_alpha, calibrate_range
-from adasmooth.evaluate.mixednuts import calibrate_nonlinear_to_accuracy, grid_search_nonlinear, nonlinear_grid, robust_margin_logits
+from adasmooth.evaluate.calibrate import _base_logits
+from adasmooth.evaluate.mixednuts import grid_search_nonlinear, nonlinear_grid, robust_margin_logits
 from adasmooth.evaluate.robustness import evaluate_robustness
-from adasmooth.mixing import MixedClassifier
-from adasmooth.mixing.adaptive import load_adaptive_classifier
-from adasmooth.mixing.nonlinear import NonlinearParams, nonlinear_rule
+from adasmooth.mixing.nonlinear import NonlinearParams
 from adasmooth.train.mixnet import MixnetTrainConfig, clean_accuracy, train_mixnet
 
 import common
@@ -69,22 +67,6 @@ def _evaluate(model, data, attacks, args, progress) -> dict[str, Any]:
            "worst_without_autoattack": _worst(rep, [a for a in attacks if a != AA]),
            "seconds": time.time() - t0}
     return row
-
-
-def _calibrated(method: str, target: float, ctx: dict) -> tuple[torch.nn.Module, dict]:
-    g, h, calib = ctx["g"], ctx["h"], ctx["calib"]
-    if method == "fixed alpha":
-        fit = calibrate_fixed_alpha(g, h, calib, target)
-        return MixedClassifier(g, h, fit["alpha"]).eval(), fit
-    if method == "nonlinear":
-        fit = calibrate_nonlinear_to_accuracy(*ctx["logits"], ctx["attacked"], ctx["grid"], target)
-        params = NonlinearParams(s=fit["s"], c=fit["c"], p=fit["p"])
-        return MixedClassifier(g, h, fit["alpha"], rule=nonlinear_rule(params)).eval(), fit
-    model, _ = load_adaptive_classifier(ctx["mixnet"][method], device=ctx["device"])
-    # calibrate's default: alpha confined to the range (floor and width) that setting D attacks least
-    return model, calibrate_range(model, calib, target, eps=ctx["eps"], norm="linf",
-                                  attack_examples=ctx["range_attack_examples"], apgd_steps=ctx["apgd_steps"],
-                                  n_target_classes=ctx["n_target_classes"], seed=0)
 
 
 def _clean_at(points: list[tuple[float, float]], robust_target: float) -> float | None:
@@ -175,8 +157,9 @@ def main() -> None:
         timings[f"train {method}"] = time.time() - t0
 
     ctx = {"device": device, "g": g, "h": h, "calib": calib, "attacked": attacked, "grid": grid, "mixnet": mixnet,
-           "logits": _base_logits(g, h, calib), "eps": args.eps, "apgd_steps": args.apgd_steps,
-           "n_target_classes": args.n_target_classes, "range_attack_examples": min(200, len(calib))}
+           "logits": _base_logits(g, h, calib),
+           "range": {"eps": args.eps, "attack_examples": min(200, len(calib)), "apgd_steps": args.apgd_steps,
+                     "n_target_classes": args.n_target_classes}}
 
     # 3-4. the main point: every classifier at the same clean accuracy, every attack
     target = acc_h + args.target_between * (acc_g - acc_h)
@@ -184,7 +167,7 @@ def main() -> None:
     for name, model, attacks in (("g (standard)", g, BASE_ATTACKS), ("h (robust)", h, BASE_ATTACKS)):
         rows[name] = _evaluate(model, evald, attacks, args, progress)
     for method in METHODS:
-        model, fits[method] = _calibrated(method, target, ctx)
+        model, fits[method] = common.calibrated_mixture(method, target, ctx)
         rows[method] = _evaluate(model, evald, MIXED_ATTACKS, args, progress)
         print(f"{method}: {fits[method]} -> {rows[method]}")
 
@@ -196,7 +179,7 @@ def main() -> None:
     for frac in [float(f) for f in args.curve.split(",") if f.strip()]:
         t = acc_h + frac * (acc_g - acc_h)
         for method in METHODS:
-            model, f = _calibrated(method, t, ctx)
+            model, f = common.calibrated_mixture(method, t, ctx)
             r = _evaluate(model, evald, [a for a in MIXED_ATTACKS if a != AA], args, progress)
             curve[method].append((r["clean"], r["worst"]))
             curve_fits[method].append({"fraction": frac, "target": t, "fit": f, "row": r})
