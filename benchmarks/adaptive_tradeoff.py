@@ -2,7 +2,8 @@
 
 For each data set (Fashion-MNIST l_inf eps 0.1 and MNIST l_inf eps 0.3 by default):
 
-1. g and h: the shared small CNNs of benchmarks/common.py (standard and PGD-trained).
+1. g and h: the shared small CNNs of benchmarks/common.py (standard; PGD-trained on Fashion-MNIST,
+   TRADES-trained on MNIST, where PGD training of this small network does not leave chance).
 2. Calibration images: the first ``--calib-examples`` of the held-out part of the training set (val
    split, 10 %, seed 0), the images the mixing networks never train on. Evaluation images: the first
    ``--eval-examples`` test images, the same for every method.
@@ -27,12 +28,14 @@ For each data set (Fashion-MNIST l_inf eps 0.1 and MNIST l_inf eps 0.3 by defaul
 
 Defaults are sized for about an hour on one CPU core (ADASMOOTH_THREADS=1) per data set pair; ``--quick``
 is a smoke run of a few minutes. Writes benchmarks/results/adaptive_tradeoff/{results-<datasets>.json,
-tradeoff-<datasets>.png} (and, after every measured row, results-<datasets>-partial.json).
+tradeoff-<datasets>.png} (and, after every measured row, results-<datasets>-partial.json; ``--resume``
+keeps those rows after an interruption and measures only the missing ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import Any
@@ -57,7 +60,7 @@ AA = common.REFERENCE_AUTOATTACK
 # cheapest first: the cascade runs each later attack only on the images still correct
 ATTACK_ORDER = ["std", "rob", "A", "B", "surrogate", "D", AA]
 METHODS = ("fixed alpha", "nonlinear", "adaptive", "nonlinear + adaptive")
-DATASETS = {"fashion-mnist": ("fmnist-std", "fmnist-pgd", 0.1), "mnist": ("mnist-std", "mnist-pgd", 0.3)}
+DATASETS = {"fashion-mnist": ("fmnist-std", "fmnist-pgd", 0.1), "mnist": ("mnist-std", "mnist-trades", 0.3)}
 
 
 def _attack_options(args) -> dict[str, Any]:
@@ -79,7 +82,7 @@ def _train_mixnets(name: str, std: str, rob: str, eps: float, params: NonlinearP
     for method, rule in (("adaptive", "prob"), ("nonlinear + adaptive", "nonlinear")):
         out = OUT / f"{name}-mixnet-{rule}"
         paths[method] = str(out)
-        if args.reuse and (OUT / f"{out.name}.safetensors").is_file():
+        if (args.reuse or args.resume) and (OUT / f"{out.name}.safetensors").is_file():
             continue
         cfg = MixnetTrainConfig(
             std=std, rob=rob, dataset=name, data_dir=str(common.data_dir()), eps=eps, recipe="paper",
@@ -125,17 +128,21 @@ def run_dataset(name: str, args) -> dict[str, Any]:
                      "n_target_classes": args.n_target_classes, "batch_size": 250}}
 
     rows: list[dict[str, Any]] = []
-    base = {"g (standard)": _evaluate(MixedClassifier(g, h, 0.0).eval(), evald, eps, args),
-            "h (robust)": _evaluate(MixedClassifier(g, h, 1.0).eval(), evald, eps, args)}
-    for label, r in base.items():
-        rows.append({"method": label, "target": None, **r})
+    earlier = _earlier_rows(name, args) if args.resume else {}
+    for label, alpha in (("g (standard)", 0.0), ("h (robust)", 1.0)):
+        r = earlier.get((label, None)) or _evaluate(MixedClassifier(g, h, alpha).eval(), evald, eps, args)
+        rows.append({**r, "method": label, "target": None})
     for frac in [float(f) for f in args.targets.split(",")]:
         target = acc_h + frac * (acc_g - acc_h)
         fixed_outcomes = None
         for method in METHODS:
-            model, fit_info = common.calibrated_mixture(method, target, ctx)
-            r = _evaluate(model, evald, eps, args)
-            row = {"method": method, "fraction": frac, "target": target, **r, "fit": _plain(fit_info)}
+            if (method, frac) in earlier:
+                row = earlier[(method, frac)]
+                r = row
+            else:
+                model, fit_info = common.calibrated_mixture(method, target, ctx)
+                r = _evaluate(model, evald, eps, args)
+                row = {"method": method, "fraction": frac, "target": target, **r, "fit": _plain(fit_info)}
             if method == "fixed alpha":
                 fixed_outcomes = r["per_image_worst"]
             else:
@@ -150,6 +157,32 @@ def run_dataset(name: str, args) -> dict[str, Any]:
     return {"dataset": name, "eps": eps, "norm": "linf", "std_calib_acc": acc_g, "rob_calib_acc": acc_h,
             "calib_examples": len(calib), "eval_examples": len(evald), "beta_fit": _plain(fit),
             "mixnet_train_seconds": train_seconds, "rows": rows, "seconds": time.time() - t_start}
+
+
+# options that do not change a measured row: a resumed run may differ in these
+_RESUME_FREE = ("targets", "reuse", "resume", "no_progress")
+
+
+def _earlier_rows(name: str, args) -> dict[tuple, dict]:
+    """Rows of an interrupted run (its partial file), keyed by (method, fraction); {} when there is none.
+
+    Refuses (exit 2) a partial file made with other options: its rows would not be comparable."""
+    path = OUT / f"{_run_name(args)}-partial.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        config, rows = saved["config"], saved["results"]["rows"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: {path}: not a partial result of this benchmark ({err}); delete it or drop --resume")
+    if saved["results"].get("dataset") != name:
+        return {}
+    differ = sorted(k for k, v in vars(args).items() if k not in _RESUME_FREE and config.get(k, v) != v)
+    if differ:
+        raise SystemExit(f"error: {path} was measured with other options ({', '.join(differ)}); "
+                         "rerun them as they were or drop --resume")
+    print(f"  resuming: {len(rows)} rows measured earlier ({path.name})", flush=True)
+    return {(r["method"], r.get("fraction")): r for r in rows}
 
 
 def _run_name(args) -> str:
@@ -223,6 +256,8 @@ def main() -> None:
     ap.add_argument("--grid-size", type=int, default=8)
     ap.add_argument("--beta", type=float, default=98.5)
     ap.add_argument("--reuse", action="store_true", help="reuse mixing networks of an earlier run")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of an interrupted run (its partial "
+                    "file; same options required) and its mixing networks; measure only what is missing")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
