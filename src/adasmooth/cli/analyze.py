@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.checks import check_eps
-from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
+from ..core.config import CheckpointDataOptions, DataLoadingOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import model_dir_option
 from .common import checkpoint_files
@@ -24,7 +24,7 @@ from ..data.images import ImageOptions, image_options
 
 
 @dataclass
-class AnalyzeConfig(CheckpointDataOptions):
+class AnalyzeConfig(CheckpointDataOptions, DataLoadingOptions):
     std: str | None = option(None, help="standard model g (any model spec: checkpoint path, robustbench:, python:, ...)")
     rob: str | None = option(None, help="robust model h (any model spec)")
     model_dir: str | None = model_dir_option()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.checks import check_finite
-from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
+from ..core.config import CheckpointDataOptions, DataLoadingOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions, image_options
 from ..models.checkpoint import check_input_shape, recorded_dataset, load_checkpoint_data
@@ -35,7 +35,7 @@ DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
 
 @dataclass
-class CertifyConfig(CheckpointDataOptions):
+class CertifyConfig(CheckpointDataOptions, DataLoadingOptions):
     model: list[str] = option(default_factory=list,
                               help="smoothed base model checkpoint(s) h; the first is the frontier baseline")
     sigma: float | None = option(None, help="noise level (one model only); none: the checkpoint's sigma")
@@ -102,7 +102,7 @@ def files(cfg: CertifyConfig) -> tuple[list, list]:
 # input's noise comes in seeded blocks of draws whatever the batch); the device type may not (CPU and
 # CUDA generators differ; the fingerprint records it as noise_device).
 NOT_JOURNAL_FIELDS = ("progress", "device", "restart", "output", "n_examples", "skip", "alpha", "hardmax",
-                      "std_scale", "alpha_conf", "radii", "frontier_alphas", "batch_size")
+                      "std_scale", "alpha_conf", "radii", "frontier_alphas", "batch_size", "workers")
 
 
 def run(cfg: CertifyConfig) -> int:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from ..core.checks import check_eps
 from ..core.errors import CheckpointError
-from ..core.config import CheckpointDataOptions, n_examples_option, option, output_option
+from ..core.config import CheckpointDataOptions, DataLoadingOptions, n_examples_option, option, output_option
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions, image_options
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
@@ -28,7 +28,7 @@ RULES = "adasmooth.mixing:MIXING_RULES"
 
 
 @dataclass
-class EvaluateConfig(CheckpointDataOptions):
+class EvaluateConfig(CheckpointDataOptions, DataLoadingOptions):
     model: str | None = option(None, help=f"a single model to attack: {SPEC_HELP}")
     std: str | None = option(None, help="standard (accurate) base model g of a mixture (any model spec)")
     rob: str | None = option(None, help="robust base model h of a mixture (any model spec)")
@@ -130,7 +130,7 @@ def _load_model(cfg: EvaluateConfig, device):
 
 
 # Fields that do not change any example's outcome: a journal made under other values still resumes.
-NOT_RESULT_FIELDS = ("progress", "device", "batch_size", "restart", "output")
+NOT_RESULT_FIELDS = ("progress", "device", "batch_size", "restart", "output", "workers")
 
 
 def run(cfg: EvaluateConfig) -> int:

@@ -22,11 +22,13 @@ __all__ = [
     "option",
     "RunOptions",
     "CheckpointDataOptions",
+    "DataLoadingOptions",
     "data_dir_option",
     "dataset_option",
     "force_dataset_option",
     "n_examples_option",
     "batch_size_option",
+    "workers_option",
     "output_option",
     "from_mapping",
     "load_config_file",
@@ -90,6 +92,16 @@ def batch_size_option(default: int) -> Any:
     return option(default, help="inputs per batch")
 
 
+def workers_option() -> Any:
+    return option(0, help="data-loading worker processes that decode image files (folder, imagenet; the other "
+                          "data sets are in memory once loaded); 0: decode in the main process")
+
+
+def check_workers(workers: int) -> None:
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers}")
+
+
 def output_option(default: str | None, what: str = "output path") -> Any:
     return option(default, help=what, short="-o")
 
@@ -101,6 +113,18 @@ class CheckpointDataOptions(RunOptions):
     dataset: str | None = dataset_option()
     force_dataset: bool = force_dataset_option()
     data_dir: str | None = data_dir_option()
+
+
+@dataclasses.dataclass
+class DataLoadingOptions(RunOptions):
+    """How a command that reads data loads it; its config inherits these next to the data options (a
+    command only inherits them where it uses them: no option is silently ignored)."""
+
+    workers: int = workers_option()
+
+    def __post_init__(self) -> None:
+        # here, not in validate(): every command's own validate() would have to remember to call it
+        check_workers(self.workers)
 
 T = TypeVar("T")
 

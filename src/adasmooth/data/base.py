@@ -82,6 +82,14 @@ class Dataset:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return Dataset(self.x[idx], self.y[idx], self.num_classes, self.name, self.split)
 
+    def with_workers(self, workers: int) -> "Dataset":
+        """This data set, read with ``workers`` data-loading worker processes where reading means
+        decoding files (image-file data sets); tensors already in memory need none, so here it only
+        checks the count."""
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {workers}")
+        return self
+
     def batches(self, batch_size: int):
         """``(x, y)`` in order, without augmentation (evaluation)."""
         for i in range(0, len(self), batch_size):
@@ -212,13 +220,15 @@ def load_dataset(
     val_fraction: float = 0.0,
     seed: int = 0,
     image: Any = None,
+    workers: int = 0,
 ) -> Dataset:
     """Load ``split`` in {"train", "val", "test"} of a registered data set.
 
     With ``val_fraction > 0`` a deterministic (by ``seed``) part of the training set is held out:
     ``split="train"`` returns the rest and ``split="val"`` returns the held-out part. ``image``
     (:class:`~adasmooth.data.images.ImageOptions`) sets crop, resize, subset list and label file of
-    image-file data sets; the others ignore it.
+    image-file data sets; the others ignore it. ``workers`` processes decode image files
+    (:meth:`Dataset.with_workers`).
     """
     loader = DATASETS.get(name)
     if split not in SPLITS:
@@ -235,7 +245,7 @@ def load_dataset(
         if source_split == "train" and val_fraction > 0:
             data = data.select(_validation_indices(len(data), split, val_fraction, seed))
         data.split = split
-        return data
+        return data.with_workers(workers)
     x, y = loader(source_split, data_dir)
     if tuple(x.shape[1:]) != info["input_shape"]:
         raise DataError(f"{name} {source_split} in {data_dir}: images of shape {tuple(x.shape[1:])}, "
@@ -250,4 +260,4 @@ def load_dataset(
     # strides of a channels-last tensor, on which torch's CPU convolution backward has crashed. Copy to
     # the standard layout.
     images = torch.from_numpy(np.ascontiguousarray(x)).clone(memory_format=torch.contiguous_format)
-    return Dataset(images, torch.from_numpy(y), num_classes, name, split)
+    return Dataset(images, torch.from_numpy(y), num_classes, name, split).with_workers(workers)

@@ -34,6 +34,7 @@ from .images import (IMAGE_SUFFIXES, ImageOptions, common_image_size, eval_trans
 
 __all__ = ["ImageFolderDataset", "scan_image_folder", "load_image_folder"]
 
+DECODE_BATCH = 32  # images per task of a decoding worker process
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -51,6 +52,7 @@ class ImageFolderDataset(Dataset):
         self.options, self.classes = options, list(classes) if classes is not None else None
         self._x: torch.Tensor | None = None
         self._warned_upscale = False
+        self.workers = 0  # processes that decode the files (see with_workers)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -75,14 +77,28 @@ class ImageFolderDataset(Dataset):
     def x(self) -> torch.Tensor:
         """All images, decoded for evaluation (cached): take a subset first on large sets."""
         if self._x is None:
-            self._x = self.load(torch.arange(len(self)))[0]
+            parallel = self.workers > 0 and len(self) > 0
+            self._x = torch.cat([x for x, _ in self._decoded_batches(DECODE_BATCH)]) if parallel else \
+                self.load(torch.arange(len(self)))[0]
         return self._x
+
+    def with_workers(self, workers: int) -> "ImageFolderDataset":
+        """This data set, its files decoded by ``workers`` worker processes (0: in this process) whenever
+        it decodes more than one image: ``x`` and ``batches``; the images are the same for any count."""
+        super().with_workers(workers)
+        self.workers = int(workers)
+        return self
+
+    def _decoded_batches(self, batch_size: int):
+        # in file order, each batch decoded by one of the worker processes
+        for x, y, _ in self.stream(batch_size, shuffle=False, workers=self.workers):
+            yield x, y
 
     def select(self, indices) -> "ImageFolderDataset":
         idx = torch.as_tensor(indices, dtype=torch.int64).tolist()
         part = ImageFolderDataset([self.files[i] for i in idx], self.labels[idx], self.num_classes, self.name,
                                   self.split, self.options, self.classes)
-        part._warned_upscale = self._warned_upscale
+        part._warned_upscale, part.workers = self._warned_upscale, self.workers
         return part
 
     def subset(self, n: int | None) -> "ImageFolderDataset":
@@ -93,6 +109,9 @@ class ImageFolderDataset(Dataset):
         return self.select(range(n))
 
     def batches(self, batch_size: int):
+        if self._x is None and self.workers > 0:
+            yield from self._decoded_batches(batch_size)
+            return
         for i in range(0, len(self), batch_size):
             if self._x is not None:
                 yield self._x[i:i + batch_size], self.labels[i:i + batch_size]

@@ -23,16 +23,17 @@ import torch
 from torch import nn
 
 from ..attacks import check_attack_requirements
-from ..core.config import data_dir_option, dataset_option, option, RunOptions
+from ..core.config import DataLoadingOptions, data_dir_option, dataset_option, option
 from ..core.errors import ConfigError, InputError
 from ..core.runtime import resolve_device
 from ..data import Dataset, load_dataset
+from ..data.images import ImageOptions, image_options
 from ..mixing import MixedClassifier, mix_logits
 from ..mixing.adaptive import AdaptiveMixedClassifier, load_adaptive_classifier, save_adaptive_classifier
 from ..mixing.fixed import save_fixed_mixture
 from ..mixing.nonlinear import ACTIVATIONS, TOP_K, NonlinearParams, nonlinear_mix_log_probs, nonlinear_rule
 from ..mixing.network import ranged_alpha
-from ..models.checkpoint import checkpoint_paths, recorded_dataset, recorded_threat
+from ..models.checkpoint import checkpoint_paths, recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import load_model, model_info
 from ..core.checks import check_counts, check_eps, check_finite
 from ..train.loop import clean_accuracy
@@ -350,7 +351,7 @@ def fixed_alpha_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: fl
 
 
 @dataclass
-class CalibrateConfig(RunOptions):
+class CalibrateConfig(DataLoadingOptions):
     mixnet: list[str] = option(help="adaptive classifier checkpoint(s) from train-mixnet (e.g. one per setting)",
                                default_factory=list)
     target_acc: float | None = option(None, help="clean accuracy (percent) to reach on the calibration data")
@@ -371,6 +372,7 @@ class CalibrateConfig(RunOptions):
     range_width: float | None = option(None, help="alpha_max - alpha_min with param alpha_min")
     dataset: str | None = dataset_option()
     data_dir: str | None = data_dir_option()
+    image: ImageOptions = image_options()
     split: Literal["val", "test"] = option("val", help="calibration data: held-out part of the training set (val) "
                                                        "or a test slice")
     val_fraction: float = option(0.1, help="held-out part of the training set (split val)")
@@ -453,11 +455,13 @@ def calibrated_output(cfg: CalibrateConfig, mixnet: str) -> str:
 
 
 def _calibration_data(cfg: CalibrateConfig, dataset: str) -> Dataset:
-    data = load_dataset(dataset, cfg.split, cfg.data_dir, cfg.val_fraction if cfg.split == "val" else 0.0, cfg.seed)
-    end = len(data) if cfg.calib_examples is None else cfg.calib_offset + cfg.calib_examples
+    data = load_dataset(dataset, cfg.split, cfg.data_dir, cfg.val_fraction if cfg.split == "val" else 0.0, cfg.seed,
+                        image=cfg.image, workers=cfg.workers)
+    end = len(data) if cfg.calib_examples is None else min(len(data), cfg.calib_offset + cfg.calib_examples)
     if cfg.calib_offset >= len(data):
         raise ConfigError(f"calib_offset {cfg.calib_offset} is past the {len(data)} {cfg.split} examples")
-    return Dataset(data.x[cfg.calib_offset:end], data.y[cfg.calib_offset:end], data.num_classes, data.name, data.split)
+    # select, not a slice of data.x: image files outside the range are never decoded
+    return data.select(range(cfg.calib_offset, end))
 
 
 def _base_pair(cfg: CalibrateConfig, loaded, device):
@@ -548,6 +552,8 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
     first_info = loaded[0][1] if loaded else {}
     g, h, std_path, rob_path, dataset, rob_info = _base_pair(cfg, loaded, device)
     std_scale, rob_scale = (loaded[0][0].std_scale, loaded[0][0].rob_scale) if loaded else (1.0, 1.0)
+    # the crop defaults to the checkpoints' input size; the sizes used go into the config the results record
+    cfg.image = cfg.image.fit(map(trained_input_shape, (first_info, rob_info)))
     calib = _calibration_data(cfg, dataset)
     for path, (_, info) in zip(cfg.mixnet, loaded):
         overlap = calibration_overlap(info.get("training") or {}, dataset, cfg.split, cfg.val_fraction, cfg.seed)
@@ -613,9 +619,8 @@ def run_calibration(cfg: CalibrateConfig) -> dict[str, Any]:
     results["results_file"] = str(first_out) + ".calibration.json"
     if cfg.report:
         eps, norm = _threat(cfg, first_info, rob_info, rob_path)
-        test = load_dataset(dataset, "test", cfg.data_dir)
-        test = Dataset(test.x[cfg.eval_offset:cfg.eval_offset + cfg.eval_examples],
-                       test.y[cfg.eval_offset:cfg.eval_offset + cfg.eval_examples], test.num_classes, test.name, "test")
+        test = load_dataset(dataset, "test", cfg.data_dir, image=cfg.image, workers=cfg.workers)
+        test = test.select(range(min(cfg.eval_offset, len(test)), min(cfg.eval_offset + cfg.eval_examples, len(test))))
         models: dict[str, nn.Module] = {"g (standard)": g, "h (robust)": h}
         for model, info in loaded:
             label = f"adaptive ({info.get('setting') or '?'})"

@@ -31,7 +31,7 @@ from ..core.progress import progress_bar
 
 from ..attacks import PGD
 from ..core.checks import check_eps, check_finite
-from ..core.config import CheckpointDataOptions, batch_size_option, n_examples_option, option, output_option
+from ..core.config import CheckpointDataOptions, DataLoadingOptions, batch_size_option, n_examples_option, option, output_option
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..data.images import ImageOptions, image_options
@@ -60,7 +60,7 @@ def _default_alphas() -> list[float]:
 
 
 @dataclass
-class SweepConfig(CheckpointDataOptions):
+class SweepConfig(CheckpointDataOptions, DataLoadingOptions):
     """Everything ``adasmooth sweep`` needs; keys of a ``--config`` YAML file are these fields."""
 
     std: str | None = option(None, help="standard model g: a checkpoint path, robustbench:, python:, timm: "

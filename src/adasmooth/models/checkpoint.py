@@ -382,8 +382,9 @@ def recorded_threat(eps: float | None, norm: str | None, info: Mapping[str, Any]
 def load_checkpoint_data(cfg: Any, infos: Mapping[str, Mapping[str, Any]], dataset: str, split: str):
     """``(image options, data)`` of a run on checkpoints: ``split`` of ``dataset`` read with
     ``cfg.data_dir`` and ``cfg.image`` (declared by :func:`adasmooth.data.images.image_options`), the
-    image crop defaulting to the input size the checkpoints were trained on."""
+    image crop defaulting to the input size the checkpoints were trained on, files decoded by
+    ``cfg.workers`` processes."""
     from ..data import load_dataset
 
     image = cfg.image.fit(map(trained_input_shape, infos.values()))
-    return image, load_dataset(dataset, split, cfg.data_dir, image=image)
+    return image, load_dataset(dataset, split, cfg.data_dir, image=image, workers=cfg.workers)
