@@ -15,7 +15,8 @@ from torch import nn
 
 from adasmooth.cli import build_parser
 from adasmooth.data import DATASETS, dataset_info
-from adasmooth.mixing import MIXING_RULES, MixedClassifier
+from adasmooth.cli.options import flag_name
+from adasmooth.mixing import MIXING_RULES, MixedClassifier, build_rule, rule_params_class
 from adasmooth.train.config import TrainConfig
 from adasmooth.train.engine import TrainContext
 from adasmooth.train.methods import TRAINING_METHODS
@@ -108,6 +109,14 @@ def test_every_mixing_rule_meets_the_contract(name, bases):
     # alpha = 0 is g's decision, alpha = 1 is h's
     assert torch.equal(MixedClassifier(g, h, 0.0, rule=name)(x).argmax(1), g(x).argmax(1))
     assert torch.equal(MixedClassifier(g, h, 1.0, rule=name)(x).argmax(1), h(x).argmax(1))
+    params = rule_params_class(name)
+    if params is not None:  # declared parameters: options of every command that builds a mixture
+        for f in dataclasses.fields(params):
+            assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+            for command in ("evaluate", "sweep"):
+                assert flag_name(f.name, name.replace("_", "-") + "-") in _help_of(command), (name, f.name, command)
+        # the defaults the declaration shows are the registered rule's
+        assert torch.allclose(MixedClassifier(g, h, 0.6, rule=build_rule(name, params()))(x), out)
 
 
 # ------------------------------------------------------------------ data sets

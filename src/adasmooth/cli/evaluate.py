@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..core.checks import check_eps
 from ..core.errors import CheckpointError
-from ..core.config import CheckpointDataOptions, DataLoadingOptions, n_examples_option, option, output_option
+from ..core.config import (CheckpointDataOptions, DataLoadingOptions, n_examples_option, option, output_option,
+                           rule_params_option)
 from ..core.precision import Precision, channels_last_option, compile_option, parse_batch_size, precision_option
 from ..data.images import ImageOptions, image_options
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
@@ -39,6 +40,7 @@ class EvaluateConfig(CheckpointDataOptions, DataLoadingOptions):
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
     rule: str = option("prob", help="mixing rule of a fixed mixture (with --alpha)", registry=RULES)
+    rule_params: dict[str, Any] = rule_params_option()
     image: ImageOptions = image_options()
     split: Literal["train", "val", "test"] = option("test", help="data split")
     norm: Literal["linf", "l2"] | None = option(None, help="threat model; none: the robust checkpoint's")
@@ -57,9 +59,10 @@ class EvaluateConfig(CheckpointDataOptions, DataLoadingOptions):
 
     def validate(self) -> None:
         from ..attacks import ATTACK_NAMES
-        from ..mixing import MIXING_RULES
+        from ..mixing import MIXING_RULES, check_rule_params
 
         MIXING_RULES.get(self.rule)  # an unknown name lists the known ones
+        check_rule_params(self.rule_params, [self.rule] if self.alpha is not None else [])
 
         check_eps(self.eps, self.norm)
         self.batch_size = parse_batch_size(self.batch_size)
@@ -104,7 +107,7 @@ def files(cfg: EvaluateConfig) -> tuple[list, list]:
 
 def _load_model(cfg: EvaluateConfig, device):
     """(model, {checkpoint path: sidecar}, the robust (or only) checkpoint's path, source record)."""
-    from ..mixing import MixedClassifier
+    from ..mixing import MixedClassifier, build_rule
     from ..mixing.adaptive import load_adaptive_classifier
     from ..mixing.export import load_mixture
     from ..models.loader import load_model
@@ -124,9 +127,12 @@ def _load_model(cfg: EvaluateConfig, device):
         if rob:
             infos[cfg.rob] = rob[1]
         return model.eval(), infos, cfg.rob or cfg.mixnet, {"mixnet": cfg.mixnet, "std": cfg.std, "rob": cfg.rob}
-    model = MixedClassifier(std[0], rob[0], cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, rule=cfg.rule)
+    rule = build_rule(cfg.rule, cfg.rule_params.get(cfg.rule))
+    model = MixedClassifier(std[0], rob[0], cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, rule=rule)
+    model.rule = cfg.rule
     return model.eval(), {cfg.std: std[1], cfg.rob: rob[1]}, cfg.rob, {"std": cfg.std, "rob": cfg.rob,
-                                                                      "alpha": cfg.alpha, "rule": cfg.rule}
+                                                                      "alpha": cfg.alpha, "rule": cfg.rule,
+                                                                      "rule_params": cfg.rule_params.get(cfg.rule)}
 
 
 # Fields that do not change any example's outcome: a journal made under other values still resumes.

@@ -113,15 +113,29 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _registry_names(f: dataclasses.Field) -> list[str] | None:
-    """The entries of the registry an option names (``option(registry="package.module:NAME")``)."""
-    ref = f.metadata.get("registry")
-    if not ref:
-        return None
+def _registry(ref: str):
     import importlib
 
     module, _, attr = ref.partition(":")
-    return list(getattr(importlib.import_module(module), attr).names())
+    return getattr(importlib.import_module(module), attr)
+
+
+def _registry_names(f: dataclasses.Field) -> list[str] | None:
+    """The entries of the registry an option names (``option(registry="package.module:NAME")``)."""
+    ref = f.metadata.get("registry")
+    return list(_registry(ref).names()) if ref else None
+
+
+def _entry_params(f: dataclasses.Field) -> list[tuple[str, type, dict]]:
+    """(entry name, parameter dataclass, entry info) of each entry of the registry that
+    ``option(entry_params=...)`` names which declares parameters."""
+    registry = _registry(f.metadata["entry_params"])
+    return [(name, registry.info(name)["params"], registry.info(name)) for name in registry.names()
+            if registry.info(name).get("params") is not None]
+
+
+def _entry_prefix(name: str) -> str:
+    return name.replace("_", "-") + "-"
 
 
 def _help(f: dataclasses.Field, extra: str = "", shown_default: str | None = None) -> str:
@@ -161,6 +175,13 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if dataclasses.is_dataclass(tp):
             sub = parser.add_argument_group(_group_title(f, tp, flag))
             add_config_options(parser, tp, prefix=flag[2:] + "-", group=sub)
+            continue
+        if f.metadata.get("entry_params"):  # one group of flags per registry entry that declares parameters
+            kind = _registry(f.metadata["entry_params"]).kind
+            for name, params, info in _entry_params(f):
+                label = f": {info['label']}" if info.get("label") else ""
+                sub = parser.add_argument_group(f"parameters of {kind} {name}{label} (--{_entry_prefix(name)}*)")
+                add_config_options(parser, params, prefix=prefix + _entry_prefix(name), group=sub)
             continue
         if tp is bool and not optional:
             if _default_of(f) is True:
@@ -217,6 +238,15 @@ def _given_values(cls: type, args: argparse.Namespace, prefix: str = "") -> dict
             nested = _given_values(tp, args, prefix + f.name.rstrip("_") + "_")
             if nested:
                 values[f.name] = nested
+            continue
+        if f.metadata.get("entry_params"):
+            given = {}
+            for name, params, _ in _entry_params(f):
+                nested = _given_values(params, args, prefix + _entry_prefix(name).replace("-", "_"))
+                if nested:
+                    given[name] = nested
+            if given:
+                values[f.name] = given
             continue
         dest = prefix + f.name
         value = getattr(args, dest, None)

@@ -87,7 +87,7 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
     result = alpha_sweep(g.to(device), h.to(device), data, cfg.alphas, cfg.eps, norm=cfg.norm, steps=cfg.steps,
                          step_size=cfg.step_size, variants=cfg.variants, batch_size=cfg.batch_size, seed=cfg.seed,
                          std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, progress=cfg.progress,
-                         nonlinear=cfg.nonlinear, on_alpha=save_partial)
+                         rule_params=cfg.rule_params, on_alpha=save_partial)
     paths = write_outputs(out_dir, result, cfg, cfg.seed, progress_note="complete")
     ref = result.reference
     print(f"g alone: clean {ref['g_clean_acc']:.2f}%, under PGD on g {ref['g_std_attack_acc']:.2f}%;  "

@@ -30,6 +30,7 @@ __all__ = [
     "batch_size_option",
     "workers_option",
     "output_option",
+    "rule_params_option",
     "from_mapping",
     "load_config_file",
     "merge_cli",
@@ -45,15 +46,19 @@ def option(
     metavar: str | None = None,
     cli: bool = True,
     registry: str | None = None,
+    entry_params: str | None = None,
 ) -> Any:
     """A config field with its help text: the one declaration the command line is generated from.
 
     ``short`` adds a one-letter alias (``-o``); ``cli=False`` keeps a field out of the command line
     (library-only values such as ``model_kwargs`` still come from ``--config`` files). ``registry``
     ("package.module:NAME") names the registry whose entries the value is one of: ``--help`` lists
-    them (the registry checks the value), so nothing is listed by hand.
+    them (the registry checks the value), so nothing is listed by hand. ``entry_params`` (same form)
+    makes the field a mapping ``{entry: {parameter: value}}`` of the parameters that registry's entries
+    declare (``info["params"]``, a dataclass): the command line gets ``--<entry>-<parameter>`` for each.
     """
-    metadata = {"help": help, "short": short, "metavar": metavar, "cli": cli, "registry": registry}
+    metadata = {"help": help, "short": short, "metavar": metavar, "cli": cli, "registry": registry,
+                "entry_params": entry_params}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -100,6 +105,12 @@ def workers_option() -> Any:
 def check_workers(workers: int) -> None:
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
+
+
+def rule_params_option() -> Any:
+    """The parameters of the mixing rules, as each rule declares them (``--nonlinear-s``, ...)."""
+    return option(help="parameters of the mixing rules that declare some: {rule: {parameter: value}}",
+                  default_factory=dict, entry_params="adasmooth.mixing:MIXING_RULES")
 
 
 def output_option(default: str | None, what: str = "output path") -> Any:

@@ -7,7 +7,8 @@ clean and under three PGD attacks:
 - ROB attack: crafted on h alone, then fed to h_alpha (a transfer attack);
 - MIX attack: crafted end to end on h_alpha itself (white box).
 
-The nonlinear (MixedNUTS) variant uses the map parameters ``nonlinear``; its MIX attack takes its
+A variant whose rule declares parameters uses ``rule_params[variant]`` (``--nonlinear-s`` ...); the
+nonlinear (MixedNUTS) variant's MIX attack takes its
 gradients from the differentiable surrogate of :mod:`adasmooth.attacks.nonlinear` (the true mixture
 gives g's hardmax no gradient) and is judged on the true mixture.
 
@@ -31,14 +32,15 @@ from ..core.progress import progress_bar
 
 from ..attacks import PGD
 from ..core.checks import check_eps, check_finite
-from ..core.config import CheckpointDataOptions, DataLoadingOptions, batch_size_option, n_examples_option, option, output_option
+from ..core.config import (CheckpointDataOptions, DataLoadingOptions, batch_size_option, n_examples_option, option,
+                           output_option, rule_params_option)
 from ..core.errors import ConfigError, InputError
 from ..data import DATASETS, Dataset
 from ..data.images import ImageOptions, image_options
-from ..mixing import MIXING_RULES, MixedClassifier
+from ..mixing import MIXING_RULES, MixedClassifier, build_rule, check_rule_params
 from ..models.loader import model_dir_option
 from ..attacks.nonlinear import surrogate_for
-from ..mixing.nonlinear import NonlinearParams, nonlinear_rule
+from ..mixing.nonlinear import NonlinearParams
 
 __all__ = ["SweepConfig", "SweepResult", "alpha_sweep", "craft_adversarial", "variant_classifier",
            "variant_labels"]
@@ -80,8 +82,7 @@ class SweepConfig(CheckpointDataOptions, DataLoadingOptions):
     batch_size: int = batch_size_option(256)
     std_scale: float = option(1.0, help="logit scale s_g of the standard model")
     rob_scale: float = option(1.0, help="logit scale s_h of the robust model")
-    nonlinear: NonlinearParams = option(help="map of h for the nonlinear variant (e.g. from calibrate --rule "
-                                             "nonlinear)", default_factory=NonlinearParams)
+    rule_params: dict[str, Any] = rule_params_option()
     output: str = output_option("runs/sweep", "output folder: sweep.json, sweep.csv and two PNGs")
 
     def validate(self) -> None:
@@ -98,7 +99,7 @@ class SweepConfig(CheckpointDataOptions, DataLoadingOptions):
             raise ConfigError(f"n_examples must be >= 1, got {self.n_examples}")
         check_finite("std_scale", self.std_scale, 0, strict=True)
         check_finite("rob_scale", self.rob_scale, 0, strict=True)
-        self.nonlinear.validate()
+        check_rule_params(self.rule_params, self.variants)
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
@@ -132,11 +133,15 @@ class SweepResult:
 
 def variant_classifier(std_model: nn.Module, rob_model: nn.Module, alpha: float, variant: str, norm: str = "linf",
                        std_scale: float = 1.0, rob_scale: float = 1.0,
-                       nonlinear: NonlinearParams | None = None) -> MixedClassifier:
-    """The fixed-alpha mixed classifier of one named variant (a ``MIXING_RULES`` entry); the nonlinear
-    variant with the map ``nonlinear`` (default: the registered rule's parameters)."""
+                       nonlinear: NonlinearParams | None = None,
+                       rule_params: Any = None) -> MixedClassifier:
+    """The fixed-alpha mixed classifier of one named variant (a ``MIXING_RULES`` entry) with the rule's
+    parameters ``rule_params`` (its dataclass or a mapping; default: the registered rule's); ``nonlinear``
+    is the nonlinear variant's map."""
     check_variants([variant])
-    rule = nonlinear_rule(nonlinear) if variant == "nonlinear" and nonlinear is not None else variant
+    if variant == "nonlinear" and nonlinear is not None:
+        rule_params = nonlinear
+    rule = variant if rule_params is None else build_rule(variant, rule_params)
     return MixedClassifier(std_model, rob_model, alpha, std_scale=std_scale, rob_scale=rob_scale,
                            rule=rule, norm=norm).eval()
 
@@ -191,12 +196,14 @@ def alpha_sweep(
     progress: bool = True,
     on_alpha: Callable[[SweepResult], None] | None = None,
     nonlinear: NonlinearParams | None = None,
+    rule_params: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Accuracy (%) of fixed-alpha mixtures of g = ``std_model`` and h = ``rob_model`` on ``data``.
 
     Everything after ``eps`` is keyword-only. Rows come in the order of ``alphas``, each alpha once per variant. ``on_alpha`` is called with
     the result so far after each alpha (write partial results from it). Both models are put in
-    eval mode; the data is moved to the device of ``std_model``.
+    eval mode; the data is moved to the device of ``std_model``. ``rule_params``: {variant: its rule's
+    parameters} (:func:`~adasmooth.mixing.rules.build_rule`); ``nonlinear``: the nonlinear variant's.
     """
     alphas = check_alphas(alphas)
     variants = check_variants(variants)
@@ -229,7 +236,8 @@ def alpha_sweep(
     bar = progress_bar(total=len(alphas) * len(variants), desc="alpha sweep", disable=not progress, leave=False)
     for alpha in alphas:
         for variant in variants:
-            mixed = variant_classifier(std_model, rob_model, alpha, variant, norm, std_scale, rob_scale, nonlinear)
+            mixed = variant_classifier(std_model, rob_model, alpha, variant, norm, std_scale, rob_scale, nonlinear,
+                                       (rule_params or {}).get(variant))
             clean = _correct(mixed, x, y, batch_size)
             on_std = _correct(mixed, x_std, y, batch_size)
             on_rob = _correct(mixed, x_rob, y, batch_size)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.config import from_mapping, option
 from ..core.errors import ConfigError, InputError
-from .rules import MIXING_RULES, MixingRule, MixInputs, check_class_counts, hardmax, mix_log_probs
+from .rules import MixingRule, MixInputs, check_class_counts, hardmax, mix_log_probs, register_rule_with_params
 
 __all__ = [
     "ACTIVATIONS",
@@ -141,6 +141,7 @@ def nonlinear_mix_log_probs(std_logits: torch.Tensor, rob_logits: torch.Tensor, 
     return mix_log_probs(log_p_std, log_p_rob, alpha).to(std_logits.dtype)
 
 
+@register_rule_with_params("nonlinear", NonlinearParams, label="MixedNUTS: hardmax g, transformed h")
 def nonlinear_rule(params: NonlinearParams | None = None, **values: Any) -> MixingRule:
     """The MixedNUTS mixing rule with ``params`` (or ``NonlinearParams(**values)``); g's logit scale and
     hardmax flag play no part (g is always a hardmax; h's scale cancels in the normalisation)."""
@@ -156,9 +157,6 @@ def nonlinear_rule(params: NonlinearParams | None = None, **values: Any) -> Mixi
     rule.__name__ = "nonlinear"
     rule.params = params  # read back by nonlinear_params_of, the surrogate attack and the checkpoint writer
     return rule
-
-
-MIXING_RULES.add("nonlinear", nonlinear_rule(), label="MixedNUTS: hardmax g, transformed h")
 
 
 def nonlinear_params_of(model: nn.Module) -> NonlinearParams | None:

@@ -18,17 +18,35 @@ decorated function::
     def geometric(inputs, alpha):
         a = alpha[:, None]
         return (1 - a) * F.log_softmax(inputs.std_logits(), 1) + a * F.log_softmax(inputs.rob_logits(), 1)
+
+A rule with parameters declares them as a dataclass of :func:`~adasmooth.core.config.option` fields
+(name, type, default, help) and registers the function that builds the rule from them; every command
+that builds a mixture then takes ``--<rule>-<parameter>`` (generated from the declaration) and hands the
+values to :func:`build_rule`::
+
+    @dataclass
+    class TemperedParams:
+        t: float = option(2.0, help="temperature of h's softmax")
+
+    @register_rule_with_params("tempered", TemperedParams, label="h at temperature t")
+    def tempered(params):
+        def rule(inputs, alpha):
+            return mix_log_probs(F.log_softmax(inputs.std_logits(), 1),
+                                 F.log_softmax(inputs.rob_logits() / params.t, 1), alpha)
+        return rule
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import from_mapping
 from ..core.errors import ConfigError, InputError
 from ..core.registry import Registry
 
@@ -46,6 +64,10 @@ __all__ = [
     "trust_weight",
     "per_class_grad_norms",
     "trust_weighted_rule",
+    "register_rule_with_params",
+    "rule_params_class",
+    "build_rule",
+    "check_rule_params",
 ]
 
 
@@ -161,6 +183,66 @@ class MixInputs:
 MixingRule = Callable[[MixInputs, torch.Tensor], torch.Tensor]
 
 MIXING_RULES: Registry[MixingRule] = Registry("mixing rule")
+
+
+# ---------------------------------------------------------------------------- rules with parameters
+
+
+def register_rule_with_params(name: str, params: type, **info: Any) -> Callable:
+    """Decorator: register ``build(params) -> MixingRule`` as rule ``name`` whose parameters are the
+    dataclass ``params`` (every field an ``option(...)`` with a default and a help text). The registry
+    holds the rule built with the defaults; :func:`build_rule` builds it with other values."""
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"mixing rule {name!r}: params must be a dataclass, got {params!r}")
+    for f in dataclasses.fields(params):
+        if not f.metadata.get("help"):
+            raise TypeError(f"mixing rule {name!r}: parameter {f.name!r} has no help text; declare it with option()")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise TypeError(f"mixing rule {name!r}: parameter {f.name!r} has no default")
+
+    def wrap(build: Callable[[Any], MixingRule]) -> Callable[[Any], MixingRule]:
+        MIXING_RULES.add(name, build(params()), params=params, build=build, **info)
+        return build
+
+    return wrap
+
+
+def rule_params_class(name: str) -> type | None:
+    """The dataclass of parameters rule ``name`` declares, None when it has none."""
+    return MIXING_RULES.info(name).get("params")
+
+
+def build_rule(name: str, params: Any = None) -> MixingRule:
+    """Rule ``name`` with ``params``: its parameter dataclass, or a mapping of some of its fields (the
+    rest keep their defaults); None: the registered rule. Parameters for a rule without any are refused."""
+    rule = MIXING_RULES.get(name)
+    cls = rule_params_class(name)
+    if params is None or (isinstance(params, Mapping) and not params and cls is None):
+        return rule
+    if cls is None:
+        raise ConfigError(f"mixing rule {name!r} takes no parameters, got {dict(params)}")
+    if isinstance(params, Mapping):
+        params = from_mapping(cls, dict(params), f"parameters of mixing rule {name!r}")
+    if not isinstance(params, cls):
+        raise ConfigError(f"parameters of mixing rule {name!r} must be a {cls.__name__}, got {type(params).__name__}")
+    validate = getattr(params, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(f"parameters of mixing rule {name!r}: {err}") from err
+    return MIXING_RULES.info(name)["build"](params)
+
+
+def check_rule_params(rule_params: Mapping[str, Any], used: list[str]) -> None:
+    """Refuse parameters of a rule the run does not use (they would be silently ignored), and check the
+    values of the others by building their rules."""
+    for name, values in rule_params.items():
+        if name not in used:
+            flag = "--" + name + "-*"
+            raise ConfigError(f"{flag} given, but mixing rule {name!r} is not a rule of this run "
+                              f"({', '.join(used) or 'it mixes with no named rule'}): it would be ignored")
+        build_rule(name, values)
 
 
 # ---------------------------------------------------------------------------- R_i(x) of Eq. 3.3
