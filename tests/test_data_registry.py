@@ -18,6 +18,7 @@ BUILT_IN = {
 }
 # Read from image files: the class count (None: the folders decide) is registered, the shape is the crop's.
 IMAGE_FILES = {"folder": None, "imagenet": 1000}
+MADE_HERE = {"files": {}, "files_where": "none: made in the test"}
 
 
 def _toy_arrays(split: str, n: int = 10, top_label: int = 2, shape=(2, 3, 3)):
@@ -31,15 +32,15 @@ def _toy_arrays(split: str, n: int = 10, top_label: int = 2, shape=(2, 3, 3)):
 def toy_datasets():
     seen = []
 
-    @register_dataset("toy", num_classes=3, input_shape=(2, 3, 3), mean=(0.5, 0.5), std=(0.25, 0.25))
+    @register_dataset("toy", num_classes=3, input_shape=(2, 3, 3), mean=(0.5, 0.5), std=(0.25, 0.25), **MADE_HERE)
     def load_toy(split, data_dir):
         seen.append((split, data_dir))
         return _toy_arrays(split)
 
-    register_dataset("toy-bad-labels", num_classes=3, input_shape=(2, 3, 3), mean=(0.5, 0.5), std=(0.2, 0.2))(
-        lambda split, data_dir: _toy_arrays(split, top_label=3))
-    register_dataset("toy-bad-shape", num_classes=3, input_shape=(2, 3, 3), mean=(0.5, 0.5), std=(0.2, 0.2))(
-        lambda split, data_dir: _toy_arrays(split, shape=(2, 4, 4)))
+    register_dataset("toy-bad-labels", num_classes=3, input_shape=(2, 3, 3), mean=(0.5, 0.5), std=(0.2, 0.2),
+                     **MADE_HERE)(lambda split, data_dir: _toy_arrays(split, top_label=3))
+    register_dataset("toy-bad-shape", num_classes=3, input_shape=(2, 3, 3), mean=(0.5, 0.5), std=(0.2, 0.2),
+                     **MADE_HERE)(lambda split, data_dir: _toy_arrays(split, shape=(2, 4, 4)))
     yield seen
     for name in ("toy", "toy-bad-labels", "toy-bad-shape"):
         DATASETS.remove(name)
@@ -51,7 +52,7 @@ def test_registered_data_set_is_loaded_with_its_facts(toy_datasets, tmp_path):
     assert test.x.shape == (10, 2, 3, 3) and test.num_classes == 3 and test.name == "toy" and test.split == "test"
     assert DATASET_STATS["toy"] == ((0.5, 0.5), (0.25, 0.25))
     assert dataset_info("toy") == {"num_classes": 3, "input_shape": (2, 3, 3), "mean": (0.5, 0.5),
-                                   "std": (0.25, 0.25)}
+                                   "std": (0.25, 0.25), **MADE_HERE}
     assert "toy" in DATASETS and "toy" in DATASET_STATS
     # The validation split is carved out of the loader's training split.
     train = load_dataset("toy", "train", tmp_path, val_fraction=0.3, seed=0)
@@ -79,7 +80,7 @@ def test_built_in_facts():
         assert len(mean) == len(std) == shape[0] and all(0 < s < 1 for s in std)
     for name, classes in IMAGE_FILES.items():
         info = dataset_info(name)
-        assert (info["num_classes"], info["input_shape"], info["files"]) == (classes, None, True)
+        assert (info["num_classes"], info["input_shape"], info["image_files"]) == (classes, None, True)
         assert DATASET_STATS[name] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert DATASET_STATS.get("no-such-set", "absent") == "absent"
 
@@ -105,5 +106,5 @@ def test_unknown_names_and_splits_are_config_errors():
 ])
 def test_registering_inconsistent_facts_is_refused(facts, fragment):
     with pytest.raises(ValueError) as err:
-        register_dataset("toy-inconsistent", **facts)
+        register_dataset("toy-inconsistent", **facts, **MADE_HERE)
     assert fragment in str(err.value) and "toy-inconsistent" not in DATASETS

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from adasmooth.cli import build_parser
-from adasmooth.data import DATASETS, dataset_info
+from adasmooth.core.errors import DataError
+from adasmooth.data import DATASETS, dataset_info, describe_files, load_dataset
 from adasmooth.cli.options import flag_name
 from adasmooth.mixing import MIXING_RULES, MixedClassifier, build_rule, rule_params_class
 from adasmooth.train.config import TrainConfig
@@ -127,7 +128,7 @@ def test_every_data_set_meets_the_contract(name):
     info = dataset_info(name)
     assert name in _help_of("train-base") and name in _help_of("evaluate")
     classes, shape = info["num_classes"], info["input_shape"]
-    if info.get("files"):  # read from image files: the files set the shape (and maybe the classes)
+    if info.get("image_files"):  # read from image files: the files set the shape (and maybe the classes)
         assert shape is None and (classes is None or classes >= 2)
         channels = 3
     else:
@@ -136,3 +137,25 @@ def test_every_data_set_meets_the_contract(name):
     assert len(info["mean"]) == len(info["std"]) == channels
     assert all(0 <= m <= 1 for m in info["mean"]) and all(0 < s <= 1 for s in info["std"])
     assert info.get("augment", "none") in ("none", "crop", "crop-flip", "resized-crop-flip")
+
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_data_set_declares_the_files_its_loader_reads(name, tmp_path):
+    info = dataset_info(name)
+    files = info["files"]
+    assert files or info.get("files_where"), f"{name}: declare its files, or where its data come from"
+    # the --data-dir help is made from the declaration (wrapping may break lines anywhere, so compare
+    # without whitespace)
+    for command in ("train-base", "evaluate"):
+        assert "".join(describe_files(name).split()) in "".join(_help_of(command).split()), (name, command)
+    for split in ("train", "test"):
+        if not files:  # reads no files: an empty folder is enough
+            assert len(load_dataset(name, split, tmp_path)) > 0
+            continue
+        assert files[split] and all(isinstance(f, str) and f for f in files[split])
+        with pytest.raises(DataError) as err:  # the loader looks for what the declaration says
+            load_dataset(name, split, tmp_path)
+        message = str(err.value)
+        assert any(f in message for f in files[split]), (name, split, message)
+        assert str(tmp_path) in message and len(message.splitlines()) == 1

@@ -146,6 +146,8 @@ def _help(f: dataclasses.Field, extra: str = "", shown_default: str | None = Non
     if names is not None:
         head, sep, tail = text.partition(";")  # the names go right after what the option is
         text = f"{head}: {', '.join(names)}{sep}{tail}"
+    if f.metadata.get("help_from"):
+        text = f"{text}; {_registry(f.metadata['help_from'])()}"
     default = _default_of(f)
     # a help text that says what its default is already shows it once, not twice
     if "(default:" in text:

@@ -47,6 +47,7 @@ def option(
     cli: bool = True,
     registry: str | None = None,
     entry_params: str | None = None,
+    help_from: str | None = None,
 ) -> Any:
     """A config field with its help text: the one declaration the command line is generated from.
 
@@ -56,9 +57,11 @@ def option(
     them (the registry checks the value), so nothing is listed by hand. ``entry_params`` (same form)
     makes the field a mapping ``{entry: {parameter: value}}`` of the parameters that registry's entries
     declare (``info["params"]``, a dataclass): the command line gets ``--<entry>-<parameter>`` for each.
+    ``help_from`` ("package.module:function") adds the function's text to the help, for what a
+    registry's entries declare (``--data-dir`` lists each data set's files).
     """
     metadata = {"help": help, "short": short, "metavar": metavar, "cli": cli, "registry": registry,
-                "entry_params": entry_params}
+                "entry_params": entry_params, "help_from": help_from}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -77,7 +80,8 @@ class RunOptions:
 
 
 def data_dir_option() -> Any:
-    return option(None, help="folder with the data files; none: $ADASMOOTH_DATA or ./data")
+    return option(None, help="folder with the data files; none: $ADASMOOTH_DATA or ./data",
+                  help_from="adasmooth.data:files_help")
 
 
 def dataset_option(default: str | None = None) -> Any:

@@ -1,7 +1,8 @@
 """Data sets as float tensors in [0, 1], shape (N, C, H, W), with int64 labels.
 
 Adding a data set: one new file that decorates its loader with ``@register_dataset(...)`` (or
-``@register_image_files(...)`` for files decoded on demand), and one import line below.
+``@register_image_files(...)`` for files decoded on demand), declaring the files it reads (``files=``),
+and one import line below.
 """
 
 from ..core.errors import DataError
@@ -13,6 +14,9 @@ from .base import (
     Dataset,
     dataset_info,
     default_data_dir,
+    declared_files,
+    describe_files,
+    files_help,
     load_dataset,
     register_dataset,
     register_image_files,

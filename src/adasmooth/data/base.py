@@ -4,8 +4,15 @@ Normalisation never happens here: models normalise inside (``adasmooth.models.No
 attacks and noise work in pixel space. Each data set lives in its own file and registers a loader
 with the facts about it:
 
-    @register_dataset("mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+    @register_dataset("mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
+                      files={"train": ("train-images-idx3-ubyte.gz", ...), "test": (...)},
+                      files_where="in <data-dir>/mnist/ or <data-dir>")
     def load_mnist(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]: ...
+
+``files`` declares what the loader reads under ``--data-dir`` for each source split ("train", "test"):
+names or patterns (``<class>``, ``<image>``), none for a data set bundled with a library; ``files_where``
+says where else they may be (a sub-folder, an archive). Missing-file errors (:func:`find_file`,
+:func:`missing_files_error`) and the ``--data-dir`` help (:func:`files_help`) are made from it.
 
 The loader gets ``split`` in {"train", "test"} and returns float32 images in [0, 1] of shape
 (N, C, H, W) and int64 labels; :func:`load_dataset` adds the validation split and the checks.
@@ -43,6 +50,11 @@ __all__ = [
     "load_dataset",
     "default_data_dir",
     "SPLITS",
+    "declared_files",
+    "describe_files",
+    "files_help",
+    "find_file",
+    "missing_files_error",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -111,6 +123,22 @@ class Dataset:
 
 DATASETS: Registry[Loader] = Registry("data set")
 
+SOURCE_SPLITS = ("train", "test")  # what loaders read; "val" is held out of "train"
+
+
+def _checked_files(name: str, files: Mapping[str, Sequence[str]], where: str | None) -> dict[str, tuple[str, ...]]:
+    if not isinstance(files, Mapping):
+        raise ValueError(f"data set {name!r}: files must map each split to the files it reads, got {files!r}")
+    declared = {split: tuple(files[split]) for split in files}
+    if declared and set(declared) != set(SOURCE_SPLITS):
+        raise ValueError(f"data set {name!r}: files must declare the splits {SOURCE_SPLITS}, got {sorted(declared)}")
+    for split, names in declared.items():
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"data set {name!r}: files of split {split!r} must be non-empty names, got {names!r}")
+    if not declared and not where:
+        raise ValueError(f"data set {name!r} reads no files: say where its data come from (files_where=...)")
+    return declared
+
 
 def register_dataset(
     name: str,
@@ -119,13 +147,16 @@ def register_dataset(
     input_shape: tuple[int, int, int],
     mean: Sequence[float],
     std: Sequence[float],
+    files: Mapping[str, Sequence[str]],
+    files_where: str | None = None,
     **info: Any,
 ) -> Callable[[Loader], Loader]:
     """Decorator: register ``loader(split, data_dir) -> (images, labels)`` under ``name`` with its facts.
 
     ``mean``/``std`` are the per-channel statistics of the training set, used by the models'
-    built-in normalisation.
+    built-in normalisation; ``files``/``files_where`` what it reads (see the module docstring).
     """
+    declared = _checked_files(name, files, files_where)
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"data set {name!r}: input_shape must be (C, H, W), got {input_shape}")
@@ -139,6 +170,8 @@ def register_dataset(
         input_shape=shape,
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
+        files=declared,
+        files_where=files_where,
         **info,
     )
 
@@ -149,19 +182,24 @@ def register_image_files(
     num_classes: int | None,
     mean: Sequence[float],
     std: Sequence[float],
+    files: Mapping[str, Sequence[str]],
+    files_where: str | None = None,
     **info: Any,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register a data set read from image files, ``loader(split, data_dir, image_options) -> Dataset``.
 
     ``num_classes`` is None when the files decide it (class folders); the input shape is set by the
-    image options (3, crop, crop), so the registry records none.
+    image options (3, crop, crop), so the registry records none. ``files``/``files_where``: as for
+    :func:`register_dataset`.
     """
+    declared = _checked_files(name, files, files_where)
     if num_classes is not None and num_classes < 2:
         raise ValueError(f"data set {name!r}: num_classes must be >= 2, got {num_classes}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"data set {name!r}: RGB images need 3 means and 3 stds")
-    return DATASETS.register(name, num_classes=num_classes, input_shape=None, files=True,
-                             mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), **info)
+    return DATASETS.register(name, num_classes=num_classes, input_shape=None, image_files=True, files=declared,
+                             files_where=files_where, mean=tuple(float(v) for v in mean),
+                             std=tuple(float(v) for v in std), **info)
 
 
 def dataset_info(name: str) -> dict[str, Any]:
@@ -197,13 +235,54 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ADASMOOTH_DATA", "data"))
 
 
-def find_file(name: str, candidates: Sequence[Path], dataset: str) -> Path:
-    """The first ``folder / name`` that exists; a DataError naming every place looked in otherwise."""
+def declared_files(dataset: str, split: str) -> tuple[str, ...]:
+    """The files data set ``dataset`` declares for source split ``split`` ("train" or "test")."""
+    return DATASETS.info(dataset)["files"].get(split, ())
+
+
+def describe_files(dataset: str) -> str:
+    """One line: what ``dataset`` reads under --data-dir, from its declaration."""
+    info = DATASETS.info(dataset)
+    files = info["files"]
+    if not files:
+        return info["files_where"]
+    if files["train"] == files["test"]:
+        text = ", ".join(files["train"])
+    else:
+        text = "; ".join(f"{split}: {', '.join(files[split])}" for split in SOURCE_SPLITS)
+    return text + (f" ({info['files_where']})" if info.get("files_where") else "")
+
+
+def files_help() -> str:
+    """What every registered data set reads, for ``--data-dir``'s help."""
+    return "files per data set: " + " | ".join(f"{name}: {describe_files(name)}" for name in DATASETS.names())
+
+
+def missing_files_error(dataset: str, split: str, looked_in: Sequence[Path], wanted: str | None = None) -> DataError:
+    """The error for a split whose files are not there: the file looked for (``wanted``, else the
+    split's declared files), the declaration and where it looked."""
+    declared = declared_files(dataset, split)
+    where = ", ".join(str(c) for c in looked_in)
+    alternative = DATASETS.info(dataset).get("files_where")
+    extra = f" ({alternative})" if alternative else ""
+    if wanted:
+        what = f"file {wanted!r}{extra}, looked in: {where} ({dataset} {split} reads {', '.join(declared)})"
+    else:
+        what = f"{', '.join(declared)}{extra}, looked in: {where}"
+    return DataError(f"{dataset} {split}: expected {what}; pass --data-dir pointing at the folder that holds them")
+
+
+def find_file(name: str, candidates: Sequence[Path], dataset: str, split: str) -> Path:
+    """The first ``folder / name`` that exists; a DataError naming the file and every place looked in
+    otherwise. Only files ``dataset`` declares for ``split`` may be looked for (the declaration is the
+    list users see)."""
+    if name not in declared_files(dataset, split):
+        raise ValueError(f"data set {dataset!r} reads {name!r} for split {split!r} but does not declare it "
+                         f"(declared: {declared_files(dataset, split)})")
     for folder in candidates:
         if (folder / name).is_file():
             return folder / name
-    where = ", ".join(str(c) for c in candidates)
-    raise DataError(f"{dataset}: expected file {name!r}, looked in: {where}. Pass --data-dir pointing at it.")
+    raise missing_files_error(dataset, split, candidates, name)
 
 
 def _validation_indices(n: int, split: str, val_fraction: float, seed: int) -> np.ndarray:
@@ -240,7 +319,7 @@ def load_dataset(
     info = DATASETS.info(name)
     source_split = "test" if split == "test" else "train"
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    if info.get("files"):
+    if info.get("image_files"):
         data = loader(source_split, data_dir, image)
         if source_split == "train" and val_fraction > 0:
             data = data.select(_validation_indices(len(data), split, val_fraction, seed))

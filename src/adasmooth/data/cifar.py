@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DataError
-from .base import find_file, register_dataset
+from .base import missing_files_error, register_dataset
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -62,6 +62,13 @@ class _Layout:
     label_key: str
     files: dict[str, list[str]]
 
+    def declared(self) -> dict[str, tuple[str, ...]]:
+        """The batch files of each split as the registry declares them (inside the folder)."""
+        return {split: tuple(f"{self.folder}/{f}" for f in names) for split, names in self.files.items()}
+
+    def where(self) -> str:
+        return f"or the archive {self.archive} in <data-dir>; or the folder's contents in <data-dir>"
+
 
 _CIFAR10 = _Layout("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "labels",
                    {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]})
@@ -74,14 +81,14 @@ def _read_raw_batches(layout: _Layout, split: str, data_dir: Path) -> list[tuple
     files = layout.files[split]
     folder = next((d for d in (data_dir / layout.folder, data_dir) if (d / files[0]).is_file()), None)
     if folder is not None:
-        paths = [find_file(fname, [folder], layout.name) for fname in files]
+        paths = [folder / fname for fname in files]
+        for fname, path in zip(files, paths):
+            if not path.is_file():
+                raise missing_files_error(layout.name, split, [folder], f"{layout.folder}/{fname}")
         return [(path.read_bytes(), str(path)) for path in paths]
     archive = data_dir / layout.archive
     if not archive.is_file():
-        raise DataError(
-            f"{layout.name}: expected {layout.folder}/{files[0]} or {layout.archive}, "
-            f"looked in: {data_dir / layout.folder}, {data_dir}. Pass --data-dir pointing at it."
-        )
+        raise missing_files_error(layout.name, split, [data_dir / layout.folder, data_dir, archive])
     raws = []
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -118,12 +125,14 @@ def load_cifar(layout: _Layout, split: str, data_dir: Path) -> tuple[np.ndarray,
 
 
 @register_dataset("cifar10", num_classes=10, input_shape=(3, 32, 32),
-                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment="crop-flip")
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment="crop-flip",
+                  files=_CIFAR10.declared(), files_where=_CIFAR10.where())
 def load_cifar10(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_cifar(_CIFAR10, split, data_dir)
 
 
 @register_dataset("cifar100", num_classes=100, input_shape=(3, 32, 32),
-                  mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop-flip")
+                  mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), augment="crop-flip",
+                  files=_CIFAR100.declared(), files_where=_CIFAR100.where())
 def load_cifar100(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_cifar(_CIFAR100, split, data_dir)

@@ -9,7 +9,8 @@ import numpy as np
 from .base import register_dataset
 
 
-@register_dataset("digits", num_classes=10, input_shape=(1, 8, 8), mean=(0.3054,), std=(0.3816,))
+@register_dataset("digits", num_classes=10, input_shape=(1, 8, 8), mean=(0.3054,), std=(0.3816,), files={},
+                  files_where="none: bundled with scikit-learn")
 def load_digits(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split

@@ -28,7 +28,7 @@ import torch
 
 from ..core.errors import ConfigError, DataError
 from .augment import augment_batch, example_uniforms, uniforms_needed
-from .base import Dataset, register_image_files
+from .base import Dataset, declared_files, register_image_files
 from .images import (IMAGE_SUFFIXES, ImageOptions, common_image_size, eval_transform, open_rgb, train_image,
                      warn_if_upscaled)
 
@@ -150,14 +150,25 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# What the image-folder data sets read, the registry's declaration: the loader's split folders are the
+# first parts of these patterns, so the declaration, the errors and the loader cannot disagree.
+FOLDER_FILES = {
+    "train": ("train/<class>/<image>",),
+    "test": ("test/<class>/<image>", "test/<image> + test_labels.txt", "val/<class>/<image>",
+             "val/<image> + val_labels.txt"),
+}
+FOLDER_WHERE = f"<image>: {', '.join(IMAGE_SUFFIXES)}; another label file with --image-labels"
+
+
 def _split_root(name: str, split: str, data_dir: Path) -> Path:
-    candidates = [data_dir / "train"] if split == "train" else [data_dir / "test", data_dir / "val"]
+    declared = declared_files(name, split)
+    candidates = [data_dir / d for d in dict.fromkeys(pattern.split("/")[0] for pattern in declared)]
     for folder in candidates:
         if folder.is_dir():
             return folder
     where = " or ".join(str(c) for c in candidates)
-    raise DataError(f"{name} {split}: expected the folder {where} (one sub-folder per class, or images and a "
-                    f"label file); pass --data-dir pointing at the folder that holds it")
+    raise DataError(f"{name} {split}: expected the folder {where} ({name} {split} reads {', '.join(declared)}); "
+                    f"pass --data-dir pointing at the folder that holds it")
 
 
 def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
@@ -286,12 +297,13 @@ def load_image_folder(name: str, split: str, data_dir: Path, options: ImageOptio
     return data
 
 
-@register_image_files("folder", num_classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="resized-crop-flip")
+@register_image_files("folder", num_classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="resized-crop-flip",
+                      files=FOLDER_FILES, files_where=FOLDER_WHERE)
 def load_folder(split: str, data_dir: Path, options: ImageOptions | None = None) -> ImageFolderDataset:
     return load_image_folder("folder", split, data_dir, options)
 
 
 @register_image_files("imagenet", num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      augment="resized-crop-flip")
+                      augment="resized-crop-flip", files=FOLDER_FILES, files_where=FOLDER_WHERE)
 def load_imagenet(split: str, data_dir: Path, options: ImageOptions | None = None) -> ImageFolderDataset:
     return load_image_folder("imagenet", split, data_dir, options, num_classes=1000)

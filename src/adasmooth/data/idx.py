@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST from the four original IDX ``.gz`` files.
+"""MNIST and Fashion-MNIST from the four original IDX ``.gz`` files (declared in the registry).
 
 They are looked for in ``data_dir/<name>`` and in ``data_dir`` itself.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DataError
-from .base import find_file, register_dataset
+from .base import declared_files, find_file, register_dataset
 
-_IDX_FILES = {
+_IDX_FILES = {  # images, then labels; the registry's declaration, which the loader reads back
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
@@ -44,19 +44,21 @@ def read_idx(path: Path, expected_magic: int, expected_dims: int) -> np.ndarray:
 
 def load_idx(name: str, split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     candidates = [data_dir / name, data_dir]
-    img_name, lbl_name = _IDX_FILES[split]
-    images = read_idx(find_file(img_name, candidates, name), _IMAGES_MAGIC, 3)
-    labels = read_idx(find_file(lbl_name, candidates, name), _LABELS_MAGIC, 1)
+    img_name, lbl_name = declared_files(name, split)
+    images = read_idx(find_file(img_name, candidates, name, split), _IMAGES_MAGIC, 3)
+    labels = read_idx(find_file(lbl_name, candidates, name, split), _LABELS_MAGIC, 1)
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{name} {split}: {images.shape[0]} images but {labels.shape[0]} labels in {data_dir}")
     return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
 
 
-@register_dataset("mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+@register_dataset("mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
+                  files=_IDX_FILES, files_where="in <data-dir>/mnist/ or <data-dir>")
 def load_mnist(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_idx("mnist", split, data_dir)
 
 
-@register_dataset("fashion-mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,))
+@register_dataset("fashion-mnist", num_classes=10, input_shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,),
+                  files=_IDX_FILES, files_where="in <data-dir>/fashion-mnist/ or <data-dir>")
 def load_fashion_mnist(split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_idx("fashion-mnist", split, data_dir)
