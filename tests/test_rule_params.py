@@ -81,7 +81,7 @@ def test_the_registry_holds_the_rule_with_its_defaults_and_builds_others(winner,
         build_rule("prob", {"winner": 1})
 
 
-@pytest.mark.parametrize("command", ["evaluate", "sweep"])
+@pytest.mark.parametrize("command", ["evaluate", "sweep", "export"])
 def test_the_parameters_are_options_of_every_command_that_builds_a_mixture(winner, command):
     text = _help(command)
     assert f"parameters of mixing rule {winner}: every input is the winner class" in text
@@ -130,3 +130,14 @@ def test_config_file_values_and_command_line_values_merge(winner, tmp_path):
     args = build_parser("sweep").parse_args(["sweep", f"--{winner}-winner", "6"])
     cfg = config_from_args(SweepConfig, args, config)
     assert cfg.rule_params == {winner: {"winner": 6, "margin": 2.5}}
+
+
+def test_export_takes_the_registered_rules_and_refuses_those_it_cannot_trace(checkpoints, tmp_path, capsys):
+    assert "--rule RULE mixing rule of a fixed mixture: prob, logit, grad_g" in _help("export")
+    common = ["export", "--std", str(checkpoints / "std"), "--rob", str(checkpoints / "rob"), "--alpha", "0.5",
+              "--input-shape", "1", "8", "8", "--format", "torchscript"]
+    assert main([*common, "--rule", "logit", "-o", str(tmp_path / "logit.pt")]) == 0
+    assert main([*common, "--rule", "grad_g", "-o", str(tmp_path / "grad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "rule 'grad_g' takes input gradients inside forward and cannot be exported" in err
+    assert not (tmp_path / "grad.pt").exists()

@@ -16,9 +16,9 @@ unless --input-shape is given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from ..core.config import RunOptions, option, output_option
+from ..core.config import RunOptions, option, output_option, rule_params_option
 from ..core.errors import ConfigError
 from .common import checkpoint_files
 
@@ -31,7 +31,10 @@ class ExportConfig(RunOptions):
     alpha: float | None = option(None, help="fixed mixing weight of h, in [0, 1]")
     std_scale: float = option(1.0, help="logit scale of g in a fixed mixture")
     rob_scale: float = option(1.0, help="logit scale of h in a fixed mixture")
-    rule: Literal["prob", "logit"] = option("prob", help="mixing rule of a fixed mixture (prob: Eq. 3.4)")
+    rule: str = option("prob", help="mixing rule of a fixed mixture; prob is Eq. 3.4; rules that take input "
+                                    "gradients inside forward cannot be exported",
+                       registry="adasmooth.mixing:MIXING_RULES")
+    rule_params: dict[str, Any] = rule_params_option()
     input_shape: list[int] | None = option(None, help="C H W of the inputs; none: what the mixture or its base "
                                                       "models record")
     format: Literal["export", "torchscript"] = option(
@@ -40,6 +43,10 @@ class ExportConfig(RunOptions):
     output: str = output_option("runs/mixture.pt2", "the file to write")
 
     def validate(self) -> None:
+        from ..mixing import MIXING_RULES, check_rule_params
+
+        MIXING_RULES.get(self.rule)  # an unknown name lists the known ones
+        check_rule_params(self.rule_params, [self.rule] if self.alpha is not None else [])
         fixed = (self.std, self.rob, self.alpha)
         if self.mixnet is not None and any(v is not None for v in fixed):
             raise ConfigError("give --mixnet FILE, or --std CKPT --rob CKPT --alpha FLOAT, not both")
@@ -62,7 +69,7 @@ def files(cfg: ExportConfig) -> tuple[list, list]:
 
 def run(cfg: ExportConfig) -> int:
     from ..core.runtime import resolve_device
-    from ..mixing import MixedClassifier
+    from ..mixing import MixedClassifier, build_rule
     from ..mixing.export import export_mixture, load_mixture, mixture_input_shape
     from ..models.loader import load_model
 
@@ -74,7 +81,9 @@ def run(cfg: ExportConfig) -> int:
     else:
         g, std_info = load_model(cfg.std, device)
         h, rob_info = load_model(cfg.rob, device)
-        model = MixedClassifier(g, h, cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale, rule=cfg.rule)
+        model = MixedClassifier(g, h, cfg.alpha, std_scale=cfg.std_scale, rob_scale=cfg.rob_scale,
+                                rule=build_rule(cfg.rule, cfg.rule_params.get(cfg.rule)))
+        model.rule = cfg.rule
         recorded = {"input_shape": std_info.get("input_shape") or rob_info.get("input_shape")}
         source = {"std": cfg.std, "rob": cfg.rob}
     shape = cfg.input_shape or recorded.get("input_shape") or mixture_input_shape(model)
