@@ -220,12 +220,14 @@ def test_train_mixnet_on_two_processes_follows_the_one_process_run(digits_bases,
     meta_one, meta_two = (json.loads(Path(f"{p}.json").read_text()) for p in (one, two))
     assert meta_two["training"]["processes"] == 2
     for a, b in zip(meta_one["training"]["history"], meta_two["training"]["history"], strict=True):
-        for key in ("loss", "alpha_clean", "alpha_adv", "acc_clean", "acc_adv"):
+        for key in ("train_loss", "alpha_clean", "alpha_adv", "acc_clean", "acc_adv"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
         for key in ("clean_acc", "attacked_acc", "alpha_clean", "alpha_attacked", "detection_auc"):
             assert a["monitor"][key] == pytest.approx(b["monitor"][key], abs=1e-3), key
     first, last = meta_one["training"]["history"][0], meta_one["training"]["history"][-1]
-    assert last["loss"] < first["loss"], "the loss did not move: the comparison would say little"
+    # 8 steps against a strengthening training attack: the loss may rise (1.86 -> 1.99 for this seed);
+    # what matters is that training changed the network, so that agreement means something
+    assert abs(last["train_loss"] - first["train_loss"]) > 1e-2, "the loss did not move: the comparison would say little"
     for key, value in meta_one["metrics"].items():
         assert meta_two["metrics"][key] == pytest.approx(value, abs=1e-4), key
     weights_one, weights_two = load_file(f"{one}.safetensors"), load_file(f"{two}.safetensors")

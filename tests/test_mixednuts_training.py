@@ -69,7 +69,7 @@ def test_nonlinear_adaptive_training_writes_a_nonlinear_classifier(pair, tmp_pat
         out = model.mix(x)
         torch.testing.assert_close(out.logits, nonlinear_mix_log_probs(model.std_model(x), model.rob_model(x),
                                                                        out.alpha, params))
-    assert np.isfinite(meta["training"]["history"][0]["loss"])
+    assert np.isfinite(meta["training"]["history"][0]["train_loss"])
 
 
 def test_training_attack_on_a_nonlinear_mixture_moves_the_inputs(pair, tmp_path):

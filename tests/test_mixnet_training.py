@@ -132,9 +132,11 @@ def _eval_composite(model, x, x_adv, y):
 
 def test_short_training_lowers_the_loss_and_leaves_bases_untouched(digits_bases, tmp_path):
     g_before = load_file(str(digits_bases / "g.safetensors"))
+    # 512 images: with 256 (8 batches an epoch) the outcome was the draw's: of five seeds, one ended above
+    # the untrained loss (composite loss 1.25 vs 1.20; the others 0.78-1.06); 512 gave 0.82 for seed 0
     cfg = MixnetTrainConfig(std=str(digits_bases / "g"), rob=str(digits_bases / "h"),
                             dataset="digits", widths=[8, 16, 16], blocks=[1, 1, 1], setting="A", eps=0.3,
-                            attack_steps=3, epochs=4, batch_size=32, n_train=256, lr=3e-3, eval_examples=16,
+                            attack_steps=3, epochs=4, batch_size=32, n_train=512, lr=3e-3, eval_examples=16,
                             eval_pgd_steps=2, output=str(tmp_path / "mix"), progress=False, device="cpu",
                             ema_decay=0.5, recipe="cheap", keep_best=False)
     h, _ = load_checkpoint(digits_bases / "h")
@@ -284,7 +286,7 @@ def test_each_epoch_is_measured_and_the_best_kept(digits_bases, tmp_path, monkey
                             widths=[4, 4, 4], blocks=[1, 1, 1], eps=0.2, attack_steps=2, n_targets=1, extra_clean=1,
                             batch_size=32, n_train=64, epochs=3, eval_examples=8, eval_pgd_steps=1,
                             monitor_examples=40, progress=False, device="cpu", output=str(tmp_path / "m"))
-    with caplog.at_level("WARNING", logger="adasmooth.train.mixnet"):
+    with caplog.at_level("WARNING", logger="adasmooth"):
         meta = train_mixnet(cfg)
     history = meta["training"]["history"]
     assert meta["training"]["kept_epoch"] == 2 and [r["best"] for r in history] == [False, True, False]
@@ -311,5 +313,5 @@ def test_a_diverging_run_is_one_line_through_the_cli(digits_bases, tmp_path, cap
                "--batch-size", "16", "--n-train", "32", "--monitor-examples", "0", "--no-progress", "--lr", "5",
                "-o", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "lower --lr (now 5)" in err[0]
+    assert rc == 2 and len(err) == 1 and "lower the lr" in err[0] and "--lr 5" in err[0]
     assert not (tmp_path / "m.safetensors").exists()

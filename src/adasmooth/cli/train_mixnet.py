@@ -9,11 +9,11 @@ CONFIG = MixnetTrainConfig
 
 
 def files(cfg: MixnetTrainConfig) -> tuple[list, list]:
-    from ..train.loop import resume_path
+    from ..train.engine import history_paths, resume_path
     from ..train.mixnet import curve_path
 
     return (checkpoint_files(cfg.std, cfg.rob),
-            [*checkpoint_files(cfg.output), resume_path(cfg.output), curve_path(cfg.output)])
+            [*checkpoint_files(cfg.output), resume_path(cfg.output), curve_path(cfg.output), *history_paths(cfg.output)])
 
 
 def run(cfg: MixnetTrainConfig) -> int:

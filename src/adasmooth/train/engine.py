@@ -50,7 +50,7 @@ from torch import nn
 
 from ..attacks.base import ExampleGenerators
 from ..core.distributed import Distributed, data_parallel
-from ..core.errors import DivergedError
+from ..core.errors import ConfigError, DivergedError
 from ..core.progress import progress_bar
 from ..core.io import load_resume_state, save_resume_state, write_result
 from ..core.precision import autocast, compile_model, grad_scaler, to_channels_last
@@ -85,6 +85,7 @@ class TrainContext:
     generator: torch.Generator | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    batch: int = 0  # index of the current batch in its epoch (the same on every torchrun rank)
 
     def stream_seed(self, purpose: str) -> int:
         """A seed for one kind of draw (``purpose``: "noise", "pgd", ...) in this epoch."""
@@ -107,6 +108,7 @@ class EngineOptions:
     seed: int = 0
     augment: str = "none"
     workers: int = 0
+    drop_last: bool = False  # leave out a last smaller batch (batch norm on tiny batches, a fixed batch shape)
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -229,6 +231,8 @@ def run_training(
     select: tuple[str, Literal["max", "min"]] | None = None,
     history_path: tuple[Path, Path] | None = None,
     history_config: Any = None,
+    select_warn_drop: float | None = None,
+    plot: Callable[[list[dict[str, Any]], Path], None] | None = None,
 ) -> EngineResult:
     """Train ``model`` in place with ``step`` for ``opts.epochs`` epochs of ``data`` (see the module doc).
 
@@ -236,7 +240,9 @@ def run_training(
     saved in ``resume_file`` (when given) and, with ``resume``, restored from it (``fingerprint`` is the
     part of the config a resume file must match). ``evaluate(model)`` runs after each epoch on every process on the model
     in eval mode (the EMA weights when averaging) and returns metrics for the history; ``select``
-    names one of them to keep the best epoch's weights. On return ``model`` holds the result: the
+    names one of them to keep the best epoch's weights (a warning when an epoch falls more than
+    ``select_warn_drop`` below the best). ``plot(history, path)`` draws the curve instead of
+    :func:`plot_history`. On return ``model`` holds the result: the
     best epoch's weights with ``select``, else the EMA weights with ``ema_decay``, else the last ones.
     """
     if opts.accumulate < 1:
@@ -244,8 +250,10 @@ def run_training(
     if select is not None and evaluate is None:
         raise ValueError("select needs an evaluate function")
     n = len(data)
-    steps_per_epoch = math.ceil(n / opts.batch_size)
-    streamed = batches_per_epoch(n, opts.batch_size, world_size=dist.world_size)
+    steps_per_epoch = n // opts.batch_size if opts.drop_last else math.ceil(n / opts.batch_size)
+    streamed = batches_per_epoch(n, opts.batch_size, opts.drop_last, world_size=dist.world_size)
+    if streamed == 0:
+        raise ConfigError(f"{n} training examples make no batch of {opts.batch_size}: lower batch_size")
     groups = _group_sizes(n, opts.batch_size, streamed, opts.accumulate)
     scaler = grad_scaler(opts.precision, device)  # fp16 only; a disabled scaler changes nothing
     average = WeightAverage(model, opts.ema_decay) if opts.ema_decay is not None else None
@@ -303,7 +311,7 @@ def run_training(
         first = start_step if epoch == start_epoch else 0
         total, count = partial if epoch == start_epoch else (0.0, 0)
         batches = data.stream(opts.batch_size, seed=opts.seed, epoch=epoch, start_batch=first, workers=opts.workers,
-                              augment=opts.augment, pin_memory=device.type == "cuda",
+                              augment=opts.augment, drop_last=opts.drop_last, pin_memory=device.type == "cuda",
                               shard=(dist.rank, dist.world_size))
         bar = progress_bar(batches, desc=f"{opts.label} epoch {epoch + 1}/{opts.epochs}", initial=first,
                    total=steps_per_epoch, disable=not (opts.progress and dist.is_main), leave=False)
@@ -311,6 +319,7 @@ def run_training(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if opts.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            ctx.batch = index
             group, last_of_group = index // opts.accumulate, (index + 1) % opts.accumulate == 0 or index + 1 == streamed
             with autocast(opts.precision, device.type):
                 loss = step(trained, (x, y, idx), ctx)
@@ -351,6 +360,9 @@ def run_training(
             value = float(record[key])
             if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
                 best = {"epoch": epoch + 1, "value": value, "weights": _cpu_copy(result_model.state_dict())}
+            elif select_warn_drop is not None and abs(value - best["value"]) > select_warn_drop and dist.is_main:
+                logger.warning("epoch %d: %s %.4g is below epoch %d's %.4g; keeping epoch %d", epoch + 1, key,
+                               value, best["epoch"], best["value"], best["epoch"])
         save_state(epoch + 1, 0, (0.0, 0))
         if dist.is_main:
             if history_path is not None:
@@ -365,7 +377,10 @@ def run_training(
     if best is not None:
         model.load_state_dict(best["weights"])
     if dist.is_main and history_path is not None and history:
-        plot_history(history, history_path[1], opts.label)
+        if plot is not None:
+            plot(history, history_path[1])
+        else:
+            plot_history(history, history_path[1], opts.label)
     return EngineResult(history=history, seconds=seconds, best_epoch=best["epoch"] if best else None,
                         resumed_from=resumed_from)
 

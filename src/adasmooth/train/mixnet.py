@@ -29,12 +29,10 @@ Calibration lives in :mod:`adasmooth.evaluate.calibrate`, the Table 2/3 report i
 from __future__ import annotations
 
 import collections
-import logging
 import contextlib
 import dataclasses
-import copy
+import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -47,23 +45,27 @@ from ..attacks import APGD, PGD, APGDTargeted
 from ..attacks.adaptive import DetachedAlpha, adaptive_alpha_loss, alpha_bce_loss
 from ..attacks.losses import get_loss
 from ..attacks.nonlinear import surrogate_for
-from ..core.progress import progress_bar
+from ..core.checks import check_counts, check_eps, check_finite
 from ..core.config import CheckpointDataOptions, option
-from ..core.distributed import Distributed, data_parallel, init_distributed, restore_batchnorm
-from ..core.errors import ConfigError, DivergedError, InputError
-from ..core.io import load_resume_state, save_resume_state
+from ..core.distributed import init_distributed, restore_batchnorm, synchronise_batchnorm
+from ..core.errors import ConfigError, InputError
 from ..core.plotting import pyplot, save_figure
+from ..core.precision import (Precision, channels_last_option, check_precision, compile_option, precision_option,
+                              to_channels_last)
 from ..core.runtime import resolve_device, seed_everything
 from ..core.search import bisect_decreasing, percent_correct
 from ..core.stats import roc_auc
-from ..data import Dataset, load_dataset
+from ..data import Dataset, ImageOptions, load_dataset
+from ..data.images import image_options
+from ..data.stream import batches_per_epoch, epoch_permutation
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
 from ..mixing.network import ranged_alpha
 from ..mixing.nonlinear import NonlinearParams
-from ..models.checkpoint import recorded_dataset, recorded_threat
+from ..models.checkpoint import recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import load_model, model_dir_option, model_info
-from ..core.checks import check_counts, check_eps, check_finite
-from .loop import clean_accuracy, result_config, resume_path
+from .config import result_config
+from .engine import EngineOptions, TrainContext, history_paths, resume_path, run_training
+from .loop import clean_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +199,11 @@ class MixnetTrainConfig(CheckpointDataOptions):
                                                 "recipe's")
     bn_recalibration_batches: int = option(20, help="recent (clean + attacked) batches that re-estimate the "
                                                     "exported network's batch-norm statistics")
-    amp: bool = option(True, help="mixed precision (CUDA only)")
+    precision: Precision = precision_option()
+    channels_last: bool = channels_last_option()
+    compile: bool = compile_option()
+    accumulate: int = option(1, help="batches per optimizer step (gradient accumulation: one step on their joint "
+                                     "mean loss)")
     epochs: int = option(5, help="training epochs")
     batch_size: int = option(128, help="training batch size (clean inputs; as many attacked ones join)")
     n_train: int | None = option(None, help="use only the first N training examples")
@@ -215,6 +221,10 @@ class MixnetTrainConfig(CheckpointDataOptions):
     output: str = option("runs/mixnet", help="checkpoint path (writes OUTPUT.safetensors and OUTPUT.json)",
                          short="-o")
     resume: bool = option(True, help="continue from OUTPUT.resume.pt when it exists")
+    save_every: int | None = option(None, help="also write the resume file every N steps inside an epoch; "
+                                               "none: at the end of each epoch only")
+    image: ImageOptions = image_options()
+    workers: int = option(0, help="data-loading worker processes (0: load in the main process)")
 
     def validate(self) -> None:
         if not self.std or not self.rob:
@@ -233,6 +243,10 @@ class MixnetTrainConfig(CheckpointDataOptions):
         check_counts(self, "epochs", "attack_steps", "eval_pgd_steps", "max_attack_steps", "n_train", "eval_examples",
                      "n_targets")
         check_counts(self, "monitor_examples", low=0)
+        check_counts(self, "workers", low=0)
+        check_counts(self, "accumulate", "save_every")
+        check_precision(self.precision)
+        self.image.validate()
         check_finite("monitor_target_between", self.monitor_target_between, 0, high=1)
         check_counts(self, "batch_size", low=2)  # batch-norm statistics need two inputs
         for name in ("std_scale", "rob_scale", "train_scale", "step_factor", "lr"):
@@ -364,14 +378,6 @@ def lr_factor(step: int, total: int, warmup: int, shape: str = "linear") -> floa
 
 
 @torch.no_grad()
-def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
-
-
-@torch.no_grad()
 def recalibrate_batchnorm(model: AdaptiveMixedClassifier, batches: Sequence[torch.Tensor]) -> None:
     """Re-estimate every batch-norm statistic of the mixing network as a plain average over ``batches``.
 
@@ -411,7 +417,7 @@ def monitor_epoch(model: AdaptiveMixedClassifier, data: Dataset, cfg: MixnetTrai
     """
     model.eval()
     net = model.mixing_net
-    x, y = data.x.to(device), data.y.to(device)
+    x, y = (torch.cat(t).to(device) for t in zip(*data.batches(batch_size)))
     g, h, z = (torch.cat(p) for p in zip(*(model.head_inputs(x[i:i + batch_size])
                                           for i in range(0, x.shape[0], batch_size))))
     acc_g, acc_h = percent_correct(g, y), percent_correct(h, y)
@@ -463,7 +469,7 @@ def plot_training_curve(history: list[dict], path, title: str) -> None:
         right.plot(epochs, [m["detection_auc"] for m in mon], "^--", label="detection AUC of alpha")
         right.set_ylim(0, 1.02)
     else:
-        left.plot(epochs, [r["loss"] for r in history], "o-", label="training loss")
+        left.plot(epochs, [r["train_loss"] for r in history], "o-", label="training loss")
         right.plot(epochs, [r["alpha_clean"] for r in history], "o-", label="mean alpha, clean (training)")
         right.plot(epochs, [r["alpha_adv"] for r in history], "s-", label="mean alpha, attacked (training)")
     best = next((r["epoch"] for r in history if r.get("best")), None)
@@ -518,7 +524,7 @@ def resolve_recorded(cfg: MixnetTrainConfig) -> MixnetTrainConfig:
     """The config with data set, eps and norm taken from the base models' sidecars where not given."""
     cfg = with_recipe(cfg)
     cfg.validate()
-    infos = {cfg.std: model_info(cfg.std, model_dir=cfg.model_dir), cfg.rob: model_info(cfg.rob, model_dir=cfg.model_dir)}
+    infos = _base_infos(cfg)
     dataset = recorded_dataset(cfg.dataset, infos, cfg.force_dataset)
     eps, norm = recorded_threat(cfg.eps, cfg.norm, infos[cfg.rob], cfg.rob)
     resolved = dataclasses.replace(cfg, dataset=dataset, eps=eps, norm=norm)
@@ -526,7 +532,7 @@ def resolve_recorded(cfg: MixnetTrainConfig) -> MixnetTrainConfig:
     return resolved
 
 
-def _monitor_data(cfg: MixnetTrainConfig, given: Dataset | None) -> Dataset | None:
+def _monitor_data(cfg: MixnetTrainConfig, given: Dataset | None, image: Any = None) -> Dataset | None:
     """The held-out images of the per-epoch measurement: ``given``, else the first ``monitor_examples`` of
     the training set's val split (None: measurement off)."""
     if cfg.monitor_examples == 0:
@@ -535,13 +541,111 @@ def _monitor_data(cfg: MixnetTrainConfig, given: Dataset | None) -> Dataset | No
         if cfg.val_fraction == 0:
             logger.warning("no per-epoch measurement: val_fraction is 0, so no training images are held out")
             return None
-        given = load_dataset(cfg.dataset, "val", cfg.data_dir, cfg.val_fraction, cfg.seed)
+        given = load_dataset(cfg.dataset, "val", cfg.data_dir, cfg.val_fraction, cfg.seed, image=image)
     return given.subset(cfg.monitor_examples)
+
+
+class _MixnetSteps:
+    """What is special to the mixing network, as the training engine's step function and per-epoch
+    ``evaluate``: the attacked and extra clean inputs of each batch, the composite loss, the statistics of
+    the epoch, and the export at its end (re-estimated batch norm, the held-out measurement, the checkpoint
+    of the epoch)."""
+
+    def __init__(self, model: AdaptiveMixedClassifier, cfg: MixnetTrainConfig, data: Dataset, dist, device,
+                 monitor_data: Dataset | None):
+        self.model, self.cfg, self.data, self.dist, self.device = model, cfg, data, dist, device
+        self.monitor_data = monitor_data
+        self.base_snapshot = _base_snapshot(model)
+        self.recent: collections.deque = collections.deque(maxlen=max(1, cfg.bn_recalibration_batches))
+        self.epoch: int | None = None
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.extra_order: torch.Tensor | None = None
+
+    def _start_epoch(self, ctx: TrainContext) -> None:
+        self.epoch = ctx.epoch
+        self.recent.clear()
+        self.sums = {"alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
+        self.count = 0
+        if self.cfg.extra_clean:
+            self.extra_order = epoch_permutation(len(self.data), ctx.stream_seed("extra-clean"), ctx.epoch)
+
+    def _extra_clean(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``extra_clean`` more clean inputs per row: example i takes positions i*E ... i*E+E-1 of the epoch's
+        extra order, so an epoch shows every image E more times whatever the batching or sharding."""
+        e = self.cfg.extra_clean
+        positions = (idx.view(-1, 1) * e + torch.arange(e)).view(-1) % len(self.data)
+        x, y = self.data.load(self.extra_order[positions])
+        return x.to(self.device), y.to(self.device)
+
+    def step(self, trained: nn.Module, batch: tuple, ctx: TrainContext) -> torch.Tensor:
+        if ctx.epoch != self.epoch:
+            self._start_epoch(ctx)
+        cfg, model, device = self.cfg, self.model, self.device
+        x, y, idx = batch
+        # the batch's attack budget: the same on every rank and after a resume; each row's random start is
+        # seeded by its position in the global batch
+        rng = np.random.default_rng([cfg.seed, ctx.epoch, ctx.batch])
+        rows = torch.arange(self.dist.rank, cfg.batch_size, self.dist.world_size)
+        x_adv = craft_training_attack(model, x, y, cfg, rng, rows=rows, batch_rows=cfg.batch_size)
+        n, n_adv = x.shape[0], x_adv.shape[0]
+        inputs, labels = torch.cat([x, x_adv]), torch.cat([y, y.repeat(n_adv // n)])
+        pseudo = torch.cat([torch.zeros(n, device=device), torch.ones(n_adv, device=device)])
+        sample_w = torch.cat([torch.full((n,), cfg.clean_loss_scale, device=device), torch.ones(n_adv, device=device)])
+        if cfg.extra_clean:
+            x_extra, y_extra = self._extra_clean(idx)
+            m = x_extra.shape[0]
+            inputs, labels = torch.cat([inputs, x_extra]), torch.cat([labels, y_extra])
+            pseudo = torch.cat([pseudo, torch.zeros(m, device=device)])
+            sample_w = torch.cat([sample_w, torch.full((m,), cfg.clean_loss_scale, device=device)])
+        if cfg.bn_recalibration_batches > 0:
+            self.recent.append(inputs.detach())
+        model.train()
+        with _mixing_through(model, trained):
+            out = model.mix(inputs)
+        per_sample = composite_loss(out.logits.float(), labels, out.alpha_logit.float(), pseudo,
+                                    cfg.c_ce, cfg.c_bce, cfg.c_prod)
+        with torch.no_grad():
+            correct = (out.logits.argmax(1) == labels).float()
+            self.sums["alpha_clean"] += out.alpha[:n].sum().item()
+            self.sums["alpha_adv"] += out.alpha[n:n + n_adv].sum().item() * n / n_adv  # per clean input
+            self.sums["acc_clean"] += correct[:n].sum().item()
+            self.sums["acc_adv"] += correct[n:n + n_adv].sum().item() * n / n_adv
+            self.count += n
+        # every row carries the same weight, so this rank's weighted mean, weighted by its share of the
+        # global batch (the engine), is the global weighted mean
+        return (sample_w * per_sample).sum() / sample_w.sum()
+
+    def end_epoch(self, network: nn.Module) -> dict[str, Any]:
+        """The engine's ``evaluate``: ``network`` (the EMA copy of the mixing network) becomes the exported
+        network of the epoch (batch norm re-estimated on the epoch's last batches), which is measured on the
+        held-out images and written as the incomplete checkpoint of the run."""
+        cfg, model, dist = self.cfg, self.model, self.dist
+        _assert_frozen(model, self.base_snapshot)
+        totals = dist.sum([*self.sums.values(), self.count])
+        record: dict[str, Any] = {k: v / max(1, totals[-1]) for k, v in zip(self.sums, totals)}
+        with _mixing_through(model, network):
+            recalibrate_batchnorm(model, list(self.recent))  # every torchrun rank: the statistics are synchronised
+            if self.monitor_data is not None:
+                # evaluation mode has no collectives: rank 0 measures, the others take its numbers
+                measured = monitor_epoch(model, self.monitor_data, cfg, self.device) if dist.is_main else None
+                record["monitor"] = dist.broadcast(measured) if dist.active else measured
+                record["held_out_attacked_acc"] = record["monitor"]["attacked_acc"]
+            if dist.is_main:
+                save_adaptive_classifier(model, cfg.output, {
+                    "dataset": cfg.dataset, "setting": cfg.setting,
+                    "training": {"config": asdict(cfg), "epoch": self.epoch + 1, "complete": False}})
+        return record
+
+    def export_last(self, net: nn.Module) -> None:
+        """The network of the last epoch as exported (the engine left the EMA weights in ``net``)."""
+        with _mixing_through(self.model, net):
+            recalibrate_batchnorm(self.model, list(self.recent))
 
 
 def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
                  eval_data: Dataset | None = None, monitor_data: Dataset | None = None) -> dict[str, Any]:
-    """Train the mixing network per ``cfg``; measure and checkpoint every epoch; return the sidecar metadata.
+    """Train the mixing network per ``cfg`` on the training engine; measure every epoch; return the sidecar.
 
     ``monitor_data``: the held-out images of the per-epoch measurement (default: the val split).
     """
@@ -553,137 +657,73 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
     device = resolve_device(dist.device(cfg.device))
     seed_everything(cfg.seed)
     given_train = train_data is not None
+    image = cfg.image.fit(map(trained_input_shape, _base_infos(cfg).values()))
     if train_data is None:
-        train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed)
+        train_data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.val_fraction, cfg.seed, image=image)
     train_data = train_data.subset(cfg.n_train)
     if eval_data is None:
-        eval_data = load_dataset(cfg.dataset, "test", cfg.data_dir)
+        eval_data = load_dataset(cfg.dataset, "test", cfg.data_dir, image=image)
     eval_data = eval_data.subset(cfg.eval_examples)
-    monitor_data = _monitor_data(cfg, monitor_data) if (monitor_data is not None or not given_train) else None
+    if monitor_data is not None or not given_train:
+        monitor_data = _monitor_data(cfg, monitor_data, image)
     model = build_from_config(cfg, train_data.input_shape, device)
+    if cfg.channels_last:
+        to_channels_last(model)
     net = model.mixing_net
-    base_snapshot = _base_snapshot(model)
-    steps_per_epoch = max(1, len(train_data) // cfg.batch_size)  # full batches only (batch-norm)
-    total = steps_per_epoch * cfg.epochs
+    if dist.active:  # before the engine copies it for the EMA: the copy's re-estimated statistics are global too
+        synchronise_batchnorm(net)
+    steps_per_epoch = batches_per_epoch(len(train_data), cfg.batch_size, drop_last=True, world_size=dist.world_size)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_data)} training images make no batch of {cfg.batch_size}: lower batch_size")
+    total = math.ceil(steps_per_epoch / cfg.accumulate) * cfg.epochs
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, cfg.warmup))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    ema = copy.deepcopy(net) if cfg.ema_decay else None
-    start_epoch, history, best = 0, [], None  # best: (epoch, attacked accuracy, exported network state)
-    resume_file, fingerprint = resume_path(cfg.output), result_config(cfg)
-    state = load_resume_state(resume_file, fingerprint, device) if cfg.resume else None
-    if state is not None:
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        if state.get("best") is not None:
-            best = (state["best"]["epoch"], state["best"]["attacked_acc"], state["best"]["net"])
-        if dist.is_main:
-            logger.info(f"resuming {cfg.output} from epoch {start_epoch}")
-    trained_net = data_parallel(net, dist, device)  # net itself in one process
-    t0 = time.time()
-    recent: collections.deque = collections.deque(maxlen=max(1, cfg.bn_recalibration_batches))
-    extra_clean = cfg.extra_clean * cfg.batch_size
-    for epoch in range(start_epoch, cfg.epochs):
-        recent.clear()
-        # per-epoch seeds make a resumed run draw what an uninterrupted one would have drawn
-        rng = np.random.default_rng([cfg.seed, epoch])
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(len(train_data), generator=gen)
-        extra_perm = torch.randperm(len(train_data), generator=gen) if extra_clean else None
-        sums = {"loss": 0.0, "alpha_clean": 0.0, "alpha_adv": 0.0, "acc_clean": 0.0, "acc_adv": 0.0}
-        count = 0
-        bar = progress_bar(range(steps_per_epoch), desc=f"mixnet {cfg.setting} epoch {epoch + 1}/{cfg.epochs}",
-                           disable=not (cfg.progress and dist.is_main), leave=False)
-        for step in bar:
-            # this rank's rows of the global batch (all of them in one process)
-            rows = torch.arange(dist.rank, cfg.batch_size, dist.world_size)
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][rows]
-            x, y = train_data.x[idx].to(device), train_data.y[idx].to(device)
-            x_adv = craft_training_attack(model, x, y, cfg, rng, rows=rows, batch_rows=cfg.batch_size)
-            n, n_adv = x.shape[0], x_adv.shape[0]
-            inputs, labels = torch.cat([x, x_adv]), torch.cat([y, y.repeat(n_adv // n)])
-            pseudo = torch.cat([torch.zeros(n, device=device), torch.ones(n_adv, device=device)])
-            sample_w = torch.cat([torch.full((n,), cfg.clean_loss_scale, device=device),
-                                  torch.ones(n_adv, device=device)])
-            if extra_perm is not None:
-                idx = extra_perm[(torch.arange(extra_clean) + step * extra_clean) % len(train_data)]
-                idx = idx[dist.rank::dist.world_size]
-                m = len(idx)
-                inputs = torch.cat([inputs, train_data.x[idx].to(device)])
-                labels = torch.cat([labels, train_data.y[idx].to(device)])
-                pseudo = torch.cat([pseudo, torch.zeros(m, device=device)])
-                sample_w = torch.cat([sample_w, torch.full((m,), cfg.clean_loss_scale, device=device)])
-            if cfg.bn_recalibration_batches > 0:
-                recent.append(inputs.detach())
-            model.train()
-            # the global batch's weight: each rank's loss is its part of the global weighted mean
-            (total_weight,) = dist.sum([sample_w.sum().item()])
-            with torch.autocast(device.type, enabled=use_amp), _mixing_through(model, trained_net):
-                out = model.mix(inputs)
-                per_sample = composite_loss(out.logits.float(), labels, out.alpha_logit.float(), pseudo,
-                                            cfg.c_ce, cfg.c_bce, cfg.c_prod)
-                loss = (sample_w * per_sample).sum() / total_weight
-            if not torch.isfinite(loss):
-                raise DivergedError(f"mixing-network loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"lower --lr (now {cfg.lr:g})")
-            opt.zero_grad(set_to_none=True)
-            # DDP averages the ranks' gradients: scaled by the number of ranks, that is the gradient of the sum
-            scaler.scale(loss * dist.world_size).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                _ema_update(ema, net, cfg.ema_decay)
-            with torch.no_grad():
-                correct = (out.logits.argmax(1) == labels).float()
-                sums["loss"] += loss.item() * cfg.batch_size  # summed over ranks: the global loss
-                sums["alpha_clean"] += out.alpha[:n].sum().item()
-                sums["alpha_adv"] += out.alpha[n:n + n_adv].sum().item() * n / n_adv  # per clean input
-                sums["acc_clean"] += correct[:n].sum().item()
-                sums["acc_adv"] += correct[n:n + n_adv].sum().item() * n / n_adv
-                count += n
-            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}",
-                            a_clean=f"{sums['alpha_clean'] / count:.2f}", a_adv=f"{sums['alpha_adv'] / count:.2f}")
-        _assert_frozen(model, base_snapshot)
-        totals = dist.sum([*sums.values(), count])
-        record = {"epoch": epoch + 1, "steps": steps_per_epoch, **{k: v / totals[-1] for k, v in zip(sums, totals)}}
-        best = _end_epoch(model, ema, cfg, history, record, epoch, opt, sched, list(recent), fingerprint, dist,
-                          monitor_data, device, best)
-        if cfg.progress and dist.is_main:
-            logger.info(f"[mixnet {cfg.setting}] epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} "
-                        f"alpha clean {record['alpha_clean']:.3f} adv {record['alpha_adv']:.3f}")
-    if cfg.keep_best and best is not None:
-        net.load_state_dict(best[2])
-    else:
-        _export(model, ema, list(recent))  # the checkpoint's network: EMA weights if any, fresh BN statistics
+    steps = _MixnetSteps(model, cfg, train_data, dist, device, monitor_data)
+    # always averaged (decay 0 copies the live weights): the engine then hands every epoch's end a copy
+    # whose batch norm can be re-estimated without touching the network that trains on
+    opts = EngineOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers,
+                         drop_last=True, precision=cfg.precision, channels_last=cfg.channels_last,
+                         compile=cfg.compile, accumulate=cfg.accumulate, clip_grad_norm=cfg.grad_clip,
+                         ema_decay=cfg.ema_decay or 0.0, save_every=cfg.save_every, progress=cfg.progress,
+                         label=f"mixnet {cfg.setting}", run_name=cfg.output)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    select = ("held_out_attacked_acc", "max") if (monitor_data is not None and cfg.keep_best) else None
+    result = run_training(
+        net, steps.step, train_data, opt, sched, opts, device=device, dist=dist,
+        ctx=TrainContext(num_epochs=cfg.epochs, generator=generator, seed=cfg.seed), generator=generator,
+        resume_file=resume_path(cfg.output), fingerprint=result_config(cfg), resume=cfg.resume,
+        evaluate=steps.end_epoch, select=select, select_warn_drop=1.0, history_path=history_paths(cfg.output),
+        history_config=cfg, plot=lambda history, _: plot_training_curve(
+            history, curve_path(cfg.output), _curve_title(cfg, monitor_data)))
+    if select is None:
+        steps.export_last(net)
     restore_batchnorm(net)
     model.eval()
+    kept = result.best_epoch or len(result.history)
+    for r in result.history:
+        r["best"] = r["epoch"] == kept
     if not dist.is_main:  # rank 0 measures and writes the checkpoint; the others take its record
         dist.barrier()
         return dist.broadcast(None)
+    if result.history:  # again, now with the kept epoch marked
+        plot_training_curve(result.history, curve_path(cfg.output), _curve_title(cfg, monitor_data))
     metrics = _quick_eval(model, eval_data, cfg, device)
     meta = {"dataset": cfg.dataset, "setting": cfg.setting,
-            "training": {"config": asdict(cfg), "history": history, "seconds": time.time() - t0,
-                         "images": _training_images(cfg, given_train),
-                         "kept_epoch": best[0] if (cfg.keep_best and best is not None) else len(history)},
+            "training": {"config": asdict(cfg), "history": result.history, "seconds": result.seconds,
+                         "images": _training_images(cfg, given_train), "kept_epoch": kept,
+                         "input_shape": list(train_data.input_shape), "image": asdict(image)},
             "metrics": metrics}
     if dist.active:
         meta["training"]["processes"] = dist.world_size
     save_adaptive_classifier(model, cfg.output, meta)
-    if history:
-        plot_training_curve(history, curve_path(cfg.output), _curve_title(cfg, monitor_data))
-    resume_file.unlink(missing_ok=True)
+    resume_path(cfg.output).unlink(missing_ok=True)
     dist.barrier()
     return dist.broadcast(meta)
+
+
+def _base_infos(cfg: MixnetTrainConfig) -> dict[str, dict]:
+    return {cfg.std: model_info(cfg.std, model_dir=cfg.model_dir), cfg.rob: model_info(cfg.rob, model_dir=cfg.model_dir)}
 
 
 def _training_images(cfg: MixnetTrainConfig, given: bool) -> dict[str, Any] | None:
@@ -703,69 +743,19 @@ def _curve_title(cfg: MixnetTrainConfig, monitor_data: Dataset | None) -> str:
             f"{cfg.attack_steps} steps, alpha weight {cfg.adaptive_weight_max:g}\n{held_out}")
 
 
-def _end_epoch(model, ema, cfg, history, record, epoch, opt, sched, batches: list, fingerprint: dict, dist,
-               monitor_data, device, best):
-    """Export the epoch's network (EMA weights, re-estimated BN), measure it on the held-out images, keep it
-    if it is the best so far, write the checkpoint (the kept network) and the resume file (live network and
-    optimizer), and go on training from the live weights. Returns the (possibly new) best."""
-    net = model.mixing_net
-    live_state = copy.deepcopy(net.state_dict())
-    _export(model, ema, batches)  # every torchrun rank re-estimates the statistics (synchronised)
-    if monitor_data is not None:
-        # evaluation mode has no collectives: rank 0 measures, the others take its numbers
-        measured = monitor_epoch(model, monitor_data, cfg, device) if dist.is_main else None
-        record["monitor"] = dist.broadcast(measured) if dist.active else measured
-        score = record["monitor"]["attacked_acc"]
-        if best is None or score > best[1]:
-            best = (epoch + 1, score, copy.deepcopy(net.state_dict()))
-        elif score < best[1] - 1.0 and dist.is_main:
-            logger.warning("epoch %d: held-out attacked accuracy %.2f%% is below epoch %d's %.2f%%; %s", epoch + 1,
-                           score, best[0], best[1], "keeping epoch %d" % best[0] if cfg.keep_best else
-                           "keep_best is off: the last epoch will be exported")
-    for r in history + [record]:
-        r["best"] = best is not None and r["epoch"] == best[0]
-    history.append(record)
-    if dist.is_main:
-        kept = best[2] if (cfg.keep_best and best is not None) else None
-        exported = copy.deepcopy(net.state_dict())
-        if kept is not None:
-            net.load_state_dict(kept)
-        save_adaptive_classifier(model, cfg.output, {"dataset": cfg.dataset, "setting": cfg.setting,
-                                                     "training": {"config": asdict(cfg), "history": history,
-                                                                  "complete": False}})
-        net.load_state_dict(exported)
-        plot_training_curve(history, curve_path(cfg.output), _curve_title(cfg, monitor_data))
-    net.load_state_dict(live_state)
-    if dist.is_main:
-        state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "epoch": epoch + 1, "history": history,
-                 "best": None if best is None else {"epoch": best[0], "attacked_acc": best[1], "net": best[2]}}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_resume_state(resume_path(cfg.output), state, fingerprint)
-    return best
-
-
 @contextlib.contextmanager
-def _mixing_through(model: AdaptiveMixedClassifier, trained_net: nn.Module):
-    """The training forward goes through ``trained_net`` (the DDP wrapper of the mixing network);
-    attacks and measurements use the plain network, with no gradient synchronisation."""
+def _mixing_through(model: AdaptiveMixedClassifier, network: nn.Module):
+    """``model`` mixes through ``network`` (the DDP wrapper of the mixing network in the training forward,
+    or its EMA copy at the end of an epoch) for the duration of the block."""
     plain = model.mixing_net
-    if trained_net is plain:
+    if network is plain:
         yield
         return
-    model.mixing_net = trained_net
+    model.mixing_net = network
     try:
         yield
     finally:
         model.mixing_net = plain
-
-
-def _export(model: AdaptiveMixedClassifier, ema: nn.Module | None, batches: list) -> None:
-    """Replace the live network's state by the exported one (EMA weights, recalibrated BN)."""
-    if ema is not None:
-        model.mixing_net.load_state_dict(ema.state_dict())
-    recalibrate_batchnorm(model, batches)
 
 
 @torch.no_grad()
