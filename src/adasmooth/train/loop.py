@@ -116,7 +116,6 @@ def train_base(cfg: TrainConfig, train_data: Dataset | None = None, eval_data: D
     model = create_model(cfg.arch, train_data.num_classes, in_channels=train_data.input_shape[0],
                          mean=mean, std=std, input_shape=train_data.input_shape, dataset=cfg.dataset,
                          **cfg.model_kwargs).to(device)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = optimizer_steps(len(train_data), cfg.batch_size, cfg.epochs, cfg.accumulate)
     opt, sched = make_optimizer(model.parameters(), optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, schedule=cfg.schedule, total_steps=total,
