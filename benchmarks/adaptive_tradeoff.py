@@ -26,8 +26,10 @@ For each data set (Fashion-MNIST l_inf eps 0.1 and MNIST l_inf eps 0.3 by defaul
 
     PYTHONPATH=src:benchmarks python benchmarks/adaptive_tradeoff.py [--quick] [--datasets fashion-mnist]
 
-Defaults are sized for about an hour on one CPU core (ADASMOOTH_THREADS=1) per data set pair; ``--quick``
-is a smoke run of a few minutes. Writes benchmarks/results/adaptive_tradeoff/{results-<datasets>.json,
+On one core of a shared 2-core machine (ADASMOOTH_THREADS=1) the defaults took about 3 hours for
+Fashion-MNIST (two mixing networks, 12 minutes each; 14 measured rows, 6-11 minutes each, more for the
+strongest classifiers); ``--targets 0.5`` measures the middle target alone. ``--quick`` is a
+smoke run of a few minutes. Writes benchmarks/results/adaptive_tradeoff/{results-<datasets>.json,
 tradeoff-<datasets>.png} (and, after every measured row, results-<datasets>-partial.json; ``--resume``
 keeps those rows after an interruption and measures only the missing ones).
 """
