@@ -33,7 +33,7 @@ def load_pair(std_path: str, rob_path: str, device, model_dir: str | None = None
 def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str | None = None,
                   plots: bool = True) -> dict[str, Path]:
     """JSON (with config, seed, provenance), CSV and (with ``plots``) the two plots of a sweep."""
-    from ..evaluate.plots import plot_accuracy_vs_alpha, plot_tradeoff
+    from ..evaluate.plots import describe_attack, plot_accuracy_vs_alpha, plot_tradeoff
     from ..core.io import write_csv, write_result
     from ..evaluate.sweep import variant_labels
 
@@ -45,12 +45,13 @@ def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str |
         paths["csv"] = write_csv(out_dir / "sweep.csv", result.rows)
     if result.rows and plots:
         first = result.rows[0]["variant"]
+        attack = describe_attack(config.steps, config.norm, config.eps)
         paths["accuracy_vs_alpha"] = plot_accuracy_vs_alpha(
             result.rows, result.reference, out_dir / "accuracy_vs_alpha.png", variant=first,
-            title=f"h_alpha = mix of g and h ({first}), {result.n_examples} test examples")
+            attack=attack, n_examples=result.n_examples)
         paths["tradeoff"] = plot_tradeoff(
-            result.rows, out_dir / "tradeoff.png", result.reference,
-            labels=variant_labels(), title="MIX-attacked vs clean accuracy")
+            result.rows, out_dir / "tradeoff.png", result.reference, labels=variant_labels(),
+            attack=attack, n_examples=result.n_examples)
     return paths
 
 
