@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..core.config import RunOptions, batch_size_option, data_dir_option, option, output_option
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 
 # Per data set: (eps, epochs, n_train, n_examples, width of h's CNN; None: --width). Digits needs a
 # larger eps than the usual 0.1: at 0.1 its PGD-trained CNN is as accurate as the standard one, and at
@@ -131,14 +131,14 @@ def _run_demo(cfg: DemoConfig) -> None:
                   progress=cfg.progress)
     for name, method, width in (("std", "standard", cfg.width), ("rob", "pgd", cfg.rob_width)):
         kind = "standard model g" if method == "standard" else f"PGD-trained model h (eps {cfg.eps})"
-        print(f"[demo] training the {kind}: small CNN of width {width}, {cfg.epochs} epochs on {cfg.dataset} "
+        narrate(f"[demo] training the {kind}: small CNN of width {width}, {cfg.epochs} epochs on {cfg.dataset} "
               f"-> {out / name}.safetensors")
         meta = train_base(TrainConfig(method=method, output=str(out / name), model_kwargs={"width": width},
                                       **common), train, test)
         m = meta["metrics"]
-        print(f"[demo]   clean {m['clean_acc']:.2f}%, PGD-20 (eps={cfg.eps}) {m['pgd20_acc']:.2f}%")
+        narrate(f"[demo]   clean {m['clean_acc']:.2f}%, PGD-20 (eps={cfg.eps}) {m['pgd20_acc']:.2f}%")
     sweep_cfg = cfg.sweep_config()
     g, g_info, h, h_info = load_pair(sweep_cfg.std, sweep_cfg.rob, "cpu")
     result, paths = run_sweep(sweep_cfg, g, h, g_info, h_info)
-    print(f"[demo] done in {time.time() - t0:.0f} s. Results in {out.resolve()}/: sweep.json, sweep.csv, "
+    narrate(f"[demo] done in {time.time() - t0:.0f} s. Results in {out.resolve()}/: sweep.json, sweep.csv, "
           f"accuracy_vs_alpha.png (paper Figure 4), tradeoff.png (Figures 1/5), std/rob checkpoints")

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..evaluate.sweep import SweepConfig
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 
 CONFIG = SweepConfig
 OUTPUT_FILES = ("sweep.json", "sweep.csv", "accuracy_vs_alpha.png", "tradeoff.png")
@@ -78,7 +78,7 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
         raise ValueError(f"{dataset} has {data.num_classes} classes but the checkpoints have {n_classes}")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output)
-    print(f"sweep: {len(cfg.alphas)} alphas x {len(cfg.variants)} variant(s) on {len(data)} {dataset} test examples, "
+    narrate(f"sweep: {len(cfg.alphas)} alphas x {len(cfg.variants)} variant(s) on {len(data)} {dataset} test examples, "
           f"PGD-{cfg.steps} {norm} eps={cfg.eps}")
 
     def save_partial(partial) -> None:
@@ -95,7 +95,7 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
           f"h alone: clean {ref['h_clean_acc']:.2f}%, under PGD on h {ref['h_rob_attack_acc']:.2f}%")
     order = {v: i for i, v in enumerate(cfg.variants)}
     print(format_table(sorted(result.rows, key=lambda r: (order[r["variant"]], r["alpha"]))))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    narrate("wrote " + ", ".join(str(p) for p in paths.values()))
     return result, paths
 
 
