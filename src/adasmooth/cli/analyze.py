@@ -19,7 +19,7 @@ from ..core.checks import check_eps
 from ..core.config import CheckpointDataOptions, DataLoadingOptions, batch_size_option, n_examples_option, option, output_option
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import model_dir_option
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 from ..data.images import ImageOptions, image_options
 
 
@@ -119,5 +119,5 @@ def run(cfg: AnalyzeConfig) -> int:
         print(format_table([{"alpha": r["alpha"], "h correct and est. radius >= eps (%)": r["robust_at_eps_pct"],
                              "median est. radius": r["median_radius"]} for r in lip["per_alpha"]], precision=3))
     out = write_result(f"{cfg.output}.json", results, cfg, cfg.seed)
-    print(f"wrote {out} (+ PNG beside it)")
+    narrate(f"wrote {out} (+ PNG beside it)")
     return 0

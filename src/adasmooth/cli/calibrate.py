@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluate.calibrate import CalibrateConfig
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 
 CONFIG = CalibrateConfig
 
@@ -74,5 +74,5 @@ def run(cfg: CalibrateConfig) -> int:
         print(format_table(r["rows"]))
     out = results["results_file"]
     write_result(Path(out), results, cfg, cfg.seed)
-    print(f"wrote {out}")
+    narrate(f"wrote {out}")
     return 0

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..train.catrs_targets import CatrsTargetsConfig
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 
 CONFIG = CatrsTargetsConfig
 
@@ -17,5 +17,5 @@ def run(cfg: CatrsTargetsConfig) -> int:
     from ..train.catrs_targets import build_targets
 
     path = build_targets(cfg)
-    print(f"wrote {path} (+ .json)")
+    narrate(f"wrote {path} (+ .json)")
     return 0

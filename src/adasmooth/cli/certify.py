@@ -29,7 +29,7 @@ from ..core.precision import Precision, channels_last_option, compile_option, pa
 from ..data.images import ImageOptions, image_options
 from ..models.checkpoint import check_input_shape, recorded_dataset, load_checkpoint_data
 from ..models.loader import model_dir_option
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 
 DEFAULT_RADII = [round(0.05 * i, 4) for i in range(31)]
 
@@ -150,7 +150,7 @@ def run(cfg: CertifyConfig) -> int:
         cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(next(iter(models.values())), data.input_shape, device,
                                                                   gradients=False, precision=cfg.precision,
                                                                   cpu_default=1000))
-        print(f"batch size auto: {cfg.batch_size}")
+        narrate(f"batch size auto: {cfg.batch_size}")
 
     selected = selected_indices(len(data), cfg.skip, cfg.n_examples)
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_JOURNAL_FIELDS}
@@ -162,7 +162,7 @@ def run(cfg: CertifyConfig) -> int:
     journal = Journal(path, fingerprint, part=f"rank{dist.rank}" if dist.active else None)
     pending = journal.pending(selected)
     if len(pending) < len(selected) and dist.is_main:
-        print(f"resuming: {len(selected) - len(pending)} of {len(selected)} inputs already done ({path})")
+        narrate(f"resuming: {len(selected) - len(pending)} of {len(selected)} inputs already done ({path})")
     with numerics(cfg.precision):
         # the progress bar: of all inputs in one process, of rank 0's share under torchrun
         count_inputs(smoothed_classifiers(models, num_classes, cfg.seed), data, cfg.n0, cfg.n, cfg.batch_size,
@@ -188,5 +188,5 @@ def run(cfg: CertifyConfig) -> int:
         print(f"sigma={m['sigma']:g}: {m['examples']} inputs, {m['noisy_samples_per_second']:.0f} noisy samples/s, "
               f"{m['images_per_second']:.2f} images/s (per second of compute)")
     print(f"n={cfg.n}, n0={cfg.n0}, {cfg.precision}, confidence {100 * (1 - cfg.alpha_conf):.2f}% per certificate. {results['statistics']}")
-    print(f"wrote {out} (+ TSV / PNG beside it)")
+    narrate(f"wrote {out} (+ TSV / PNG beside it)")
     return 0

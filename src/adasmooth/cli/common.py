@@ -18,9 +18,16 @@ from typing import Any, Iterable, Iterator, Mapping
 from ..core.errors import ConfigError
 from ..core.io import output_lock
 
-__all__ = ["check_run_files", "checkpoint_files", "lock_outputs", "warn_class_count"]
+__all__ = ["check_run_files", "checkpoint_files", "lock_outputs", "narrate", "warn_class_count"]
 
 logger = logging.getLogger(__name__)
+
+
+def narrate(message: str) -> None:
+    """One line of a command's narrative: what it is doing, what it resumed, which files it wrote. It goes
+    through the ``adasmooth.cli`` logger at INFO, so ``adasmooth`` shows it on stdout and ``--quiet`` hides
+    it; the results a command was run for (its tables and accuracy lines) are print()ed and always shown."""
+    logger.info("%s", message)
 
 
 def checkpoint_files(*specs: str | Path | None) -> list[Path]:

@@ -23,7 +23,7 @@ from ..core.precision import Precision, channels_last_option, compile_option, pa
 from ..data.images import ImageOptions, image_options
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
 from ..models.loader import SPEC_HELP, model_dir_option
-from .common import checkpoint_files, warn_class_count
+from .common import checkpoint_files, narrate, warn_class_count
 
 RULES = "adasmooth.mixing:MIXING_RULES"
 
@@ -166,7 +166,7 @@ def run(cfg: EvaluateConfig) -> int:
         attacked = prepare_model(model, cfg.precision, cfg.channels_last)
         cfg = dataclasses.replace(cfg, batch_size=auto_batch_size(attacked, data.input_shape, device, gradients=True,
                                                                   precision=cfg.precision, cpu_default=250))
-        print(f"batch size auto: {cfg.batch_size}")
+        narrate(f"batch size auto: {cfg.batch_size}")
 
 
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_FIELDS}
@@ -178,7 +178,7 @@ def run(cfg: EvaluateConfig) -> int:
     journal = Journal(path, fingerprint, part=f"rank{dist.rank}" if dist.active else None)
     mine = shard(journal.pending(range(len(data))), dist)
     if journal.done and dist.is_main:
-        print(f"resuming: {len(journal.done)} of {len(data)} examples already done ({path})")
+        narrate(f"resuming: {len(journal.done)} of {len(data)} examples already done ({path})")
     config_record = {**dataclasses.asdict(cfg), "source": source}
 
     def final_report(records, complete: bool):
@@ -227,5 +227,5 @@ def run(cfg: EvaluateConfig) -> int:
     print(f"{dataset} {cfg.split}, {report.n} examples, {norm} eps={eps}, seed {cfg.seed}, "
           f"attacks in {cfg.precision} (judged in fp32)" + (f", {dist.world_size} processes" if dist.active else ""))
     print(format_report(report))
-    print(f"wrote {cfg.output}")
+    narrate(f"wrote {cfg.output}")
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..evaluate.sweep import SweepConfig
 from ..models.checkpoint import check_input_shape, recorded_dataset, recorded_threat, load_checkpoint_data
-from .common import checkpoint_files
+from .common import checkpoint_files, narrate
 
 CONFIG = SweepConfig
 OUTPUT_FILES = ("sweep.json", "sweep.csv", "accuracy_vs_alpha.png", "tradeoff.png")
@@ -33,7 +33,7 @@ def load_pair(std_path: str, rob_path: str, device, model_dir: str | None = None
 def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str | None = None,
                   plots: bool = True) -> dict[str, Path]:
     """JSON (with config, seed, provenance), CSV and (with ``plots``) the two plots of a sweep."""
-    from ..evaluate.plots import plot_accuracy_vs_alpha, plot_tradeoff
+    from ..evaluate.plots import describe_attack, plot_accuracy_vs_alpha, plot_tradeoff
     from ..core.io import write_csv, write_result
     from ..evaluate.sweep import variant_labels
 
@@ -45,12 +45,13 @@ def write_outputs(out_dir: Path, result, config, seed: int, progress_note: str |
         paths["csv"] = write_csv(out_dir / "sweep.csv", result.rows)
     if result.rows and plots:
         first = result.rows[0]["variant"]
+        attack = describe_attack(config.steps, config.norm, config.eps)
         paths["accuracy_vs_alpha"] = plot_accuracy_vs_alpha(
             result.rows, result.reference, out_dir / "accuracy_vs_alpha.png", variant=first,
-            title=f"h_alpha = mix of g and h ({first}), {result.n_examples} test examples")
+            attack=attack, n_examples=result.n_examples)
         paths["tradeoff"] = plot_tradeoff(
-            result.rows, out_dir / "tradeoff.png", result.reference,
-            labels=variant_labels(), title="MIX-attacked vs clean accuracy")
+            result.rows, out_dir / "tradeoff.png", result.reference, labels=variant_labels(),
+            attack=attack, n_examples=result.n_examples)
     return paths
 
 
@@ -77,7 +78,7 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
         raise ValueError(f"{dataset} has {data.num_classes} classes but the checkpoints have {n_classes}")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output)
-    print(f"sweep: {len(cfg.alphas)} alphas x {len(cfg.variants)} variant(s) on {len(data)} {dataset} test examples, "
+    narrate(f"sweep: {len(cfg.alphas)} alphas x {len(cfg.variants)} variant(s) on {len(data)} {dataset} test examples, "
           f"PGD-{cfg.steps} {norm} eps={cfg.eps}")
 
     def save_partial(partial) -> None:
@@ -94,7 +95,7 @@ def run_sweep(cfg, g=None, h=None, g_info=None, h_info=None) -> tuple[Any, dict[
           f"h alone: clean {ref['h_clean_acc']:.2f}%, under PGD on h {ref['h_rob_attack_acc']:.2f}%")
     order = {v: i for i, v in enumerate(cfg.variants)}
     print(format_table(sorted(result.rows, key=lambda r: (order[r["variant"]], r["alpha"]))))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    narrate("wrote " + ", ".join(str(p) for p in paths.values()))
     return result, paths
 
 
