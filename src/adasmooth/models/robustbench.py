@@ -619,7 +619,7 @@ def zoo_markdown() -> str:
         groups.setdefault(row, []).append(entry.name)
     lines = [README_BEGIN, "",
              f"{len(ZOO)} entries load ({sum(e.library is not None for e in ZOO.values())} of them need "
-             f"`pip install 'adasmooth[vision]'`); {len(REFUSED)} are refused, each with its reason.", "",
+             f"the `[vision]` extra, installed as \"Set up and run\" says); {len(REFUSED)} are refused, each with its reason.", "",
              "| threat | entries | architecture | normalisation (mean / std) | preprocessing | needs |",
              "| --- | --- | --- | --- | --- | --- |"]
     for (threat, arch, norm, prep, needs), names in groups.items():
