@@ -315,3 +315,45 @@ def test_a_diverging_run_is_one_line_through_the_cli(digits_bases, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "lower the lr" in err[0] and "--lr 5" in err[0]
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _small_run(digits_bases, output, **kw):
+    return MixnetTrainConfig(std=str(digits_bases / "g"), rob=str(digits_bases / "h"), dataset="digits", eps=0.2,
+                             widths=[4, 4, 4], blocks=[1, 1, 1], recipe="cheap", attack_steps=1, epochs=1,
+                             batch_size=16, n_train=64, eval_examples=8, eval_pgd_steps=1, monitor_examples=0,
+                             progress=False, device="cpu", output=str(output), **kw)
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_group_of_batches(digits_bases, tmp_path, monkeypatch):
+    steps = []
+    real = torch.optim.AdamW.step
+
+    def counted(self, *args, **kw):
+        steps.append(1)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    train_mixnet(_small_run(digits_bases, tmp_path / "one"))
+    one = len(steps)
+    steps.clear()
+    meta = train_mixnet(_small_run(digits_bases, tmp_path / "two", accumulate=2))
+    assert one == 4 and len(steps) == 2  # 64 images, batches of 16: 4 batches, in pairs
+    assert meta["training"]["config"]["accumulate"] == 2
+
+
+def test_bf16_and_channels_last_train_a_loadable_network(digits_bases, tmp_path):
+    meta = train_mixnet(_small_run(digits_bases, tmp_path / "m", precision="bf16", channels_last=True))
+    assert meta["training"]["config"]["precision"] == "bf16" and meta["training"]["config"]["channels_last"]
+    assert all(math.isfinite(r["train_loss"]) for r in meta["training"]["history"])
+    model, info = load_adaptive_classifier(tmp_path / "m")
+    x = load_dataset("digits", "test").subset(8).x
+    with torch.no_grad():
+        alpha = model.mix(x).alpha
+    assert alpha.dtype == torch.float32 and torch.isfinite(alpha).all()
+    assert info["training"]["input_shape"] == [1, 8, 8]
+
+
+def test_bad_fast_path_options_are_refused():
+    for bad in ({"accumulate": 0}, {"precision": "fp8"}, {"save_every": 0}):
+        with pytest.raises(ConfigError):
+            from_mapping(MixnetTrainConfig, {"std": "g", "rob": "h", **bad})
