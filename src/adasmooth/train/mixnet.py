@@ -12,9 +12,10 @@
   h (:mod:`adasmooth.mixing.nonlinear`, parameters ``nonlinear``, e.g. from ``adasmooth calibrate
   --rule nonlinear``), and the training attacks take their gradients from the differentiable
   surrogate of :mod:`adasmooth.attacks.nonlinear` (the true mixture gives g no gradient).
-- EMA of the weights and a batch-norm re-estimate of the exported network; per-epoch checkpoints
-  and a resume file shared in format with base-model training.
-
+- The loop is the training engine's (:func:`adasmooth.train.engine.run_training`): this module gives
+  it a step function (:class:`_MixnetSteps`: the batch's attacks and Eq. 4.2) and an end-of-epoch
+  measurement (batch-norm re-estimate of the EMA copy, the held-out attacked accuracy that picks the
+  kept epoch); streaming, accumulation, clipping, EMA, precision, resume and history are the engine's.
 - Under ``torchrun`` each rank takes its rows of every global batch (the same permutation and attack
   budgets on every rank, each row's attack seeded by its position in the global batch), the mixing
   network trains in DistributedDataParallel, and its batch norms are synchronised
