@@ -39,8 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -82,6 +83,8 @@ def _evaluate(model, data, eps, args) -> dict[str, Any]:
 def _train_mixnets(name: str, std: str, rob: str, eps: float, params: NonlinearParams, args) -> dict[str, str]:
     paths = {}
     for method, rule in (("adaptive", "prob"), ("nonlinear + adaptive", "nonlinear")):
+        if method not in _methods(args):
+            continue
         out = OUT / f"{name}-mixnet-{rule}"
         paths[method] = str(out)
         if (args.reuse or args.resume) and (OUT / f"{out.name}.safetensors").is_file():
@@ -137,16 +140,21 @@ def run_dataset(name: str, args) -> dict[str, Any]:
     for frac in [float(f) for f in args.targets.split(",")]:
         target = acc_h + frac * (acc_g - acc_h)
         fixed_outcomes = None
-        for method in METHODS:
+        for method in METHODS:  # earlier rows of methods not chosen now are kept as they are
             if (method, frac) in earlier:
                 row = earlier[(method, frac)]
                 r = row
+            elif method not in _methods(args):
+                continue
             else:
                 model, fit_info = common.calibrated_mixture(method, target, ctx)
                 r = _evaluate(model, evald, eps, args)
                 row = {"method": method, "fraction": frac, "target": target, **r, "fit": _plain(fit_info)}
             if method == "fixed alpha":
                 fixed_outcomes = r["per_image_worst"]
+            elif fixed_outcomes is None:
+                _fail(f"--methods: {method} is compared with fixed alpha, which is neither among "
+                                 "the methods nor in an earlier run's rows (--resume)")
             else:
                 paired = paired_difference(r["per_image_worst"], fixed_outcomes)
                 diff, (lo, hi) = paired["difference"], paired["interval"]
@@ -162,7 +170,22 @@ def run_dataset(name: str, args) -> dict[str, Any]:
 
 
 # options that do not change a measured row: a resumed run may differ in these
-_RESUME_FREE = ("targets", "reuse", "resume", "no_progress")
+_RESUME_FREE = ("targets", "methods", "reuse", "resume", "no_progress")
+
+
+def _fail(message: str) -> NoReturn:
+    """A bad option or file: one line, exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _methods(args) -> list[str]:
+    """The methods to measure (``--methods``), in the benchmark's order; exit 2 on an unknown name."""
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        _fail(f"--methods {args.methods!r}: choose among {', '.join(METHODS)}")
+    return [m for m in METHODS if m in chosen]
 
 
 def _earlier_rows(name: str, args) -> dict[tuple, dict]:
@@ -176,12 +199,12 @@ def _earlier_rows(name: str, args) -> dict[tuple, dict]:
         saved = json.loads(path.read_text())
         config, rows = saved["config"], saved["results"]["rows"]
     except (ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"error: {path}: not a partial result of this benchmark ({err}); delete it or drop --resume")
+        _fail(f"{path}: not a partial result of this benchmark ({err}); delete it or drop --resume")
     if saved["results"].get("dataset") != name:
         return {}
     differ = sorted(k for k, v in vars(args).items() if k not in _RESUME_FREE and config.get(k, v) != v)
     if differ:
-        raise SystemExit(f"error: {path} was measured with other options ({', '.join(differ)}); "
+        _fail(f"{path} was measured with other options ({', '.join(differ)}); "
                          "rerun them as they were or drop --resume")
     print(f"  resuming: {len(rows)} rows measured earlier ({path.name})", flush=True)
     return {(r["method"], r.get("fraction")): r for r in rows}
@@ -235,6 +258,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--targets", default="0.5,0.25,0.75", help="target clean accuracies: fractions of the h-g gap "
                     "(measured in this order: the middle one first)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS)
+                    + " (fixed alpha is the reference of the others: measure it too, or have it from --resume); "
+                    "runs of different methods can share one result through --resume")
     ap.add_argument("--calib-examples", type=int, default=1000)
     ap.add_argument("--eval-examples", type=int, default=500)
     ap.add_argument("--range-widths", default="0.02,0.05,0.1,0.2,0.4,1.0")
@@ -268,6 +294,7 @@ def main() -> None:
         args.apgd_steps, args.n_target_classes, args.grid_size, args.square_queries = 5, 2, 3, 50
         args.pgd_steps, args.attack_steps, args.range_attack_examples, args.targets = 3, 3, 40, "0.5"
         args.range_widths = "0.1,1.0"
+    _methods(args)  # refuse an unknown name before hours of work
     torch.set_num_threads(int(os.environ.get("ADASMOOTH_THREADS", "1")))
     common.SQUARE_QUERIES["value"] = args.square_queries
     OUT.mkdir(parents=True, exist_ok=True)
