@@ -154,7 +154,7 @@ def run_dataset(name: str, args) -> dict[str, Any]:
                 fixed_outcomes = r["per_image_worst"]
             elif fixed_outcomes is None:
                 _fail(f"--methods: {method} is compared with fixed alpha, which is neither among "
-                                 "the methods nor in an earlier run's rows (--resume)")
+                      "the methods nor in an earlier run's rows (--resume)")
             else:
                 paired = paired_difference(r["per_image_worst"], fixed_outcomes)
                 diff, (lo, hi) = paired["difference"], paired["interval"]
@@ -205,7 +205,7 @@ def _earlier_rows(name: str, args) -> dict[tuple, dict]:
     differ = sorted(k for k, v in vars(args).items() if k not in _RESUME_FREE and config.get(k, v) != v)
     if differ:
         _fail(f"{path} was measured with other options ({', '.join(differ)}); "
-                         "rerun them as they were or drop --resume")
+              "rerun them as they were or drop --resume")
     print(f"  resuming: {len(rows)} rows measured earlier ({path.name})", flush=True)
     return {(r["method"], r.get("fraction")): r for r in rows}
 

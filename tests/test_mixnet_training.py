@@ -357,3 +357,9 @@ def test_bad_fast_path_options_are_refused():
     for bad in ({"accumulate": 0}, {"precision": "fp8"}, {"save_every": 0}):
         with pytest.raises(ConfigError):
             from_mapping(MixnetTrainConfig, {"std": "g", "rob": "h", **bad})
+
+
+def test_fewer_images_than_one_batch_are_refused(digits_bases, tmp_path):
+    with pytest.raises(ConfigError, match="make no batch of 16"):
+        train_mixnet(dataclasses.replace(_small_run(digits_bases, tmp_path / "m"), n_train=8))
+    assert not (tmp_path / "m.safetensors").exists()

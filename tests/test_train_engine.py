@@ -209,3 +209,10 @@ def test_channels_last_trains_the_same_model(tmp_path, digits_train):
     last, _ = load_checkpoint(str(tmp_path / "cl"))
     for (name, a), b in zip(plain.state_dict().items(), last.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name
+
+
+def test_optimizer_steps_by_hand():
+    # 10 examples in batches of 4: 3 batches (2 full ones with drop_last); in pairs: 2 steps (1 step)
+    assert optimizer_steps(10, 4, epochs=3, accumulate=2) == 6
+    assert optimizer_steps(10, 4, epochs=3, accumulate=2, drop_last=True) == 3
+    assert optimizer_steps(10, 4, epochs=1, drop_last=True) == 2

@@ -142,9 +142,11 @@ def history_paths(output: str | Path) -> tuple[Path, Path]:
     return weights.with_name(stem + ".json"), weights.with_name(stem + ".png")
 
 
-def optimizer_steps(n: int, batch_size: int, epochs: int, accumulate: int = 1) -> int:
-    """Optimizer steps of a run: ``accumulate`` batches (the last group possibly fewer) make one step."""
-    return math.ceil(math.ceil(n / batch_size) / accumulate) * epochs
+def optimizer_steps(n: int, batch_size: int, epochs: int, accumulate: int = 1, drop_last: bool = False) -> int:
+    """Optimizer steps of a run: ``accumulate`` batches (the last group possibly fewer) make one step;
+    ``drop_last`` as in :class:`EngineOptions`."""
+    batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+    return math.ceil(batches / accumulate) * epochs
 
 
 def make_optimizer(params, *, optimizer: str = "sgd", lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -361,8 +363,8 @@ def run_training(
             if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
                 best = {"epoch": epoch + 1, "value": value, "weights": _cpu_copy(result_model.state_dict())}
             elif select_warn_drop is not None and abs(value - best["value"]) > select_warn_drop and dist.is_main:
-                logger.warning("epoch %d: %s %.4g is below epoch %d's %.4g; keeping epoch %d", epoch + 1, key,
-                               value, best["epoch"], best["value"], best["epoch"])
+                logger.warning("epoch %d: %s %.4g is %s epoch %d's %.4g; keeping epoch %d", epoch + 1, key, value,
+                               "below" if mode == "max" else "above", best["epoch"], best["value"], best["epoch"])
         save_state(epoch + 1, 0, (0.0, 0))
         if dist.is_main:
             if history_path is not None:

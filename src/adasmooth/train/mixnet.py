@@ -58,14 +58,14 @@ from ..core.search import bisect_decreasing, percent_correct
 from ..core.stats import roc_auc
 from ..data import Dataset, ImageOptions, load_dataset
 from ..data.images import image_options
-from ..data.stream import batches_per_epoch, epoch_permutation
+from ..data.stream import epoch_permutation
 from ..mixing.adaptive import AdaptiveMixedClassifier, build_adaptive_classifier, save_adaptive_classifier
 from ..mixing.network import ranged_alpha
 from ..mixing.nonlinear import NonlinearParams
 from ..models.checkpoint import recorded_dataset, recorded_threat, trained_input_shape
 from ..models.loader import load_model, model_dir_option, model_info
 from .config import result_config
-from .engine import EngineOptions, TrainContext, history_paths, resume_path, run_training
+from .engine import EngineOptions, TrainContext, history_paths, optimizer_steps, resume_path, run_training
 from .loop import clean_accuracy
 
 logger = logging.getLogger(__name__)
@@ -673,10 +673,8 @@ def train_mixnet(cfg: MixnetTrainConfig, train_data: Dataset | None = None,
     net = model.mixing_net
     if dist.active:  # before the engine copies it for the EMA: the copy's re-estimated statistics are global too
         synchronise_batchnorm(net)
-    steps_per_epoch = batches_per_epoch(len(train_data), cfg.batch_size, drop_last=True, world_size=dist.world_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_data)} training images make no batch of {cfg.batch_size}: lower batch_size")
-    total = math.ceil(steps_per_epoch / cfg.accumulate) * cfg.epochs
+    # full batches only (batch norm); the engine refuses a run that makes none
+    total = optimizer_steps(len(train_data), cfg.batch_size, cfg.epochs, cfg.accumulate, drop_last=True)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, cfg.warmup))
