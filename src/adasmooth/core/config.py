@@ -211,7 +211,11 @@ def from_mapping(cls: type[T], data: dict[str, Any], where: str | None = None) -
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    obj = cls(**kwargs)
+    return validated(cls(**kwargs), where)
+
+
+def validated(obj: T, where: str) -> T:
+    """``obj`` after its own ``validate()`` (if it has one), a ValueError becoming a ConfigError naming ``where``."""
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import from_mapping
+from ..core.config import from_mapping, validated
 from ..core.errors import ConfigError, InputError
 from ..core.registry import Registry
 
@@ -225,13 +225,7 @@ def build_rule(name: str, params: Any = None) -> MixingRule:
         params = from_mapping(cls, dict(params), f"parameters of mixing rule {name!r}")
     if not isinstance(params, cls):
         raise ConfigError(f"parameters of mixing rule {name!r} must be a {cls.__name__}, got {type(params).__name__}")
-    validate = getattr(params, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as err:
-            raise ConfigError(f"parameters of mixing rule {name!r}: {err}") from err
-    return MIXING_RULES.info(name)["build"](params)
+    return MIXING_RULES.info(name)["build"](validated(params, f"parameters of mixing rule {name!r}"))
 
 
 def check_rule_params(rule_params: Mapping[str, Any], used: list[str]) -> None:
